@@ -1,0 +1,1 @@
+"""blockcache exporter: model zoo, checkpoints, eager reference, tracing, graph surgery, plan writing."""

@@ -1,0 +1,132 @@
+"""Reading DiT weights safely: official `.pt` (plain or under "ema"), diffusers
+`DiTTransformer2DModel` state dicts, and safetensors. Pickles are read with `weights_only=True`
+(plus `argparse.Namespace`, which DiT's and L2C's training checkpoints contain), so a file that would
+run code is refused without running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+from schedules.errors import BlockcacheError, one_line
+
+
+def read_tensors(path) -> dict:
+    """The dict stored in `path` (safetensors or a torch pickle), tensors on the CPU."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BlockcacheError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BlockcacheError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = one_line(e)
+        found = re.search(r"GLOBAL (\S+)", reason)
+        if found or "global" in reason.lower():
+            found = found.group(1) if found else "code"
+            raise BlockcacheError(f"{path}: refused, the pickle would import {found} (only tensors and plain "
+                                  "containers are loaded)") from None
+        raise BlockcacheError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
+            KeyError, IndexError) as e:
+        raise BlockcacheError(f"{path}: truncated or corrupted checkpoint ({one_line(e)[:200]})") from None
+
+
+def state_dict_from(obj, path="checkpoint") -> dict:
+    """Unwrap the training-checkpoint layouts: {"ema": …} (DiT's own), {"model": …}, {"state_dict": …}."""
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BlockcacheError(f"{path}: no state dict of tensors found")
+    if any(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    if any(k.startswith("transformer_blocks.") for k in obj):
+        obj = from_diffusers(obj)
+    return obj
+
+
+def from_diffusers(sd: dict) -> dict:
+    """Map a diffusers `DiTTransformer2DModel` state dict onto the official DiT keys.
+
+    diffusers keeps identical copies of the embedders in every block; block 0's are taken. Known
+    numeric differences of diffusers' own model (time frequencies divided by half−1, MLP-norm eps 1e-5)
+    are not reproduced: the weights run in the official architecture."""
+    out = {}
+    renames = {
+        "pos_embed.proj.": "x_embedder.proj.",
+        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+        "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.": "y_embedder.embedding_table.",
+        "proj_out_1.": "final_layer.adaLN_modulation.1.",
+        "proj_out_2.": "final_layer.linear.",
+    }
+    block_renames = {"norm1.linear.": "adaLN_modulation.1.", "attn1.to_out.0.": "attn.proj.",
+                     "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2."}
+    for key, value in sd.items():
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+            continue
+        for old, new in renames.items():
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            if not key.startswith("transformer_blocks."):
+                out[key] = value  # reported as unexpected by the loader
+                continue
+            _, i, rest = key.split(".", 2)
+            if rest.startswith("norm1.emb."):
+                continue  # per-block copies of the embedders
+            if rest.startswith(("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")):
+                continue  # joined below
+            for old, new in block_renames.items():
+                if rest.startswith(old):
+                    out[f"blocks.{i}.{new}{rest[len(old):]}"] = value
+                    break
+            else:
+                out[key] = value
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        for suffix in ("weight", "bias"):
+            parts = [sd.get(f"transformer_blocks.{i}.attn1.to_{n}.{suffix}") for n in "qkv"]
+            if all(p is not None for p in parts):
+                out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, 0)
+    return out
+
+
+def load_state_dict(model: torch.nn.Module, path) -> None:
+    """Load `path` into `model`, reporting missing, unexpected or mis-shaped keys in one line."""
+    sd = state_dict_from(read_tensors(path), os.fspath(path))
+    expected = model.state_dict()
+    if "pos_embed" not in sd:  # fixed sin-cos: some exports leave it out
+        sd["pos_embed"] = expected["pos_embed"]
+    for key, value in sd.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise BlockcacheError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects "
+                                  f"{tuple(expected[key].shape)} (wrong model or size options?)")
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise BlockcacheError(f"{path}: missing {missing[0]}" + (f" and {len(missing) - 1} more keys" if len(missing) > 1 else "")
+                              + " (wrong model or depth?)")
+    if unexpected:
+        raise BlockcacheError(f"{path}: unexpected key {unexpected[0]}"
+                              + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + " (wrong model?)")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

@@ -1,0 +1,98 @@
+"""`blockcache-sample`: sample with the eager cached reference (`--model …`) or with an exported plan
+(`--plan DIR`, no torch needed). Writes the final latents of the labels (the conditional half)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from schedules.errors import BlockcacheError, cli_main
+from schedules.images import save_samples
+from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels
+from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, initial_noise
+from schedules.schedule import Schedule
+
+DEFAULT_STEPS = 50
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="blockcache-sample", description=__doc__)
+    add_model_args(p, required=False)
+    add_weights_args(p)
+    plan = p.add_argument_group("plan (instead of --model)")
+    plan.add_argument("--plan", metavar="DIR", help="an exported plan folder")
+    plan.add_argument("--backend", default="auto", help="auto, onnxruntime, torch or tensorrt")
+    plan.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--schedule", metavar="F", help="caching schedule YAML (default: full compute)")
+    s.add_argument("--steps", type=int, help=f"full-compute steps when no schedule is given (default {DEFAULT_STEPS})")
+    s.add_argument("--spacing", choices=SPACINGS, default="linspace", help="respacing for --steps (default linspace)")
+    s.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 1,2,3")
+    noise = s.add_mutually_exclusive_group()
+    noise.add_argument("--seed", type=int, help="noise seed (default 0)")
+    noise.add_argument("--noise", metavar="Z.npy", help="starting noise (N, C, H, W) for the N labels")
+    s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; <= 1 means none "
+                   "(default 4.0 eager, the plan's scale with --plan)")
+    s.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS, default="first3",
+                   help="guide the first three channels (official DiT) or all (diffusers)")
+    p.add_argument("--out", required=True, help="OUT.npy (latents) or OUT.png (grid, 1- or 3-channel models)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def _load_noise(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise BlockcacheError(f"cannot read noise {path}: {' '.join(str(e).split())[:160]}") from None
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    labels = parse_labels(args.labels)
+    if not args.out.lower().endswith((".npy", ".png")):
+        raise BlockcacheError(f"--out must end in .npy or .png, got {args.out!r}")
+    noise = _load_noise(args.noise) if args.noise else None
+    seed = 0 if args.seed is None else args.seed
+    start = time.perf_counter()
+    if args.plan:
+        if args.model or args.checkpoint or args.random_init or args.schedule or args.steps:
+            raise BlockcacheError("--plan carries its model and schedule: drop --model/--checkpoint/--schedule/--steps")
+        from runtime import Sampler
+
+        sampler = Sampler(args.plan, backend=args.backend, device=args.device)
+        what = f"plan {args.plan} on {sampler.backend_name}"
+        out = sampler(labels, noise=noise, seed=None if noise is not None else seed,
+                      guidance_scale=args.guidance_scale)
+    else:
+        if not args.model:
+            raise BlockcacheError("give --model (eager reference) or --plan (exported plan)")
+        if args.schedule and args.steps:
+            raise BlockcacheError("give --schedule or --steps, not both")
+        from .models import load_model
+        from .reference import DEFAULT_GUIDANCE_SCALE, sample
+
+        model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
+                           **model_overrides(args))
+        schedule = (Schedule.load(args.schedule) if args.schedule
+                    else Schedule.full(model.unit_names, args.steps or DEFAULT_STEPS, args.spacing, model=args.model))
+        c, size = model.in_channels, model.config["input_size"]
+        if args.out.lower().endswith(".png") and c not in (1, 3):
+            raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")
+        if noise is None:
+            noise = initial_noise((len(labels), c, size, size), seed)
+        scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+        out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,
+                     progress=not args.quiet)
+        what = f"eager {args.model}, {schedule.num_steps} steps ({schedule.source or 'schedule'}), guidance {scale}"
+    save_samples(out, args.out)
+    if not args.quiet:
+        print(f"wrote {args.out}: {out.shape[0]} samples, {what}, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

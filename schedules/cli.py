@@ -1,0 +1,112 @@
+"""`blockcache-schedule`: make, import, inspect and draw caching schedules."""
+
+from __future__ import annotations
+
+import json
+
+from .cost import stats
+from .errors import BlockcacheError, cli_main
+from .options import ArgumentParser, add_model_args, config_from_args
+from .plot import heatmap, text_view
+from .sampling import SPACINGS
+from .schedule import Schedule
+from .zoo import CONFIGS, model_config, unit_names
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="blockcache-schedule", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    def maker(name, help):
+        p = sub.add_parser(name, help=help)
+        add_model_args(p)
+        p.add_argument("--steps", type=int, required=True, help="sampling steps")
+        p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+        p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
+        return p
+
+    maker("full", "compute every unit at every step")
+    maker("uniform", "DeepCache/FORA: recompute all units every K-th step").add_argument(
+        "--interval", type=int, required=True, metavar="K")
+    p = maker("import-l2c", "import a Learning-to-Cache router file")
+    p.add_argument("router", help="L2C router checkpoint (DDIM20_router.pt, …)")
+    p.add_argument("--threshold", type=float, default=0.1, help="compute a unit iff sigmoid(logit) > θ (0.1 for DiT)")
+
+    p = sub.add_parser("stats", help="share of skipped units, MACs and ideal speedup")
+    p.add_argument("schedule")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_model_args(p, required=False)
+    p = sub.add_parser("show", help="text view and optional heatmap PNG")
+    p.add_argument("schedule")
+    p.add_argument("--png", metavar="P", help="write a step × unit heatmap")
+    return parser
+
+
+def _config_for(schedule: Schedule, args) -> dict | None:
+    """The model config for MACs: --model if given, else the schedule's own model if it is in the zoo."""
+    if args.model:
+        config = config_from_args(args)
+    elif schedule.model in CONFIGS:
+        config = model_config(schedule.model)
+    else:
+        return None
+    schedule.check_units(unit_names(config), args.model or schedule.model)
+    return config
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command in ("full", "uniform", "import-l2c"):
+        config = config_from_args(args)
+        units = unit_names(config)
+        if args.command == "full":
+            schedule = Schedule.full(units, args.steps, args.spacing, model=args.model)
+        elif args.command == "uniform":
+            schedule = Schedule.uniform(units, args.steps, args.interval, args.spacing, model=args.model)
+        else:
+            from .l2c import import_l2c
+
+            schedule = import_l2c(args.router, units, args.steps, threshold=args.threshold, spacing=args.spacing,
+                                  model=args.model)
+        _write(schedule, args.output)
+        s = stats(config, schedule)
+        print(f"wrote {args.output}: {s['steps']} steps, {s['distinct_rows']} distinct rows, "
+              f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.2f}x")
+        return 0
+    schedule = Schedule.load(args.schedule)
+    if args.command == "stats":
+        s = stats(_config_for(schedule, args), schedule)
+        if args.json:
+            print(json.dumps(s, indent=2))
+        else:
+            print(format_stats(s))
+        return 0
+    print(text_view(schedule))
+    if args.png:
+        heatmap(schedule, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _write(schedule: Schedule, path: str) -> None:
+    try:
+        schedule.save(path)
+    except OSError as e:
+        raise BlockcacheError(f"cannot write {path}: {e.strerror}") from None
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"steps {s['steps']} ({s['sampler']['name']}, {s['sampler']['spacing']}), units {s['units']}, "
+             f"distinct rows {s['distinct_rows']}",
+             f"units reused: {s['skipped_share']:.1%} overall, {s['skipped_share_in_cached_steps']:.1%} in the "
+             f"{s['cached_steps']} cached steps",
+             "by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in s["skipped_share_by_kind"].items())]
+    if "ideal_speedup" in s:
+        lines.append(f"MACs per image: full {s['macs_per_image_full'] / 1e9:.2f} G, scheduled "
+                     f"{s['macs_per_image_scheduled'] / 1e9:.2f} G, ideal speedup {s['ideal_speedup']:.3f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Command-line options shared by every blockcache CLI that takes `--model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import BlockcacheError
+from .zoo import CONFIGS, OVERRIDES, model_config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=required, metavar="NAME", help=f"zoo name ({', '.join(CONFIGS)})")
+    for key in OVERRIDES:
+        flag = "--" + key.replace("_", "-")
+        if key == "learn_sigma":
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
+                               help="override the config's learn_sigma")
+        else:
+            group.add_argument(flag, dest=key, type=float if key == "mlp_ratio" else int, default=None,
+                               metavar="N", help=f"override the config's {key}")
+
+
+def model_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
+
+
+def config_from_args(args) -> dict:
+    return model_config(args.model, **model_overrides(args))
+
+
+def add_weights_args(parser: argparse.ArgumentParser, seed_flag: str = "--init-seed") -> None:
+    group = parser.add_argument_group("weights")
+    group.add_argument("--checkpoint", metavar="PATH", help="official .pt, diffusers state dict or .safetensors")
+    group.add_argument("--random-init", action="store_true", help="use seeded random weights (never implied)")
+    group.add_argument(seed_flag, dest="init_seed", type=int, default=0, metavar="S", help="seed for --random-init")
+
+
+def parse_labels(text: str) -> list[int]:
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BlockcacheError(f"--labels must be comma-separated integers, got {text!r}") from None
+    if not labels:
+        raise BlockcacheError("--labels is empty")
+    return labels

@@ -1,0 +1,152 @@
+"""Sampler math shared by every side of blockcache, in numpy only (no torch).
+
+It mirrors DiT's diffusion code (`diffusion/gaussian_diffusion.py`, `respace.py`): linear betas in
+float64, respacing by `space_timesteps`, and the respaced process whose betas are re-derived from the
+kept ᾱ values, exactly as `SpacedDiffusion` does, so the float64 tables match DiT's bit for bit.
+
+Steps are counted in *sampling order*: index 0 is the noisiest model evaluation. The DDIM update for
+eta = 0 is folded into two float64 coefficients per step, `x_prev = a[s]·x + b[s]·eps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BlockcacheError
+
+NUM_TRAIN_TIMESTEPS = 1000
+SPACINGS = ("linspace", "ddim")
+SAMPLERS = ("ddim",)
+GUIDANCE_CHANNELS = ("first3", "all")
+
+
+def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """DiT's `get_named_beta_schedule("linear", 1000)`: scaled so that 1000 steps give 1e-4 … 0.02."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def respace(num_steps: int, spacing: str = "linspace", num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """Kept original timesteps in ascending order (DiT's `space_timesteps` with one section).
+
+    `linspace` is DiT's plain "N" (both ends kept, float stride accumulated and rounded as Python's
+    `round` does); `ddim` is DiT's "ddimN" (the smallest integer stride giving exactly N steps).
+    """
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
+        raise BlockcacheError(f"number of steps must be an integer, got {num_steps!r}")
+    if not 1 <= num_steps <= num_timesteps:
+        raise BlockcacheError(f"number of steps must be in 1…{num_timesteps}, got {num_steps}")
+    if spacing == "ddim":
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == num_steps:
+                return np.arange(0, num_timesteps, stride, dtype=np.int64)
+        raise BlockcacheError(f"ddim spacing cannot make exactly {num_steps} steps out of {num_timesteps}")
+    if spacing != "linspace":
+        raise BlockcacheError(f"unknown spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
+    if num_steps == 1:
+        return np.array([0], dtype=np.int64)
+    frac_stride = (num_timesteps - 1) / (num_steps - 1)
+    cur, taken = 0.0, []
+    for _ in range(num_steps):
+        taken.append(round(cur))
+        cur += frac_stride
+    return np.array(sorted(set(taken)), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DDIMSampler:
+    """DDIM (eta = 0, no clipping) over a respaced linear-beta process.
+
+    `timesteps[s]` is the original timestep (0…999) the model sees at sampling step s;
+    `alphas_cumprod[s]` and `alphas_cumprod_prev[s]` are ᾱ at that step and at the next one (1.0 after
+    the last). `step` is pure: it returns the next latent and keeps no state.
+    """
+
+    num_steps: int
+    spacing: str = "linspace"
+
+    def __post_init__(self):
+        kept = respace(self.num_steps, self.spacing)
+        if len(kept) != self.num_steps:
+            raise BlockcacheError(f"{self.spacing} spacing gives {len(kept)} distinct steps, not {self.num_steps}")
+        base_ac = np.cumprod(1.0 - linear_betas())
+        # SpacedDiffusion re-derives betas from the kept ᾱ and recomputes the cumulative product;
+        # doing the same keeps the float64 tables identical to DiT's.
+        new_betas, last = [], 1.0
+        for t in kept:
+            new_betas.append(1.0 - base_ac[t] / last)
+            last = base_ac[t]
+        ac = np.cumprod(1.0 - np.array(new_betas, dtype=np.float64))
+        ac_prev = np.append(1.0, ac[:-1])
+        object.__setattr__(self, "_kept", kept)
+        object.__setattr__(self, "_ac", ac[::-1].copy())
+        object.__setattr__(self, "_ac_prev", ac_prev[::-1].copy())
+
+    name = "ddim"
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        """Original timesteps in sampling order (noisiest first)."""
+        return self._kept[::-1].copy()
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return self._ac.copy()
+
+    @property
+    def alphas_cumprod_prev(self) -> np.ndarray:
+        return self._ac_prev.copy()
+
+    def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (a, b) per sampling step with x_prev = a·x + b·eps (DDIM, eta = 0)."""
+        ac, ac_prev = self._ac, self._ac_prev
+        # x0 = √(1/ᾱ)·x − √(1/ᾱ−1)·eps ;  x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev)·eps
+        a = np.sqrt(ac_prev) * np.sqrt(1.0 / ac)
+        b = np.sqrt(1.0 - ac_prev) - np.sqrt(ac_prev) * np.sqrt(1.0 / ac - 1.0)
+        return a, b
+
+    def step(self, eps, s: int, x):
+        """One DDIM update at sampling step s. Works on numpy arrays and torch tensors alike."""
+        a, b = self.coefficients()
+        return float(a[s]) * x + float(b[s]) * eps
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "steps": self.num_steps, "spacing": self.spacing}
+
+
+def make_sampler(name: str, steps: int, spacing: str = "linspace") -> DDIMSampler:
+    if name != "ddim":
+        raise BlockcacheError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    return DDIMSampler(int(steps), spacing)
+
+
+def guided_eps(eps_cond, eps_uncond, scale: float, channels: str = "first3"):
+    """Classifier-free guidance on the predicted noise (numpy or torch).
+
+    `first3` is the official DiT convention: only the first three channels are guided and the rest
+    keep the conditional prediction (DiT's 4-channel latents: channel 3 is not guided). `all` guides
+    every channel, as diffusers' DiTPipeline does.
+    """
+    guided = eps_uncond + scale * (eps_cond - eps_uncond)
+    if channels == "all":
+        return guided
+    if channels != "first3":
+        raise BlockcacheError(f"unknown guidance channels {channels!r} (expected first3 or all)")
+    k = min(3, eps_cond.shape[1])
+    if k == eps_cond.shape[1]:
+        return guided
+    cat = np.concatenate if isinstance(eps_cond, np.ndarray) else _torch_cat
+    return cat([guided[:, :k], eps_cond[:, k:]], 1)
+
+
+def _torch_cat(parts, dim):
+    import torch
+
+    return torch.cat(parts, dim)
+
+
+def initial_noise(shape, seed: int) -> np.ndarray:
+    """The starting latent for `seed`: the same array whichever backend or the eager reference runs."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
