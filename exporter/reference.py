@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import guided_eps
+
+from .trace import DenoisingStep
 
 DEFAULT_GUIDANCE_SCALE = 4.0  # DiT's demo setting; 1.5 is the paper's FID setting
 
@@ -61,18 +62,12 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = 
     c, size = model.in_channels, model.config["input_size"]
     x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
     y = torch.from_numpy(labels)
-    use_cfg = guidance_scale > 1
-    if use_cfg:
-        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+    step = DenoisingStep(model, guidance=guidance_scale > 1, guidance_channels=guidance_channels)
+    scale = torch.tensor([guidance_scale], dtype=torch.float32)
     sampler = schedule.make_sampler()
-    a, b = (torch.from_numpy(v.astype(np.float32)) for v in sampler.coefficients())
+    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
     cache = UnitCache(schedule.unit_names)
     for s, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)):
         cache.compute_row = schedule.compute[s]
-        x_in = torch.cat([x, x]) if use_cfg else x
-        out = model(x_in, torch.full((len(x_in),), int(t), dtype=torch.int64), y, unit=cache)
-        eps = out[:, :c]
-        if use_cfg:
-            eps = guided_eps(eps[: len(x)], eps[len(x):], guidance_scale, guidance_channels)
-        x = a[s] * x + b[s] * eps
+        x = step.denoise(x, y, torch.tensor([int(t)]), a[s], b[s], scale, cache)
     return x.numpy()

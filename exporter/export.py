@@ -1,0 +1,166 @@
+"""Export stages: trace once → derive variants by surgery → write the plan folder atomically.
+
+    plan = export_plan(model, schedule, "plans/l2c20", batch_size=8, guidance_scale=4.0)
+
+Steps with the same computed-unit set share one variant graph; the per-step constants (timestep,
+DDIM a and b, guidance scale) are graph inputs listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from runtime import manifest as mf
+from schedules import BlockcacheError, Schedule
+from schedules.cost import schedule_macs, step_macs
+
+from .surgery import CACHE_PREFIX, derive_variant, split_weights, tensor_shape
+from .trace import STEP_INPUTS, UNIT_PREFIX, trace_master
+
+PRECISIONS = ("fp32",)
+
+
+def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
+    """Distinct compute rows in order of first use, and each step's variant index."""
+    rows, index, step_variant = [], {}, []
+    for row in schedule.compute:
+        key = row.tobytes()
+        if key not in index:
+            index[key] = len(rows)
+            rows.append(row.copy())
+        step_variant.append(index[key])
+    return rows, step_variant
+
+
+def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float = 4.0,
+                guidance: bool | None = None, guidance_channels: str = "first3", precision: str = "fp32",
+                progress: bool = False) -> dict:
+    """Write a plan for `model` + `schedule` to `out_dir` and return its manifest.
+
+    `guidance` (default: scale > 1) bakes the doubled CFG batch into the graphs; the scale stays an
+    input, so a plan made with guidance can be sampled at any scale."""
+    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    if precision not in PRECISIONS:
+        raise BlockcacheError(f"precision {precision!r} is not supported by the onnxruntime backend "
+                              f"(available: {', '.join(PRECISIONS)})")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BlockcacheError(f"batch size must be a positive integer, got {batch_size!r}")
+    guidance = guidance_scale > 1 if guidance is None else guidance
+    _check_destination(out_dir)
+    sampler = schedule.make_sampler()
+    a, b = sampler.coefficients()
+    rows, step_variant = group_variants(schedule)
+    units = schedule.unit_names
+
+    bar = tqdm(total=3 + len(rows), desc="export", disable=not progress, leave=False)
+    bar.set_postfix_str("trace")
+    master = trace_master(model, batch_size, guidance, guidance_channels)
+    blob, weight_index = split_weights(master)
+    bar.update()
+
+    # A computed unit is a graph output iff some step of this variant has a later reader (liveness).
+    outputs = [set() for _ in rows]
+    for s, k in enumerate(step_variant):
+        outputs[k].update(schedule.live_after(s))
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
+    try:
+        import onnx
+
+        variants = []
+        for k, row in enumerate(rows):
+            bar.set_postfix_str(f"variant {k}")
+            compute = dict(zip(units, (bool(c) for c in row)))
+            graph = derive_variant(master, compute, outputs[k])
+            name = f"variant_{k}.onnx"
+            onnx.save(graph, os.path.join(tmp, name))
+            weights = sorted(t.name for t in graph.graph.initializer if t.name in weight_index)
+            variants.append({
+                "file": name,
+                "computes": [u for u, c in compute.items() if c],
+                "reads": [u for u, c in compute.items() if not c],
+                "writes": [u for u in units if u in outputs[k]],
+                "weights": weights,
+                "macs_per_image": step_macs(model.config, row),
+                "graph_bytes": os.path.getsize(os.path.join(tmp, name)),
+            })
+            bar.update()
+        bar.set_postfix_str("weights")
+        with open(os.path.join(tmp, mf.WEIGHTS), "wb") as f:
+            f.write(blob)
+        schedule.save(os.path.join(tmp, "schedule.yaml"))
+        bar.update()
+
+        buffers = {}
+        for u in units:
+            if any(u in v["reads"] for v in variants):
+                shape, dtype = tensor_shape(master, UNIT_PREFIX + u)
+                buffers[CACHE_PREFIX + u] = {"shape": shape, "dtype": dtype}
+        inputs = {}
+        for name in STEP_INPUTS:
+            shape, dtype = tensor_shape(master, name)
+            inputs[name] = {"shape": shape, "dtype": dtype}
+        full, scheduled = schedule_macs(model.config, schedule)
+        manifest = {
+            "format": mf.FORMAT,
+            "version": mf.VERSION,
+            "model": {"name": getattr(model, "name", None), "family": "dit", "config": model.config,
+                      "unit_names": list(units)},
+            "sampler": dict(schedule.sampler),
+            "schedule_source": schedule.source,
+            "guidance": {"enabled": guidance, "scale": float(guidance_scale), "channels": guidance_channels},
+            "batch_size": batch_size,
+            "precision": precision,
+            "inputs": inputs,
+            "output": {"shape": inputs["x"]["shape"], "dtype": "float32"},
+            "buffers": buffers,
+            "weights": {"file": mf.WEIGHTS, "tensors": weight_index},
+            "variants": variants,
+            "steps": [{"variant": k, "timestep": int(sampler.timesteps[s]), "a": float(a[s]), "b": float(b[s])}
+                      for s, k in enumerate(step_variant)],
+            "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},
+        }
+        manifest["files"] = {name: mf.file_entry(os.path.join(tmp, name))
+                             for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, mf.MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
+def _check_destination(out_dir: str) -> None:
+    """Refuse to replace a folder that is not a plan: the user's other files are never deleted."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise BlockcacheError(f"--out {out_dir} exists and is not a folder")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, mf.MANIFEST)):
+            raise BlockcacheError(f"--out {out_dir} is a non-empty folder that is not a plan; choose another")
+
+
+def _replace_dir(new: str, out_dir: str) -> None:
+    """Swap the finished plan into place; an existing plan is removed only after the swap."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{new}.old"
+        os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except BaseException:
+        if old:
+            os.rename(old, out_dir)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

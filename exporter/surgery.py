@@ -1,0 +1,91 @@
+"""Graph surgery: derive each variant's graph from the master step graph (onnx-graphsurgeon).
+
+A variant is the set of units a step computes. For every unit it does *not* compute, the unit's output
+tensor is detached from its producer and becomes a graph input `cache.<unit>`; `cleanup()` then
+drops the now-dead subgraph (the attention or MLP and whatever fed only it). A computed unit whose
+value some later step reuses stays a graph output `unit.<unit>`; the others are dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .trace import IR_VERSION, UNIT_PREFIX
+
+CACHE_PREFIX = "cache."
+
+
+def split_weights(master, min_bytes: int = 1024):
+    """Move every initializer of at least `min_bytes` out of `master` (in place) into one blob.
+
+    Returns (blob bytes, {name: {offset, length, shape, dtype}}); the initializers keep their names
+    and point to `weights.bin` at those offsets, so every variant graph refers to one stored copy."""
+    import onnx
+    from onnx import external_data_helper
+
+    chunks, index, offset = [], {}, 0
+    for tensor in master.graph.initializer:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
+            continue
+        data = tensor.raw_data
+        pad = (-offset) % 64  # aligned, so the runtime can map tensors without copying
+        chunks.append(b"\0" * pad)
+        offset += pad
+        chunks.append(data)
+        index[tensor.name] = {"offset": offset, "length": len(data), "shape": list(tensor.dims),
+                              "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name}
+        external_data_helper.set_external_data(tensor, "weights.bin", offset=offset, length=len(data))
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        offset += len(data)
+    return b"".join(chunks), index
+
+
+def derive_variant(master, compute: dict[str, bool], outputs: set[str]):
+    """The variant graph (onnx ModelProto) computing the units marked True in `compute`, reading the
+    others from `cache.<unit>` inputs, and exposing `unit.<u>` for u in `outputs`."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(master)
+    tensors = graph.tensors()
+    keep = {"x_next"} | {UNIT_PREFIX + u for u in outputs}
+    for unit, computed in compute.items():
+        if computed:
+            continue
+        tensor = tensors[UNIT_PREFIX + unit]
+        tensor.inputs.clear()  # detach from its producer: the unit's subgraph becomes dead
+        tensor.name = CACHE_PREFIX + unit
+        graph.inputs.append(tensor)
+    graph.outputs = [t for t in graph.outputs if t.name in keep]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def unit_of_nodes(master, unit_names) -> dict[str, str]:
+    """{node name: unit} for the master graph's nodes inside a unit's module, read from the
+    exporter's name-scope metadata. Variant graphs keep node names (not metadata), so this map tells
+    which units still have operators in a variant: the proof that skipped units are absent."""
+    wanted = {"model." + u: u for u in unit_names}
+    owner = {}
+    for node in master.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                # e.g. "['', 'model', 'model.blocks.3', 'model.blocks.3.attn', 'model.blocks.3.attn.qkv', …]"
+                scopes = [part.strip().strip("'\"") for part in prop.value.strip("[]").split(",")]
+                units = [wanted[sc] for sc in scopes if sc in wanted]
+                if units:
+                    owner[node.name] = units[0]
+    return owner
+
+
+def tensor_shape(model, name: str) -> tuple[list[int], str]:
+    """Static shape and numpy dtype name of a graph input or output."""
+    import onnx
+
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name == name:
+            t = value.type.tensor_type
+            return [d.dim_value for d in t.shape.dim], np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+    raise KeyError(name)

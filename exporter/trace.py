@@ -1,0 +1,101 @@
+"""Trace one denoising step of a model into the ONNX *master graph*, once.
+
+The traced step contains everything a step does, so that the runtime issues exactly one graph
+execution per step: classifier-free guidance (the doubled batch [x; x] with labels [y; null]), the
+network, the guidance combination and the DDIM update `x_prev = a·x + b·eps`. The step's timestep,
+a, b and guidance scale are small graph inputs, so steps with the same computed units share a graph.
+
+Every cacheable unit's raw output is also a named graph output `unit.<name>`: graph surgery later
+detaches exactly these tensors from their producers to make cache reads (exporter/surgery.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+
+from schedules.sampling import guided_eps
+
+UNIT_PREFIX = "unit."
+STEP_INPUTS = ("x", "y", "timestep", "a", "b", "guidance_scale")
+OPSET = 20  # tanh-GELU as one op (20), LayerNormalization as one op (17)
+IR_VERSION = 10  # onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 rejects
+
+
+class DenoisingStep(torch.nn.Module):
+    """One sampling step: (x, y, timestep, a, b, guidance_scale) → (x_prev, unit outputs…).
+
+    `denoise` is the step itself with a `unit(name, fn)` policy; the eager reference and `--verify`
+    call it with their caching policies, `forward` (what is traced) with one that records every unit."""
+
+    def __init__(self, model, guidance: bool, guidance_channels: str = "first3"):
+        super().__init__()
+        self.model = model
+        self.guidance = guidance
+        self.guidance_channels = guidance_channels
+
+    def denoise(self, x, y, timestep, a, b, guidance_scale, unit=None):
+        c = self.model.in_channels
+        if self.guidance:
+            x_in = torch.cat([x, x])
+            y_in = torch.cat([y, torch.full_like(y, self.model.num_classes)])
+        else:
+            x_in, y_in = x, y
+        t = timestep.expand(x_in.shape[0])
+        eps = self.model(x_in, t, y_in, unit=unit)[:, :c]
+        if self.guidance:
+            n = x.shape[0]
+            eps = guided_eps(eps[:n], eps[n:], guidance_scale, self.guidance_channels)
+        return a * x + b * eps
+
+    def forward(self, x, y, timestep, a, b, guidance_scale):
+        units = []
+
+        def record(name, fn):
+            value = fn()
+            units.append(value)
+            return value
+
+        return (self.denoise(x, y, timestep, a, b, guidance_scale, record), *units)
+
+
+def example_inputs(model, batch_size: int):
+    c, size = model.in_channels, model.config["input_size"]
+    return (torch.zeros(batch_size, c, size, size), torch.zeros(batch_size, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64), torch.ones(1), torch.ones(1), torch.ones(1))
+
+
+def trace_master(model, batch_size: int, guidance: bool, guidance_channels: str = "first3"):
+    """The master step graph as an onnx ModelProto: inputs STEP_INPUTS, outputs `x_next` and
+    `unit.<name>` for every unit, in the model's unit order."""
+    import onnx
+
+    step = DenoisingStep(model.eval(), guidance, guidance_channels)
+    names = ["x_next"] + [UNIT_PREFIX + u for u in model.unit_names]
+    # The exporter is chatty (progress lines, warnings about optional packages): keep the CLI clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(step, example_inputs(model, batch_size), input_names=list(STEP_INPUTS),
+                                    output_names=names, opset_version=OPSET, dynamo=True, external_data=False,
+                                    optimize=True, verbose=False)
+    proto = program.model_proto
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)  # in-memory check (weights inline here)
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,122 @@
+"""ONNX Runtime backend: one session per variant, weights loaded once and shared, every tensor the
+loop touches resident on the device, one graph execution per step.
+
+- Weights: `weights.bin` is read once; each tensor becomes one OrtValue on the device, handed to every
+  session with `SessionOptions.add_initializer`, which ORT uses in place when it lives on the device
+  the session plans it on. On CPU, pre-packing is disabled: it would keep a re-laid-out copy of every
+  weight per session, so memory would grow with the number of variants.
+- Buffers: two latents (ping-pong, input and output of a step), labels, the guidance scale, the
+  per-step constants and one cache buffer per reused unit are allocated at load. Every step's
+  IOBinding is built at load too; a call copies noise and labels in, runs the bindings in order and
+  copies the final latent out: no host round trip between steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from schedules.errors import BlockcacheError, one_line
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BlockcacheError("the onnxruntime backend needs onnxruntime: pip install onnxruntime-gpu") from None
+    return onnxruntime
+
+
+def cuda_available() -> bool:
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    # The GPU build lists CUDA even on machines without a GPU or CUDA libraries: try an allocation,
+    # with ORT's own error log silenced for the probe.
+    ort.set_default_logger_severity(4)
+    try:
+        ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, "cuda", 0)
+        return True
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, plan_dir: str, manifest: dict, device: str = "auto", threads: int | None = None):
+        ort = _ort()
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise BlockcacheError(f"unknown device {device!r} (expected auto, cpu or cuda)")
+        if device == "cuda" and not cuda_available():
+            raise BlockcacheError("device cuda requested but ONNX Runtime sees no usable CUDA GPU")
+        self.device = device
+        self.manifest = manifest
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+        def on_device(array):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+
+        def empty(spec):
+            return ort.OrtValue.ortvalue_from_shape_and_type(spec["shape"], np.dtype(spec["dtype"]), device, 0)
+
+        # Weights: read once, one OrtValue each, shared by every session.
+        blob = np.fromfile(os.path.join(plan_dir, manifest["weights"]["file"]), dtype=np.uint8)
+        self._host_weights = blob  # on CPU the OrtValues alias this memory: keep it alive
+        self.weights = {}
+        for name, t in manifest["weights"]["tensors"].items():
+            array = blob[t["offset"]: t["offset"] + t["length"]].view(np.dtype(t["dtype"])).reshape(t["shape"])
+            self.weights[name] = on_device(array)
+
+        self.sessions = []
+        for v in manifest["variants"]:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            if threads:
+                options.intra_op_num_threads = threads
+            for name in v["weights"]:
+                options.add_initializer(name, self.weights[name])
+            try:
+                self.sessions.append(ort.InferenceSession(os.path.join(plan_dir, v["file"]), options, providers=providers))
+            except Exception as e:  # ORT raises its own exception types; report them in one line
+                raise BlockcacheError(f"ONNX Runtime cannot load {v['file']}: {one_line(e)[:300]}") from None
+
+        inputs = manifest["inputs"]
+        self.x = [empty(inputs["x"]), empty(inputs["x"])]
+        self.y = empty(inputs["y"])
+        self.guidance_scale = empty(inputs["guidance_scale"])
+        self.cache = {name: empty(spec) for name, spec in manifest["buffers"].items()}
+        self.constants = [{"timestep": on_device(np.array([s["timestep"]], np.int64)),
+                           "a": on_device(np.array([s["a"]], np.float32)),
+                           "b": on_device(np.array([s["b"]], np.float32))} for s in manifest["steps"]]
+        self.bindings = [self._bind(s, step) for s, step in enumerate(manifest["steps"])]
+
+    def _bind(self, s: int, step: dict):
+        variant = self.manifest["variants"][step["variant"]]
+        binding = self.sessions[step["variant"]].io_binding()
+        binding.bind_ortvalue_input("x", self.x[s % 2])
+        binding.bind_ortvalue_input("y", self.y)
+        binding.bind_ortvalue_input("guidance_scale", self.guidance_scale)
+        for name, value in self.constants[s].items():
+            binding.bind_ortvalue_input(name, value)
+        for unit in variant["reads"]:
+            binding.bind_ortvalue_input("cache." + unit, self.cache["cache." + unit])
+        binding.bind_ortvalue_output("x_next", self.x[(s + 1) % 2])
+        for unit in variant["writes"]:
+            binding.bind_ortvalue_output("unit." + unit, self.cache["cache." + unit])
+        return binding
+
+    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        self.x[0].update_inplace(np.ascontiguousarray(x, dtype=np.float32))
+        self.y.update_inplace(np.ascontiguousarray(y, dtype=np.int64))
+        self.guidance_scale.update_inplace(np.array([guidance_scale], np.float32))
+        for s, binding in enumerate(self.bindings):
+            self.sessions[self.manifest["steps"][s]["variant"]].run_with_iobinding(binding)
+        # On CPU numpy() aliases the resident buffer, which the next call overwrites: copy it out.
+        return self.x[len(self.bindings) % 2].numpy().copy()

@@ -1,0 +1,70 @@
+"""The plan manifest (`plan.json`): everything a runtime needs, without torch.
+
+A plan folder holds `plan.json`, one ONNX graph per variant (`variant_<k>.onnx`), the weights stored
+once (`weights.bin`, referenced by every graph as ONNX external data), and a copy of the schedule.
+The manifest lists each file's SHA-256, checked at load, so a truncated or edited plan is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from schedules.errors import BlockcacheError
+
+FORMAT = "blockcache-plan"
+VERSION = 1
+MANIFEST = "plan.json"
+WEIGHTS = "weights.bin"
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(plan_dir: str, verify: bool = True) -> dict:
+    """Read and check `plan_dir/plan.json`; with `verify`, every listed file's size and checksum."""
+    path = os.path.join(plan_dir, MANIFEST)
+    if not os.path.isdir(plan_dir):
+        raise BlockcacheError(f"plan folder not found: {plan_dir}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise BlockcacheError(f"{plan_dir} is not a plan: {MANIFEST} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BlockcacheError(f"{path}: truncated or corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BlockcacheError(f"{path}: not a blockcache plan manifest")
+    if manifest.get("version") != VERSION:
+        raise BlockcacheError(f"{path}: plan version {manifest.get('version')!r} is not supported "
+                              f"(this runtime reads version {VERSION}); re-export the plan")
+    for key in ("model", "sampler", "guidance", "batch_size", "inputs", "buffers", "variants", "steps", "files"):
+        if key not in manifest:
+            raise BlockcacheError(f"{path}: manifest lacks '{key}'")
+    if verify:
+        verify_files(plan_dir, manifest)
+    return manifest
+
+
+def verify_files(plan_dir: str, manifest: dict) -> None:
+    for name, meta in manifest["files"].items():
+        if os.path.basename(name) != name:
+            raise BlockcacheError(f"plan manifest names a file outside the plan: {name!r}")
+        path = os.path.join(plan_dir, name)
+        if not os.path.isfile(path):
+            raise BlockcacheError(f"plan file missing: {path}")
+        if os.path.getsize(path) != meta["size"]:
+            raise BlockcacheError(f"plan file {path} has {os.path.getsize(path)} bytes, expected {meta['size']} "
+                                  "(truncated or replaced)")
+        if sha256_file(path) != meta["sha256"]:
+            raise BlockcacheError(f"plan file {path} fails its checksum (corrupted or edited)")
+
+
+def file_entry(path: str) -> dict:
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
