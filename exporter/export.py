@@ -8,6 +8,7 @@ DDIM a and b, guidance scale) are graph inputs listed in the manifest.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from schedules.cost import schedule_macs, step_macs
 from .surgery import CACHE_PREFIX, derive_variant, split_weights, tensor_shape
 from .trace import STEP_INPUTS, UNIT_PREFIX, trace_master
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16")
 
 
 def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
@@ -47,11 +48,12 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     input, so a plan made with guidance can be sampled at any scale."""
     schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
     if precision not in PRECISIONS:
-        raise BlockcacheError(f"precision {precision!r} is not supported by the onnxruntime backend "
-                              f"(available: {', '.join(PRECISIONS)})")
+        raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BlockcacheError(f"batch size must be a positive integer, got {batch_size!r}")
     guidance = guidance_scale > 1 if guidance is None else guidance
+    if precision == "fp16":  # weights and activations fp16; norms, guidance and the update stay fp32
+        model = copy.deepcopy(model).half()
     _check_destination(out_dir)
     sampler = schedule.make_sampler()
     a, b = sampler.coefficients()
@@ -112,7 +114,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
         manifest = {
             "format": mf.FORMAT,
             "version": mf.VERSION,
-            "model": {"name": getattr(model, "name", None), "family": "dit", "config": model.config,
+            "model": {"name": getattr(model, "name", None), "family": "dit", "config": dict(model.config),
                       "unit_names": list(units)},
             "sampler": dict(schedule.sampler),
             "schedule_source": schedule.source,

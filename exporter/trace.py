@@ -46,7 +46,8 @@ class DenoisingStep(torch.nn.Module):
         else:
             x_in, y_in = x, y
         t = timestep.expand(x_in.shape[0])
-        eps = self.model(x_in, t, y_in, unit=unit)[:, :c]
+        dtype = self.model.pos_embed.dtype  # fp16/bf16 models: the update and its inputs stay fp32
+        eps = self.model(x_in.to(dtype), t, y_in, unit=unit)[:, :c].float()
         if self.guidance:
             n = x.shape[0]
             eps = guided_eps(eps[:n], eps[n:], guidance_scale, self.guidance_channels)
