@@ -6,23 +6,18 @@ run code is refused without running it.
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-import re
-import zipfile
 
 import torch
 
 from schedules.errors import BlockcacheError, one_line
+from schedules.safeload import safe_torch_load
 
 
 def read_tensors(path) -> dict:
     """The dict stored in `path` (safetensors or a torch pickle), tensors on the CPU."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BlockcacheError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -30,20 +25,7 @@ def read_tensors(path) -> dict:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise BlockcacheError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = one_line(e)
-        found = re.search(r"GLOBAL (\S+)", reason)
-        if found or "global" in reason.lower():
-            found = found.group(1) if found else "code"
-            raise BlockcacheError(f"{path}: refused, the pickle would import {found} (only tensors and plain "
-                                  "containers are loaded)") from None
-        raise BlockcacheError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
-            KeyError, IndexError) as e:
-        raise BlockcacheError(f"{path}: truncated or corrupted checkpoint ({one_line(e)[:200]})") from None
+    return safe_torch_load(path, "checkpoint")
 
 
 def state_dict_from(obj, path="checkpoint") -> dict:

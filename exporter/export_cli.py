@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -42,6 +43,8 @@ def main(argv=None):
 
     if args.precision not in PRECISIONS:
         raise BlockcacheError(f"precision {args.precision!r} is not supported (available: {', '.join(PRECISIONS)})")
+    if not math.isfinite(args.guidance_scale):
+        raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     schedule = Schedule.load(args.schedule)
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))

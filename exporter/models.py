@@ -238,18 +238,24 @@ EMBEDDED_WEIGHTS = {"dit-digits": "dit-digits.safetensors"}
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights *everywhere* (the official init zeroes adaLN and the final layer, which makes a
-    fresh DiT output zeros and every comparison vacuous). The fixed sin-cos `pos_embed` is kept."""
+    fresh DiT output zeros and every comparison vacuous). Matrices are Xavier-uniform, biases
+    N(0, 0.02²), label vectors N(0, 1); the adaLN and final layers are drawn at a quarter of the Xavier
+    bound, so that gates stay moderate as in trained adaLN-Zero models and a 28-block random model is
+    not chaotic (its sampling trajectory then says something about numerical agreement). The fixed
+    sin-cos `pos_embed` is kept."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name == "pos_embed":
             continue
         with torch.no_grad():
-            if p.ndim >= 2 and "embedding_table" not in name:
+            if "embedding_table" in name:  # unit-scale label vectors, so labels matter as much as t
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
                 fan_in, fan_out = p.shape[1] * math.prod(p.shape[2:]), p.shape[0] * math.prod(p.shape[2:])
                 bound = math.sqrt(6.0 / (fan_in + fan_out))
+                if "adaLN_modulation" in name or name.startswith("final_layer"):
+                    bound /= 4
                 p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-            elif "embedding_table" in name:  # unit-scale label vectors, so labels matter as much as t
-                p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -53,13 +54,15 @@ def _load_noise(path: str) -> np.ndarray:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     labels = parse_labels(args.labels)
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if not args.out.lower().endswith((".npy", ".png")):
         raise BlockcacheError(f"--out must end in .npy or .png, got {args.out!r}")
     noise = _load_noise(args.noise) if args.noise else None
     seed = 0 if args.seed is None else args.seed
     start = time.perf_counter()
     if args.plan:
-        if args.model or args.checkpoint or args.random_init or args.schedule or args.steps:
+        if args.model or args.checkpoint or args.random_init or args.schedule or args.steps is not None:
             raise BlockcacheError("--plan carries its model and schedule: drop --model/--checkpoint/--schedule/--steps")
         from runtime import Sampler
 
@@ -70,7 +73,7 @@ def main(argv=None):
     else:
         if not args.model:
             raise BlockcacheError("give --model (eager reference) or --plan (exported plan)")
-        if args.schedule and args.steps:
+        if args.schedule and args.steps is not None:
             raise BlockcacheError("give --schedule or --steps, not both")
         from .models import load_model
         from .reference import DEFAULT_GUIDANCE_SCALE, sample
@@ -78,7 +81,7 @@ def main(argv=None):
         model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                            **model_overrides(args))
         schedule = (Schedule.load(args.schedule) if args.schedule
-                    else Schedule.full(model.unit_names, args.steps or DEFAULT_STEPS, args.spacing, model=args.model))
+                    else Schedule.full(model.unit_names, DEFAULT_STEPS if args.steps is None else args.steps, args.spacing, model=args.model))
         c, size = model.in_channels, model.config["input_size"]
         if args.out.lower().endswith(".png") and c not in (1, 3):
             raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")

@@ -13,30 +13,16 @@ import os
 import numpy as np
 
 from .errors import BlockcacheError
+from .safeload import safe_torch_load
 from .schedule import Schedule
 
 
 def read_router_logits(path) -> dict[int, np.ndarray]:
     """{respaced index: float64 logits} from an L2C router file, read without running pickled code."""
-    import argparse
-    import pickle
-    import zipfile
-
     import torch
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BlockcacheError(f"router file not found: {path}")
-    try:
-        # L2C's DiT checkpoints carry their argparse.Namespace; nothing else is allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise BlockcacheError(f"{path}: refused, not a plain router checkpoint "
-                              f"({' '.join(str(e).split())[:160]})") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError,
-            KeyError, IndexError) as e:
-        raise BlockcacheError(f"{path}: truncated or corrupted router file ({' '.join(str(e).split())[:160]})") from None
+    obj = safe_torch_load(path, "router file")
     routers = obj.get("routers", obj) if isinstance(obj, dict) else None
     if not isinstance(routers, dict) or not routers:
         raise BlockcacheError(f"{path}: no router state dict ('{{i}}.prob' entries) found")

@@ -149,4 +149,6 @@ def _torch_cat(parts, dim):
 
 def initial_noise(shape, seed: int) -> np.ndarray:
     """The starting latent for `seed`: the same array whichever backend or the eager reference runs."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise BlockcacheError(f"seed must be a non-negative integer, got {seed!r}")
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)

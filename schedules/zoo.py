@@ -37,13 +37,15 @@ def check_config(c: dict) -> None:
     for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
         if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
             raise BlockcacheError(f"{key} must be a positive integer, got {c[key]!r}")
+    if not isinstance(c["learn_sigma"], bool):
+        raise BlockcacheError(f"learn_sigma must be true or false, got {c['learn_sigma']!r}")
     if c["input_size"] % c["patch_size"]:
         raise BlockcacheError(f"input_size {c['input_size']} is not a multiple of patch_size {c['patch_size']}")
     if c["hidden_size"] % c["num_heads"]:
         raise BlockcacheError(f"hidden_size {c['hidden_size']} is not divisible by num_heads {c['num_heads']}")
     if c["hidden_size"] % 4:
         raise BlockcacheError(f"hidden_size must be a multiple of 4 for the 2-D sin-cos embedding, got {c['hidden_size']}")
-    if not c["mlp_ratio"] > 0:
+    if isinstance(c["mlp_ratio"], bool) or not isinstance(c["mlp_ratio"], (int, float)) or not c["mlp_ratio"] > 0:
         raise BlockcacheError(f"mlp_ratio must be positive, got {c['mlp_ratio']}")
 
 
