@@ -21,7 +21,7 @@ from runtime import manifest as mf
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
 
-from .surgery import CACHE_PREFIX, derive_variant, split_weights, tensor_shape
+from .surgery import CACHE_PREFIX, derive_variant, parameter_sources, split_weights, tensor_shape
 from .trace import STEP_INPUTS, UNIT_PREFIX, trace_master
 
 PRECISIONS = ("fp32", "fp16")
@@ -63,7 +63,8 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     bar = tqdm(total=3 + len(rows), desc="export", disable=not progress, leave=False)
     bar.set_postfix_str("trace")
     master = trace_master(model, batch_size, guidance, guidance_channels)
-    blob, weight_index = split_weights(master)
+    sources = parameter_sources(master, model.state_dict())
+    blob, weight_index = split_weights(master, keep={src["tensor"] for src in sources.values()})
     bar.update()
 
     # A computed unit is a graph output iff some step of this variant has a later reader (liveness).
@@ -124,7 +125,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
             "inputs": inputs,
             "output": {"shape": inputs["x"]["shape"], "dtype": "float32"},
             "buffers": buffers,
-            "weights": {"file": mf.WEIGHTS, "tensors": weight_index},
+            "weights": {"file": mf.WEIGHTS, "tensors": weight_index, "parameters": sources},
             "variants": variants,
             "steps": [{"variant": k, "timestep": int(sampler.timesteps[s]), "a": float(a[s]), "b": float(b[s])}
                       for s, k in enumerate(step_variant)],

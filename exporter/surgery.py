@@ -15,8 +15,9 @@ from .trace import IR_VERSION, UNIT_PREFIX
 CACHE_PREFIX = "cache."
 
 
-def split_weights(master, min_bytes: int = 1024):
-    """Move every initializer of at least `min_bytes` out of `master` (in place) into one blob.
+def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
+    """Move every initializer named in `keep` or of at least `min_bytes` out of `master` (in place)
+    into one blob.
 
     Returns (blob bytes, {name: {offset, length, shape, dtype}}); the initializers keep their names
     and point to `weights.bin` at those offsets, so every variant graph refers to one stored copy."""
@@ -25,7 +26,7 @@ def split_weights(master, min_bytes: int = 1024):
 
     chunks, index, offset = [], {}, 0
     for tensor in master.graph.initializer:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
+        if not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in keep):
             continue
         data = tensor.raw_data
         pad = (-offset) % 64  # aligned, so the runtime can map tensors without copying
@@ -39,6 +40,29 @@ def split_weights(master, min_bytes: int = 1024):
         tensor.data_location = onnx.TensorProto.EXTERNAL
         offset += len(data)
     return b"".join(chunks), index
+
+
+def parameter_sources(master, state_dict) -> dict[str, dict]:
+    """{model parameter: {"tensor": initializer name, "transposed": bool}}: where each PyTorch weight
+    sits among the master graph's initializers (the ONNX exporter stores linear weights transposed
+    and renamed). Lets the torch backend rebuild the model from the plan's one copy of the weights."""
+    import hashlib
+
+    def digest(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    initializers = {digest(t.raw_data): t.name for t in master.graph.initializer if t.HasField("raw_data")}
+    sources = {}
+    for name, value in state_dict.items():
+        array = value.detach().cpu().contiguous().numpy()
+        for transposed, candidate in ((False, array), (True, array.T if array.ndim == 2 else None)):
+            if candidate is None:
+                continue
+            found = initializers.get(digest(np.ascontiguousarray(candidate).tobytes()))
+            if found:
+                sources[name] = {"tensor": found, "transposed": transposed}
+                break
+    return sources
 
 
 def derive_variant(master, compute: dict[str, bool], outputs: set[str]):

@@ -257,3 +257,21 @@ def test_cli_bad_inputs(small_plan, tmp_path):
     r = run_cli("exporter.sample_cli", "--plan", tmp_path / "nope", "--labels", "1", "--out", tmp_path / "o.npy")
     assert r.returncode != 0 and "not found" in assert_one_line_error(r.stderr)
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_plan_weights_rebuild_the_state_dict(tmp_path):
+    """Every PyTorch parameter can be read back from the one stored copy (what the torch backend
+    relies on), in fp32 and fp16 plans."""
+    model = load_model("dit-s2", random_init=True, depth=2, hidden_size=64, num_heads=4, input_size=8)
+    for precision, dtype in (("fp32", np.float32), ("fp16", np.float16)):
+        manifest = export_plan(model, Schedule.full(model.unit_names, 4), str(tmp_path / precision), precision=precision)
+        blob = np.fromfile(tmp_path / precision / "weights.bin", dtype=np.uint8)
+        tensors = manifest["weights"]["tensors"]
+        params = manifest["weights"]["parameters"]
+        assert params.keys() == model.state_dict().keys()
+        for name, value in model.state_dict().items():
+            t = tensors[params[name]["tensor"]]
+            array = blob[t["offset"]: t["offset"] + t["length"]].view(t["dtype"]).reshape(t["shape"])
+            if params[name]["transposed"]:
+                array = array.T
+            assert np.array_equal(array, value.numpy().astype(dtype)), name
