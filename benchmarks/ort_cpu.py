@@ -62,8 +62,9 @@ def latency(plan: str, repeats: int) -> list[float]:
 
 def peak_rss_mb(plan: str) -> float:
     """Peak RSS of a fresh process (runtime only, no torch) that loads `plan` and samples once."""
-    code = ("import resource, sys; from runtime import Sampler; s = Sampler(sys.argv[1], device='cpu'); s([1], seed=0);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking (torch-laden) parent.
+    code = ("import sys; from runtime import Sampler; s = Sampler(sys.argv[1], device='cpu'); s([1], seed=0);"
+            "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, plan], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
