@@ -24,8 +24,15 @@ def build_parser() -> ArgumentParser:
                    help="default classifier-free guidance scale stored in the plan (default 4.0)")
     g.add_argument("--no-guidance", action="store_true", help="no doubled CFG batch in the graphs")
     p.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS, default="first3")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default)")
-    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (norms and the update stay fp32)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="onnxruntime (default: ONNX graphs only) or tensorrt (also one engine per variant)")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (norms and the update stay fp32); "
+                   "bf16 too with --backend tensorrt")
+    trt = p.add_argument_group("tensorrt (with --backend tensorrt)")
+    trt.add_argument("--workspace", metavar="SIZE", help="builder workspace limit, e.g. 4G (default: TensorRT's)")
+    trt.add_argument("--timing-cache", metavar="P", help="tactic timing cache file, read if present and updated")
+    trt.add_argument("--opt-level", type=int, metavar="N",
+                     help="builder optimisation level 0…5 (TensorRT's default 3)")
     p.add_argument("--verify", action="store_true", help="check every variant against the eager model")
     p.add_argument("--tolerance", type=float, help="--verify tolerance, relative to the max abs value "
                    "(default 1e-4 fp32, 2e-2 fp16 against the fp32 model)")
@@ -36,12 +43,11 @@ def build_parser() -> ArgumentParser:
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.backend != "onnxruntime":
-        raise BlockcacheError(f"backend {args.backend!r} is not available for export (use onnxruntime)")
+    settings = engine_settings(args)  # fails at once, in one line, where TensorRT is missing
     from .export import PRECISIONS, export_plan
     from .models import load_model
 
-    if args.precision not in PRECISIONS:
+    if settings is None and args.precision not in PRECISIONS:
         raise BlockcacheError(f"precision {args.precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
@@ -49,28 +55,60 @@ def main(argv=None):
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     start = time.perf_counter()
-    manifest = export_plan(model, schedule, args.out, batch_size=args.batch_size,
-                           guidance_scale=1.0 if args.no_guidance else args.guidance_scale,
-                           guidance_channels=args.guidance_channels, precision=args.precision,
-                           progress=not args.quiet)
+    options = dict(batch_size=args.batch_size, guidance_scale=1.0 if args.no_guidance else args.guidance_scale,
+                   guidance_channels=args.guidance_channels, progress=not args.quiet)
+    if settings is None:
+        manifest = export_plan(model, schedule, args.out, precision=args.precision, **options)
+    else:
+        from .engines import export_with_engines
+
+        manifest = export_with_engines(model, schedule, args.out, settings, **options)
     elapsed = time.perf_counter() - start
     print(summary(args.out, manifest, elapsed))
     if args.verify:
         from .verify import DEFAULT_TOLERANCE, verify_plan, verify_summary
 
-        tolerance = args.tolerance or DEFAULT_TOLERANCE[args.precision]
+        tolerance = args.tolerance or DEFAULT_TOLERANCE[manifest["precision"]]
         print(verify_summary(verify_plan(model, args.out, manifest, tolerance)))
     return 0
+
+
+def engine_settings(args):
+    """EngineSettings for --backend tensorrt (after checking that TensorRT imports), else None; the
+    TensorRT-only options are refused without it."""
+    if args.backend != "tensorrt":
+        for flag, value in (("--workspace", args.workspace), ("--timing-cache", args.timing_cache),
+                            ("--opt-level", args.opt_level)):
+            if value is not None:
+                raise BlockcacheError(f"{flag} is a TensorRT build option: add --backend tensorrt")
+        if args.precision == "bf16":
+            raise BlockcacheError("precision bf16 needs --backend tensorrt (ONNX Runtime plans are fp32 or fp16)")
+        return None
+    from runtime.backends.tensorrt import import_tensorrt
+
+    from .engines import EngineSettings, parse_size
+
+    import_tensorrt()
+    return EngineSettings(precision=args.precision, workspace=parse_size(args.workspace),
+                          timing_cache=args.timing_cache, opt_level=args.opt_level)
 
 
 def summary(out: str, manifest: dict, seconds: float) -> str:
     files = manifest["files"]
     graphs = sum(v["graph_bytes"] for v in manifest["variants"])
     macs = manifest["macs_per_image"]
-    return (f"wrote {out} in {seconds:.1f} s: {len(manifest['steps'])} steps, {len(manifest['variants'])} variants "
+    text = (f"wrote {out} in {seconds:.1f} s: {len(manifest['steps'])} steps, {len(manifest['variants'])} variants "
             f"(graphs {graphs / 1e6:.2f} MB, weights {files['weights.bin']['size'] / 1e6:.1f} MB stored once), "
             f"MACs/image {macs['scheduled'] / 1e9:.3g} G of {macs['full'] / 1e9:.3g} G full, "
             f"ideal speedup {macs['ideal_speedup']:.2f}x")
+    trt = manifest.get("tensorrt")
+    if trt:
+        engines = sum(files[e["file"]]["size"] for e in trt["engines"])
+        baked = max(e["baked_bytes"] for e in trt["engines"])
+        text += (f"; {len(trt['engines'])} TensorRT {trt['precision']} engines ({engines / 1e6:.1f} MB; "
+                 f"weights bound as inputs, {trt['weights_bytes'] / 1e6:.1f} MB held once, "
+                 f"≤ {baked / 1e6:.2f} MB baked per engine)")
+    return text
 
 
 if __name__ == "__main__":

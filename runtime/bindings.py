@@ -1,0 +1,243 @@
+"""Binding plan: for every step, which resident buffer each engine tensor is bound to, as plain data.
+
+A backend that replays a plan with fixed device addresses (TensorRT, and a CUDA graph over it) needs
+the same bookkeeping whatever executes the graphs, so it lives here, without any GPU library:
+
+- `io` arena: two latents (ping-pong: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`), the labels, the
+  guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
+  loop needs no host writes) and one cache buffer per reused unit (`cache.<unit>`: written by the
+  variants that compute the unit as `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`).
+- `weights` arena: one slot per weight that an engine takes as an *input*; every engine binds the
+  same slot, so each weight is held on the device once however many engines use it.
+
+Every slot starts on a 256-byte boundary: TensorRT requires it of every address given to
+`IExecutionContext.setTensorAddress` (NvInferRuntime.h), and an arena is one `cudaMalloc` (itself
+256-byte aligned), so the address of a tensor is `base + slot.offset`.
+
+The engines' I/O comes from the manifest: `manifest["tensorrt"]["engines"][k]["inputs"|"outputs"]`
+for a plan with engines; without engines it is derived from the variants (what ONNX Runtime binds),
+which lets the plan be checked end to end on a CPU (tests/test_tensorrt.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schedules.errors import BlockcacheError
+
+ALIGNMENT = 256
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+STEP_CONSTANTS = ("timestep", "a", "b")
+CALL_INPUTS = ("x", "y", "guidance_scale")  # written by the host on every call
+
+
+def itemsize(dtype: str) -> int:
+    try:
+        return ITEMSIZE[dtype]
+    except KeyError:
+        raise BlockcacheError(f"tensor dtype {dtype!r} is not supported "
+                              f"(expected one of {', '.join(ITEMSIZE)})") from None
+
+
+def host_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that holds `dtype`'s bytes on the host (bfloat16 as its raw uint16 bits)."""
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float16/float32 values → bfloat16 bits (uint16), rounded to nearest even, NaN kept NaN."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def convert(array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` in the tensor dtype `dtype`, as host bytes (see host_dtype)."""
+    if dtype == "bfloat16":
+        return to_bfloat16(array)
+    if array.dtype.kind == "f" and np.dtype(dtype).kind == "f":
+        return array.astype(dtype)
+    if array.dtype == np.dtype(dtype):
+        return array
+    raise BlockcacheError(f"cannot convert a {array.dtype.name} tensor to {dtype}")
+
+
+@dataclass(frozen=True)
+class Slot:
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Arena:
+    """Named tensors packed in one allocation, each slot aligned."""
+
+    slots: dict[str, Slot] = field(default_factory=dict)
+    nbytes: int = 0
+
+    @classmethod
+    def pack(cls, specs, alignment: int = ALIGNMENT) -> "Arena":
+        """specs: iterable of (name, shape, dtype), in the order wanted."""
+        arena = cls()
+        for name, shape, dtype in specs:
+            shape = tuple(int(d) for d in shape)
+            size = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
+            offset = -(-arena.nbytes // alignment) * alignment
+            arena.slots[name] = Slot(offset, size, shape, dtype)
+            arena.nbytes = offset + size
+        arena.nbytes = -(-arena.nbytes // alignment) * alignment
+        return arena
+
+    def view(self, buffer: np.ndarray, name: str) -> np.ndarray:
+        """A typed view of slot `name` inside a host byte buffer of this arena's size."""
+        slot = self.slots[name]
+        return buffer[slot.offset: slot.offset + slot.nbytes].view(host_dtype(slot.dtype)).reshape(slot.shape)
+
+
+@dataclass
+class BindingPlan:
+    io: Arena
+    weights: Arena
+    step_engine: list[int]
+    steps: list[dict[str, tuple[str, str]]]  # per step: tensor name → (arena "io" | "weights", slot)
+    constants: dict[str, np.ndarray]  # io slot → value written once at load
+    output: str  # the io slot holding the final latent
+
+    def addresses(self, step: int, bases: dict[str, int]) -> dict[str, int]:
+        """Device address of every tensor of `step`, given each arena's base address."""
+        return {name: bases[arena] + getattr(self, arena).slots[slot].offset
+                for name, (arena, slot) in self.steps[step].items()}
+
+    def initial_io(self) -> np.ndarray:
+        """Host bytes of the io arena with every step constant written (the rest zero)."""
+        buffer = np.zeros(self.io.nbytes, np.uint8)
+        for slot, value in self.constants.items():
+            self.io.view(buffer, slot)[...] = value
+        return buffer
+
+
+def engine_io(manifest: dict) -> list[dict]:
+    """Each engine's {"inputs", "outputs", "weight_inputs"}: from the manifest's TensorRT engines, or
+    derived from the variants for a plan without engines (weights then live inside the graphs)."""
+    trt = manifest.get("tensorrt")
+    if trt:
+        return trt["engines"]
+    step_inputs = manifest["inputs"]
+    x = step_inputs["x"]
+    out = []
+    for v in manifest["variants"]:
+        inputs = dict(step_inputs)
+        inputs.update({"cache." + u: manifest["buffers"]["cache." + u] for u in v["reads"]})
+        outputs = {"x_next": {"shape": x["shape"], "dtype": x["dtype"]}}
+        outputs.update({"unit." + u: manifest["buffers"]["cache." + u] for u in v["writes"]})
+        out.append({"inputs": inputs, "outputs": outputs, "weight_inputs": []})
+    return out
+
+
+def plan_bindings(manifest: dict, engines: list[dict] | None = None) -> BindingPlan:
+    """The binding plan of `manifest`'s steps over `engines` (default: engine_io(manifest))."""
+    engines = engine_io(manifest) if engines is None else engines
+    steps = manifest["steps"]
+    if len(engines) != len(manifest["variants"]):
+        raise BlockcacheError(f"plan has {len(manifest['variants'])} variants but {len(engines)} engines")
+    io_specs: dict[str, tuple] = {}
+    weight_specs: dict[str, tuple] = {}
+
+    def declare(specs, slot, spec, owner):
+        shape, dtype = list(spec["shape"]), spec["dtype"]
+        if slot in specs and specs[slot] != (shape, dtype):
+            raise BlockcacheError(f"{owner}: tensor for {slot} is {dtype}{shape} but another engine has "
+                                  f"{specs[slot][1]}{specs[slot][0]}")
+        specs[slot] = (shape, dtype)
+
+    bound = []
+    for s, step in enumerate(steps):
+        k = step["variant"]
+        eng = engines[k]
+        owner = f"engine {k}"
+        weights = set(eng.get("weight_inputs", ()))
+        table = {}
+        for direction in ("inputs", "outputs"):
+            for name, spec in eng[direction].items():
+                if name in weights:
+                    declare(weight_specs, name, spec, owner)
+                    table[name] = ("weights", name)
+                    continue
+                if name == "x":
+                    slot = f"x.{s % 2}"
+                elif name == "x_next":
+                    slot = f"x.{(s + 1) % 2}"
+                elif name in STEP_CONSTANTS:
+                    slot = f"step.{s}.{name}"
+                elif name in CALL_INPUTS:
+                    slot = name
+                elif name.startswith("cache.") and direction == "inputs":
+                    slot = name
+                elif name.startswith("unit.") and direction == "outputs":
+                    slot = "cache." + name[len("unit."):]
+                else:
+                    raise BlockcacheError(f"{owner} has a tensor {name!r} that no plan buffer matches")
+                declare(io_specs, "x.0" if slot.startswith("x.") else slot, spec, owner)
+                table[name] = ("io", slot)
+        missing = {"x", "x_next"} - table.keys()
+        if missing:
+            raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
+        bound.append(table)
+
+    io_specs["x.1"] = io_specs["x.0"]
+    # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
+    order = ["x.0", "x.1"] + [n for n in CALL_INPUTS if n in io_specs and n != "x"]
+    order += sorted(n for n in io_specs if n.startswith("cache."))
+    order += [n for n in io_specs if n.startswith("step.")]
+    io = Arena.pack((n, *io_specs[n]) for n in order)
+    weights = Arena.pack((n, *weight_specs[n]) for n in sorted(weight_specs))
+    constants = {}
+    for s, step in enumerate(steps):
+        for name in STEP_CONSTANTS:
+            slot = f"step.{s}.{name}"
+            if slot in io.slots:
+                spec = io.slots[slot]
+                constants[slot] = np.full(spec.shape, step[name], dtype=host_dtype(spec.dtype))
+    return BindingPlan(io=io, weights=weights, step_engine=[s["variant"] for s in steps], steps=bound,
+                       constants=constants, output=f"x.{len(steps) % 2}")
+
+
+def pack_weights(blob: np.ndarray, tensors: dict, arena: Arena) -> np.ndarray:
+    """Host bytes of the weights arena from the plan's `weights.bin` (`blob`, uint8) and its index
+    (`manifest["weights"]["tensors"]`), converting dtypes where the engines want another one."""
+    buffer = np.zeros(arena.nbytes, np.uint8)
+    for name, slot in arena.slots.items():
+        if name not in tensors:
+            raise BlockcacheError(f"engine weight input {name!r} is not in the plan's weights.bin")
+        t = tensors[name]
+        src = blob[t["offset"]: t["offset"] + t["length"]].view(host_dtype(t["dtype"]))
+        if t["dtype"] == "bfloat16":
+            if slot.dtype != "bfloat16":
+                raise BlockcacheError(f"weight {name}: cannot convert bfloat16 to {slot.dtype}")
+            value = src
+        else:
+            value = convert(src, slot.dtype)
+        if list(t["shape"]) != list(slot.shape):
+            raise BlockcacheError(f"weight {name}: engine wants shape {list(slot.shape)}, weights.bin has {t['shape']}")
+        arena.view(buffer, name)[...] = value.reshape(slot.shape)
+    return buffer
+
+
+def check_engine_io(expected: dict, actual: dict, where: str) -> None:
+    """Compare an engine's I/O as TensorRT reports it ({name: {"mode", "shape", "dtype"}}) with what the
+    manifest says; one line naming the first difference. An input the engine lacks is allowed (a
+    builder may drop an input nothing reads, e.g. the guidance scale of a plan without guidance); the
+    runtime then binds only the tensors the engine has."""
+    want = {n: ("input", list(s["shape"]), s["dtype"]) for n, s in expected["inputs"].items()}
+    want.update({n: ("output", list(s["shape"]), s["dtype"]) for n, s in expected["outputs"].items()})
+    got = {n: (a["mode"], list(a["shape"]), a["dtype"]) for n, a in actual.items()}
+    for name in sorted(want.keys() | got.keys()):
+        if name not in got and want[name][0] == "input":
+            continue
+        if want.get(name) != got.get(name):
+            raise BlockcacheError(f"{where}: tensor {name!r} is {got.get(name)} in the engine but {want.get(name)} "
+                                  "in the manifest (engine and plan do not match; re-export)")
