@@ -18,10 +18,12 @@ from .manifest import load_manifest
 
 
 class Sampler:
-    def __init__(self, plan_dir: str, backend: str = "auto", device: str = "auto", verify: bool = True):
+    def __init__(self, plan_dir: str, backend: str = "auto", device: str = "auto", verify: bool = True,
+                 threads: int | None = None):
+        """`threads`: intra-op threads of the ONNX Runtime CPU backend (default: ORT's choice)."""
         self.plan_dir = plan_dir
         self.manifest = load_manifest(plan_dir, verify=verify)
-        self.backend = make_backend(backend, plan_dir, self.manifest, device)
+        self.backend = make_backend(backend, plan_dir, self.manifest, device, threads)
         config = self.manifest["model"]["config"]
         self.num_classes = config["num_classes"]
         self.batch_size = self.manifest["batch_size"]

@@ -10,13 +10,13 @@ from schedules.errors import BlockcacheError, one_line
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
-def make_backend(name: str, plan_dir: str, manifest: dict, device: str):
+def make_backend(name: str, plan_dir: str, manifest: dict, device: str, threads: int | None = None):
     if name == "auto":
-        return _auto(plan_dir, manifest, device)
+        return _auto(plan_dir, manifest, device, threads)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(plan_dir, manifest, device)
+        return OnnxRuntimeBackend(plan_dir, manifest, device, threads)
     if name == "tensorrt":
         from .tensorrt import TensorRTBackend
 
@@ -30,7 +30,7 @@ def make_backend(name: str, plan_dir: str, manifest: dict, device: str):
     raise BlockcacheError(f"unknown backend {name!r} (expected auto or one of {', '.join(BACKENDS)})")
 
 
-def _auto(plan_dir: str, manifest: dict, device: str):
+def _auto(plan_dir: str, manifest: dict, device: str, threads: int | None = None):
     """A plan with TensorRT engines runs on TensorRT where it can; otherwise, and for every other
     plan, on ONNX Runtime. Falling back from engines says why, in one line."""
     from .onnxruntime import OnnxRuntimeBackend
@@ -43,4 +43,4 @@ def _auto(plan_dir: str, manifest: dict, device: str):
         except BlockcacheError as e:
             logging.getLogger("blockcache").warning("blockcache: using ONNX Runtime for this plan's ONNX graphs: %s",
                                                     one_line(e))
-    return OnnxRuntimeBackend(plan_dir, manifest, device)
+    return OnnxRuntimeBackend(plan_dir, manifest, device, threads)
