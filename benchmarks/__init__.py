@@ -1,0 +1,1 @@
+"""Benchmarks: harness, suites, result tables and plots."""
