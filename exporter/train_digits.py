@@ -1,10 +1,13 @@
 """Train the embedded `dit-digits` model: a small class-conditional DiT on scikit-learn's 8×8 digits.
 
-    python -m exporter.train_digits [--steps N] [--batch-size B] [--seed S]
+    python -m exporter.train_digits [--steps N] [--batch-size B] [--seed S] [--threads T]
                                     [--out PATH.safetensors] [--loss-png PATH] [--quiet]
 
-The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors` (on a
-2-core CPU, torch threads fixed to 2 so that the run is repeatable there). Training is DiT's:
+The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors` on a
+2-core CPU. The thread count does not change the result (1 and 2 threads give bit-identical weights
+here); it only changes the speed. Use `--threads 1` when other work shares the CPU: with more torch
+threads than free cores every one of the thousands of small parallel regions per step waits for a
+descheduled thread, and a step becomes 10-20x slower. Training is DiT's:
 epsilon-prediction MSE on the linear-beta DDPM process with 1000 timesteps, labels dropped to the
 null class with probability 0.1 so that one network serves classifier-free guidance, AdamW, and an
 exponential moving average of the weights, which is what gets saved (fp32, the model's own
@@ -20,16 +23,12 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from schedules.errors import BlockcacheError, cli_main
 from schedules.sampling import NUM_TRAIN_TIMESTEPS, linear_betas
 
-from .digits import load_digits_images
-from .models import DiT, model_config
+# torch is imported inside the functions: a mistyped argument is answered in a second, not after
+# torch has loaded.
 
 MODEL = "dit-digits"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +44,11 @@ LABEL_DROPOUT = 0.1
 THREADS = 2
 
 
-def initialize_weights(model: DiT) -> None:
+def initialize_weights(model) -> None:
     """The official DiT initialisation (adaLN-Zero): every block starts as the identity, which is
     what lets a deep DiT train quickly. Call after seeding torch."""
+    import torch.nn as nn
+
     def _basic_init(module):
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -79,13 +80,20 @@ def learning_rate(step: int, steps: int, peak: float = LEARNING_RATE) -> float:
 
 
 def train(steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = DEFAULT_SEED,
-          progress: bool = True, **config_overrides) -> tuple[dict, list[float]]:
+          progress: bool = True, threads: int = THREADS, **config_overrides) -> tuple[dict, list[float]]:
     """Train from scratch; returns (EMA state dict, per-step training losses)."""
-    # The zero-initialised adaLN layers make tiny (denormal) values early on, which run ~30x slower
-    # on x86 CPUs; flushing them to zero changes nothing measurable and keeps steps fast. Set before
-    # the thread count so that the worker threads inherit it.
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .digits import load_digits_images
+    from .models import DiT, model_config
+
+    # Subnormal numbers are flushed to zero (a few Adam moments get there: softmax makes the key
+    # biases' gradients ~0). The shipped weights were trained this way, so a rerun needs it to match
+    # them bit for bit. Set before the thread count so that worker threads inherit it.
     torch.set_flush_denormal(True)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = DiT(**model_config(MODEL, **config_overrides))
     initialize_weights(model)
@@ -217,6 +225,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps")
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
+    parser.add_argument("--threads", type=_positive_int, default=THREADS,
+                        help="torch CPU threads (speed only; the weights do not depend on it)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (.safetensors)")
     parser.add_argument("--loss-png", default=DEFAULT_LOSS_PNG, help="loss curve plot (.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -225,7 +235,7 @@ def main(argv=None):
     loss_png = _writable_target(args.loss_png, ".png", "loss plot")
 
     start = time.perf_counter()
-    ema, losses = train(args.steps, args.batch_size, args.seed, progress=not args.quiet)
+    ema, losses = train(args.steps, args.batch_size, args.seed, progress=not args.quiet, threads=args.threads)
     minutes = (time.perf_counter() - start) / 60
     save_weights(ema, out, metadata={"model": MODEL, "steps": args.steps, "batch_size": args.batch_size,
                                      "seed": args.seed, "ema_decay": EMA_DECAY, "lr": LEARNING_RATE})
