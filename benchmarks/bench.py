@@ -650,6 +650,7 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
         if reason:
             raise Skip(reason)
         plan = store.get(case, stored)
+        start = time.perf_counter()  # load time, not export time
         with monitor:
             manifest = store.manifest(plan)
             if method in ("torch", "torch-inductor"):

@@ -25,8 +25,6 @@ def make_backend(name: str, plan_dir: str, manifest: dict, device: str, threads:
         from .torch import TorchBackend
 
         return TorchBackend(plan_dir, manifest, device)
-    if name in BACKENDS:
-        raise BlockcacheError(f"backend {name!r} is not available in this version (use onnxruntime)")
     raise BlockcacheError(f"unknown backend {name!r} (expected auto or one of {', '.join(BACKENDS)})")
 
 
