@@ -506,8 +506,9 @@ def _time_calls(runner, noise, labels, cfg: BenchConfig, monitor: MemoryMonitor)
     return output, first, times
 
 
-def run_benchmark(cfg: BenchConfig, model=None) -> dict:
-    """Run the benchmark described by `cfg` and return the results dict (see `write_results`)."""
+def run_benchmark(cfg: BenchConfig, model=None, on_row=None) -> dict:
+    """Run the benchmark described by `cfg` and return the results dict (see `write_results`).
+    `on_row(results)` is called after every measured row, e.g. to save partial results of a long run."""
     cfg.check()
     import torch
 
@@ -515,7 +516,7 @@ def run_benchmark(cfg: BenchConfig, model=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, model)
+        return _run(cfg, model, on_row)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -530,7 +531,7 @@ def reference_latents(model, schedule: Schedule, cfg: BenchConfig, device: str, 
         return EagerRunner(copy.deepcopy(model).to(device), schedule, cfg, device)(noise, labels)
 
 
-def _run(cfg: BenchConfig, model) -> dict:
+def _run(cfg: BenchConfig, model, on_row=None) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -583,6 +584,7 @@ def _run(cfg: BenchConfig, model) -> dict:
     bar = tqdm(total=len(work) + len([c for c in cases if c.role == "full"]), desc="bench",
                disable=not cfg.progress)
     store = PlanStore(cfg.plans_dir, model, cfg)
+    start = time.perf_counter()
     try:
         references = {}
         for c in cases:
@@ -595,6 +597,8 @@ def _run(cfg: BenchConfig, model) -> dict:
             bar.set_postfix_str(f"{precision} {method} {case.name}")
             row = {"precision": precision, "method": method, "label": _method_label(method, case.role),
                    "schedule": case.name, "role": case.role, "status": "ok"}
+            for key in [k for k in compiled if k != (method, precision)]:
+                del compiled[key]  # only the current method's model stays resident: fair memory figures
             try:
                 row.update(_measure(method, precision, case, cfg, model, device, store, compiled, noise, labels))
             except Skip as e:
@@ -604,8 +608,12 @@ def _run(cfg: BenchConfig, model) -> dict:
             if row["status"] == "ok":
                 row.update(fidelity(row.pop("output"), references[case.group], digits, labels))
             row.pop("output", None)
+            row["elapsed_s"] = time.perf_counter() - start  # since the harness started: where a run spends its time
             results["rows"].append(row)
             bar.update()
+            if on_row is not None:
+                results["export_seconds"] = dict(store.export_seconds)
+                on_row(results)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     finally:
@@ -628,7 +636,7 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
     if method in ("eager", "compile"):
         with monitor:
             key = (method, precision)
-            if method == "compile" and key in compiled:
+            if key in compiled:  # one device copy (and one compilation) per method and precision
                 dev_model, step_fn = compiled[key]
             else:
                 dev_model = copy.deepcopy(model).to(device=device, dtype=torch_dtype(precision))
@@ -643,7 +651,7 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
 
                     step_fn = torch.compile(full_step, mode=cfg.compile_mode if cfg.compile_backend == "inductor"
                                             else None, backend=cfg.compile_backend)
-                    compiled[key] = (dev_model, step_fn)
+                compiled[key] = (dev_model, step_fn)
             runner = EagerRunner(dev_model, case.schedule, cfg, device, step_fn)
     else:
         stored, reason = plan_precision(method, precision, cfg)
@@ -732,6 +740,13 @@ def _fmt(value, spec: str, none: str = "–") -> str:
     return format(value, spec)
 
 
+def _memory(peak, increase) -> str:
+    """Process peak and, in brackets, what loading and running this configuration added to it."""
+    if peak is None:
+        return "–"
+    return f"{peak:.0f} (+{max(increase, 0):.0f})" if increase is not None else f"{peak:.0f}"
+
+
 def markdown(results: dict, title: str | None = None) -> str:
     m = results["model"]
     cfg = m["config"]
@@ -744,7 +759,10 @@ def markdown(results: dict, title: str | None = None) -> str:
              f"parameters, weights {m['weights']}); batch {results['batch_size']} images"
              + (f" with CFG (scale {results['guidance_scale']:g}, network batch {2 * results['batch_size']})"
                 if results["guidance"] else " without guidance")
-             + f"; latency = median of {results['repeats']} warm calls (min–max).", "",
+             + f"; latency = median of {results['repeats']} warm calls (min–max)"
+             + (f"; load average at start {results['machine']['load_average'][0]:.1f} on "
+                f"{results['machine']['cpu_count']} CPUs" if results["machine"].get("load_average") else "")
+             + ".", "",
              f"Fidelity against {results['fidelity_reference']}; PSNR data range: {results['psnr_data_range']}.",
              ""]
     digits = any("class_accuracy" in r for r in results["rows"])
@@ -752,7 +770,7 @@ def markdown(results: dict, title: str | None = None) -> str:
               "PSNR dB", "rel. error"]
     if digits:
         header += ["class acc.", "digits-FD"]
-    header += ["peak host MB", "peak device MB", "notes"]
+    header += ["peak host MB (+load/run)", "peak device MB (+load/run)", "notes"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["rows"]:
         s = results["schedules"][r["schedule"]]
@@ -776,7 +794,8 @@ def markdown(results: dict, title: str | None = None) -> str:
                  _fmt(r.get("relative_error"), ".2e")]
         if digits:
             cells += [_fmt(r.get("class_accuracy"), ".3f"), _fmt(r.get("digits_fd"), ".2f")]
-        cells += [_fmt(r.get("peak_host_mb"), ".0f"), _fmt(r.get("peak_device_mb"), ".0f"), "; ".join(notes)]
+        cells += [_memory(r.get("peak_host_mb"), r.get("host_increase_mb")),
+                  _memory(r.get("peak_device_mb"), r.get("device_increase_mb")), "; ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("notes"):
         lines += [""] + [f"- {n}" for n in results["notes"]]
@@ -822,14 +841,14 @@ def write_results(results: dict, out_dir: str, tag: str, title: str | None = Non
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{tag}.{ext}") for ext in ("json", "md", "png")}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, default=_json_default)
+        json.dump(results, f, indent=1, default=json_default)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(results, title))
     plot(results, paths["png"])
     return paths
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, tuple):

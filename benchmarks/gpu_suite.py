@@ -25,13 +25,14 @@ split (`--steps 50`, `--precision bf16`, `--no-compile`), e.g. to fit a per-comm
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from schedules.errors import BlockcacheError, cli_main
 from schedules.options import ArgumentParser
 
-from .bench import BenchConfig, markdown, run_benchmark, write_results
+from .bench import BenchConfig, json_default, markdown, resolve_device, run_benchmark, write_results
 
 XL = dict(model="dit-xl2", overrides={}, batch_size=8)
 SMALL = dict(model="dit-s2", overrides=dict(depth=28, hidden_size=64, num_heads=4, input_size=8), batch_size=2)
@@ -147,8 +148,20 @@ def main(argv=None):
                        compile_mode=args.compile_mode, plans_dir=args.plans, threads=threads,
                        progress=not args.quiet)
     cfg.check()
+    device = resolve_device(args.device)
+    size = "small" if args.small else "xl"
+    parts = "" if (set(steps), set(precisions)) == ({50, 20}, set(PRECISIONS)) else \
+        "-" + "-".join([f"ddim{s}" for s in steps] + list(precisions))
+    tag = args.tag or f"suite-{size}-{device.replace(':', '')}{parts}"
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, f"{tag}.partial.json")
+
+    def save_partial(results):  # a run cut short (a time limit) still leaves every finished row
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, default=json_default)
+
     start = time.perf_counter()
-    results = run_benchmark(cfg)
+    results = run_benchmark(cfg, on_row=save_partial)
     results["suite"] = {"small": args.small, "steps": list(steps), "precisions": list(precisions),
                         "wall_s": time.perf_counter() - start}
     results["notes"] += [
@@ -166,16 +179,14 @@ def main(argv=None):
         results["notes"].append("Run on CPU: GPU targets are reported as measured but not applicable. Timings on a "
                                 "shared machine with other jobs running are noisy.")
     results["targets"] = evaluate_targets(results, args.small)
-    size = "small" if args.small else "xl"
-    parts = "" if (set(steps), set(precisions)) == ({50, 20}, set(PRECISIONS)) else \
-        "-" + "-".join([f"ddim{s}" for s in steps] + list(precisions))
-    tag = args.tag or f"suite-{size}-{results['device'].replace(':', '')}{parts}"
     title = f"GPU suite ({'small, ' if args.small else ''}{results['device']})"
     paths = write_results(results, args.out, tag, title=title)
     with open(paths["md"], "a", encoding="utf-8") as f:
         f.write("\n" + targets_markdown(results["targets"]))
     print(markdown(results, title) + "\n" + targets_markdown(results["targets"]), end="")
     print("wrote " + ", ".join(paths.values()))
+    if os.path.exists(partial):
+        os.unlink(partial)
     return 1 if any(r["status"] == "error" for r in results["rows"]) else 0
 
 

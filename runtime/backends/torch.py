@@ -24,8 +24,9 @@ makes every parameter a view of the plan's single weights copy:
 - CUDA: the whole sampling loop (every step of the schedule) is captured as one CUDA graph at load,
   after a warm-up run on a side stream (shapes and the schedule are static); a call copies noise,
   labels and the guidance scale into the static inputs, replays the graph and copies the static
-  output to the host. If capture fails the backend runs the same loop eagerly and says why in
-  `graph_error` (with a warning).
+  output to the host. Capture runs with TF32 off (`exact_fp32`), so fp32 plans replay IEEE fp32
+  kernels. If capture fails the backend runs the same loop eagerly and says why in `graph_error`
+  (with a warning).
 
 Precision: the plan's stored precision by default (fp32 or fp16; fp16 keeps norms, guidance and the
 DDIM update in fp32, as the fp16 ONNX graphs do). `dtype` overrides it: casting an fp32 plan to fp16
