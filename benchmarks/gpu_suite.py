@@ -44,7 +44,7 @@ TARGETS = {"efficiency_gpu": 0.95, "efficiency_cpu": 0.9, "vs_eager_branches": 3
 
 def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precisions=PRECISIONS, repeats=None,
                  warmup=None, compile_full: bool = True, compile_mode: str = "max-autotune", plans_dir=None,
-                 threads=None, progress: bool = True) -> BenchConfig:
+                 threads=None, progress: bool = True, methods=None, fewer_steps: bool = True) -> BenchConfig:
     size = SMALL if small else XL
     bad = [s for s in steps if s not in SCHEDULES]
     if bad or not steps:
@@ -52,13 +52,14 @@ def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precision
     bad = [p for p in precisions if p not in ("fp32",) + PRECISIONS]
     if bad or not precisions:
         raise BlockcacheError(f"--precision must be some of fp32, bf16, fp16, got {bad or 'nothing'}")
-    methods = ["eager"] + (["compile"] if compile_full else []) + ["torch"] + \
-        (["torch-inductor"] if compile_full else []) + ["onnxruntime"]
+    if methods is None:
+        methods = ["eager"] + (["compile"] if compile_full else []) + ["torch"] + \
+            (["torch-inductor"] if compile_full else []) + ["onnxruntime"]
     return BenchConfig(
         model=size["model"], overrides=dict(size["overrides"]), random_init=True, init_seed=0,
         schedules=[SCHEDULES[s] for s in steps], methods=methods, precisions=list(precisions), device=device,
         batch_size=size["batch_size"], labels=LABELS[: size["batch_size"]], seed=0, guidance_scale=4.0,
-        repeats=repeats or (3 if small else 5), warmup=warmup or (1 if small else 2), fewer_steps=True,
+        repeats=repeats or (3 if small else 5), warmup=warmup or (1 if small else 2), fewer_steps=fewer_steps,
         compile_mode=compile_mode, bf16_plan="fp16", plans_dir=plans_dir, threads=threads, progress=progress)
 
 
@@ -125,6 +126,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed calls first (default 2; 1 with --small)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave out torch.compile (the compiled baseline and the torch-inductor plans)")
+    p.add_argument("--methods", metavar="LIST",
+                   help="comma-separated subset of the methods (default: all; see blockcache-bench)")
+    p.add_argument("--no-fewer-steps", action="store_true", help="leave out the equal-MACs fewer-steps DDIM runs")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
     p.add_argument("--plans", metavar="DIR", help="keep exported plans in DIR and reuse them in later runs")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's; 1 with --small on CPU)")
@@ -146,7 +150,8 @@ def main(argv=None):
     cfg = suite_config(small=args.small, device=args.device, steps=steps, precisions=precisions,
                        repeats=args.repeats, warmup=args.warmup, compile_full=not args.no_compile,
                        compile_mode=args.compile_mode, plans_dir=args.plans, threads=threads,
-                       progress=not args.quiet)
+                       progress=not args.quiet, fewer_steps=not args.no_fewer_steps,
+                       methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
     cfg.check()
     device = resolve_device(args.device)
     size = "small" if args.small else "xl"
