@@ -29,10 +29,11 @@ import json
 import os
 import time
 
-from schedules.errors import BlockcacheError, cli_main
+from schedules.errors import BlockcacheError, cli_main, one_line
 from schedules.options import ArgumentParser
 
-from .bench import BenchConfig, json_default, markdown, resolve_device, run_benchmark, write_results
+from .bench import (BenchConfig, derive, json_default, markdown, resolve_device, run_benchmark,
+                    write_results)
 
 XL = dict(model="dit-xl2", overrides={}, batch_size=8)
 SMALL = dict(model="dit-s2", overrides=dict(depth=28, hidden_size=64, num_heads=4, input_size=8), batch_size=2)
@@ -114,6 +115,89 @@ def targets_markdown(targets: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUITE_NOTES = [
+    "Random weights: latency does not depend on them; fidelity numbers only show numerical agreement "
+    "with full compute, not image quality.",
+    "Plans are fp16; bf16 plan runs cast the fp16 plan's weights once at load (an fp32 DiT-XL/2 plan "
+    "cannot be exported: its ONNX graph exceeds protobuf's 2 GB limit).",
+    "Speedup and efficiency compare each method with its own full-compute run of the same sampler; "
+    "ideal speedup is the MAC ratio (schedules/cost.py).",
+]
+
+
+def finish(results: dict, out: str, tag: str, small: bool) -> dict:
+    """Notes, target verdicts, and the JSON / markdown / PNG files; prints the table."""
+    results["notes"] += [n for n in SUITE_NOTES if n not in results["notes"]]
+    if small:
+        results["notes"].append("--small proves the suite runs end to end; its 2 M-parameter model is dominated by "
+                                "per-operator overhead, so its speedups say little about DiT-XL/2 on a GPU.")
+    if not results["device"].startswith("cuda"):
+        results["notes"].append("Run on CPU: GPU targets are reported as measured but not applicable. Timings on a "
+                                "shared machine with other jobs running are noisy.")
+    results["targets"] = evaluate_targets(results, small)
+    title = f"GPU suite ({'small, ' if small else ''}{results['device']})"
+    paths = write_results(results, out, tag, title=title)
+    with open(paths["md"], "a", encoding="utf-8") as f:
+        f.write("\n" + targets_markdown(results["targets"]))
+    print(markdown(results, title) + "\n" + targets_markdown(results["targets"]), end="")
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+def merge_parts(parts: list[dict], names: list[str]) -> dict:
+    """One result from runs of the same suite split across calls (e.g. a per-command time limit).
+    Each (precision, method) keeps the rows of the one part that measured most of its cases, so a
+    method's speedups never mix runs; comparisons *between* methods may span parts (noted)."""
+    first = parts[0]
+    same = ("model", "batch_size", "labels", "noise_seed", "guidance_scale", "device", "repeats")
+    for name, part in zip(names[1:], parts[1:]):
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise BlockcacheError(f"cannot merge {name}: its {key} differs from {names[0]}'s")
+        if part["machine"].get("gpu") != first["machine"].get("gpu"):
+            raise BlockcacheError(f"cannot merge {name}: measured on {part['machine'].get('gpu')}, "
+                                  f"not {first['machine'].get('gpu')}")
+    owner = {}
+    for i, part in enumerate(parts):
+        counts = {}
+        for r in part["rows"]:
+            if r["status"] == "ok":
+                key = (r["precision"], r["method"])
+                counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():
+            if key not in owner or n > owner[key][1]:
+                owner[key] = (i, n)
+    merged = dict(first, rows=[], schedules={}, notes=[], export_seconds={})
+    for i, part in enumerate(parts):
+        merged["schedules"].update(part["schedules"])
+        merged["export_seconds"].update(part.get("export_seconds", {}))
+        for r in part["rows"]:
+            if owner.get((r["precision"], r["method"]), (None,))[0] == i:
+                merged["rows"].append(dict(r, part=names[i]))
+    merged["suite"] = {"merged": [{"file": n, "date": p["date"], "methods": sorted(
+        {m for (prec, m), (i, _) in owner.items() if i == k})} for k, (n, p) in enumerate(zip(names, parts))]}
+    merged["notes"].append("Merged from " + "; ".join(
+        f"{m['file']} ({m['date']}: {', '.join(m['methods']) or 'nothing kept'})" for m in merged["suite"]["merged"])
+        + ". Each method's rows come from one run; comparisons between methods may span runs.")
+    derive(merged)
+    return merged
+
+
+def _merge(files: list[str], out: str, tag: str | None, small: bool) -> int:
+    parts = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                parts.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise BlockcacheError(f"cannot read results {path}: {one_line(e)}") from None
+        if not isinstance(parts[-1], dict) or "rows" not in parts[-1]:
+            raise BlockcacheError(f"{path} is not a benchmark result")
+    results = merge_parts(parts, [os.path.basename(f) for f in files])
+    finish(results, out, tag or "suite-merged", small)
+    return 0
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the results (created)")
@@ -133,12 +217,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--plans", metavar="DIR", help="keep exported plans in DIR and reuse them in later runs")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's; 1 with --small on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: merge the results (or .partial.json) of a suite split across runs")
     return p
 
 
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out, args.tag, args.small)
     try:
         steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
     except ValueError:
@@ -169,27 +257,7 @@ def main(argv=None):
     results = run_benchmark(cfg, on_row=save_partial)
     results["suite"] = {"small": args.small, "steps": list(steps), "precisions": list(precisions),
                         "wall_s": time.perf_counter() - start}
-    results["notes"] += [
-        "Random weights: latency does not depend on them; fidelity numbers only show numerical agreement "
-        "with full compute, not image quality.",
-        "Plans are fp16; bf16 plan runs cast the fp16 plan's weights once at load (an fp32 DiT-XL/2 plan "
-        "cannot be exported: its ONNX graph exceeds protobuf's 2 GB limit).",
-        "Speedup and efficiency compare each method with its own full-compute run of the same sampler; "
-        "ideal speedup is the MAC ratio (schedules/cost.py).",
-    ]
-    if args.small:
-        results["notes"].append("--small proves the suite runs end to end; its 2 M-parameter model is dominated by "
-                                "per-operator overhead, so its speedups say little about DiT-XL/2 on a GPU.")
-    if not results["device"].startswith("cuda"):
-        results["notes"].append("Run on CPU: GPU targets are reported as measured but not applicable. Timings on a "
-                                "shared machine with other jobs running are noisy.")
-    results["targets"] = evaluate_targets(results, args.small)
-    title = f"GPU suite ({'small, ' if args.small else ''}{results['device']})"
-    paths = write_results(results, args.out, tag, title=title)
-    with open(paths["md"], "a", encoding="utf-8") as f:
-        f.write("\n" + targets_markdown(results["targets"]))
-    print(markdown(results, title) + "\n" + targets_markdown(results["targets"]), end="")
-    print("wrote " + ", ".join(paths.values()))
+    finish(results, args.out, tag, args.small)
     if os.path.exists(partial):
         os.unlink(partial)
     return 1 if any(r["status"] == "error" for r in results["rows"]) else 0
