@@ -32,6 +32,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("router", help="L2C router checkpoint (DDIM20_router.pt, …)")
     p.add_argument("--threshold", type=float, default=0.1, help="compute a unit iff sigmoid(logit) > θ (0.1 for DiT)")
 
+    p = sub.add_parser("derive", help="Block Caching: a schedule from `analyze` change statistics")
+    p.add_argument("stats", help="change statistics (.npz written by `analyze`)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--delta", type=float, help="recompute a unit once its accumulated change exceeds δ")
+    target.add_argument("--target-speedup", type=float, metavar="X", help="smallest δ with ideal speedup >= X")
+    target.add_argument("--target-macs", type=float, metavar="F", help="smallest δ with MACs <= F of full compute")
+    p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
+
     p = sub.add_parser("stats", help="share of skipped units, MACs and ideal speedup")
     p.add_argument("schedule")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -56,7 +64,13 @@ def _config_for(schedule: Schedule, args) -> dict | None:
 
 @cli_main
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """Carry out parsed arguments (exporter.schedule_cli adds the commands that run a model)."""
+    if args.command == "derive":
+        return _derive(args)
     if args.command in ("full", "uniform", "import-l2c"):
         config = config_from_args(args)
         units = unit_names(config)
@@ -86,6 +100,24 @@ def main(argv=None):
     if args.png:
         heatmap(schedule, args.png)
         print(f"wrote {args.png}")
+    return 0
+
+
+def _derive(args) -> int:
+    from .blockcaching import delta_schedule, search_delta
+    from .change import load_change
+
+    data = load_change(args.stats)
+    config, units = data["config"], data["unit_names"]
+    if args.delta is not None:
+        schedule = delta_schedule(data["change"], args.delta, units, data["sampler"], data["model"])
+    else:
+        schedule = search_delta(data["change"], config, units, data["sampler"], target_speedup=args.target_speedup,
+                                target_macs=args.target_macs, model=data["model"])
+    _write(schedule, args.output)
+    s = stats(config, schedule)
+    print(f"wrote {args.output} ({schedule.source}): {s['skipped_share']:.1%} of units reused, "
+          f"ideal speedup {s['ideal_speedup']:.3f}x")
     return 0
 
 

@@ -45,11 +45,11 @@ def add_weights_args(parser: argparse.ArgumentParser, seed_flag: str = "--init-s
     group.add_argument(seed_flag, dest="init_seed", type=int, default=0, metavar="S", help="seed for --random-init")
 
 
-def parse_labels(text: str) -> list[int]:
+def parse_labels(text: str, flag: str = "--labels") -> list[int]:
     try:
         labels = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise BlockcacheError(f"--labels must be comma-separated integers, got {text!r}") from None
+        raise BlockcacheError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if not labels:
-        raise BlockcacheError("--labels is empty")
+        raise BlockcacheError(f"{flag} is empty")
     return labels

@@ -31,3 +31,27 @@ def heatmap(schedule: Schedule, path, title: str | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def change_heatmap(change, path, title: str = "relative L1 change of each unit's output from the previous step") -> None:
+    """A step × unit heatmap of `analyze`'s change statistics (log colour scale; step 0 blank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    change = np.asarray(change, dtype=np.float64)
+    shown = np.where(change > 0, change, np.nan)
+    finite = shown[np.isfinite(shown)]
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
+    fig, ax = plt.subplots(figsize=(max(6, change.shape[1] * 0.14), max(3, change.shape[0] * 0.18)))
+    im = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel("unit (blocks.i.attn, blocks.i.mlp, …)")
+    ax.set_ylabel("sampling step (0 = noisiest)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""The change-statistics file that `blockcache-schedule analyze` writes and `derive` reads (.npz).
+
+    change       float64 (steps, units): unit u's relative L1 change between steps s−1 and s,
+                 ‖o_s − o_{s−1}‖₁ / ‖o_s‖₁ of its raw branch output, averaged over every image of the
+                 network batch (conditions × seeds, both CFG halves); row 0 is NaN (no earlier step)
+    unit_names   the model's units, in order
+    timesteps    the model timestep of each sampling step
+    sampler      JSON: {name, steps, spacing}
+    config       JSON: the model's constructor config (for the cost model)
+    model        the model's name
+    labels, seeds, guidance_scale   what was sampled
+
+Plain arrays only: it is read with `allow_pickle=False`, so a file can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .errors import BlockcacheError
+
+VERSION = 1
+FIELDS = ("version", "change", "unit_names", "timesteps", "sampler", "config", "model", "labels", "seeds",
+          "guidance_scale")
+
+
+def save_change(path, *, change, unit_names, timesteps, sampler: dict, config: dict, model: str | None, labels,
+                seeds, guidance_scale: float) -> None:
+    """Write atomically: an existing file is only replaced by a complete new one."""
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+        raise BlockcacheError(f"change statistics must be written to a .npz file, got {path!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise BlockcacheError(f"cannot write {path}: folder {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, version=np.int64(VERSION), change=np.asarray(change, dtype=np.float64),
+                     unit_names=np.asarray(unit_names, dtype=str), timesteps=np.asarray(timesteps, dtype=np.int64),
+                     sampler=np.asarray(json.dumps(sampler)), config=np.asarray(json.dumps(config)),
+                     model=np.asarray(model or ""), labels=np.asarray(labels, dtype=np.int64),
+                     seeds=np.asarray(seeds, dtype=np.int64), guidance_scale=np.float64(guidance_scale))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BlockcacheError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_change(path) -> dict:
+    """The file's fields (sampler and config as dicts, unit_names as a tuple); one-line errors."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in FIELDS if k not in f.files]
+            if missing:
+                raise BlockcacheError(f"{path} is not a blockcache change-statistics file (no {missing[0]!r})")
+            data = {k: f[k] for k in FIELDS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BlockcacheError(f"cannot read change statistics {path}: {str(e).splitlines()[0] if str(e) else e}") \
+            from None
+    if int(data["version"]) != VERSION:
+        raise BlockcacheError(f"{path}: change-statistics version {int(data['version'])} is not supported "
+                              f"(this blockcache reads version {VERSION})")
+    out = {"change": data["change"], "unit_names": tuple(str(u) for u in data["unit_names"]),
+           "timesteps": data["timesteps"], "model": str(data["model"]) or None, "labels": data["labels"],
+           "seeds": data["seeds"], "guidance_scale": float(data["guidance_scale"])}
+    try:
+        out["sampler"], out["config"] = json.loads(str(data["sampler"])), json.loads(str(data["config"]))
+    except ValueError:
+        raise BlockcacheError(f"{path}: damaged sampler or config entry") from None
+    change = out["change"]
+    if change.ndim != 2 or change.shape != (len(out["timesteps"]), len(out["unit_names"])):
+        raise BlockcacheError(f"{path}: change has shape {change.shape}, expected (steps, units) = "
+                              f"({len(out['timesteps'])}, {len(out['unit_names'])})")
+    from .zoo import unit_names
+
+    try:
+        expected = unit_names(out["config"])
+    except (KeyError, TypeError):
+        raise BlockcacheError(f"{path}: the model config has no valid depth") from None
+    if expected != out["unit_names"]:
+        raise BlockcacheError(f"{path}: its units do not match its model config ({len(out['unit_names'])} vs "
+                              f"{len(expected)})")
+    if out["sampler"].get("steps") != change.shape[0]:
+        raise BlockcacheError(f"{path}: sampler has {out['sampler'].get('steps')} steps but change has "
+                              f"{change.shape[0]} rows")
+    return out
