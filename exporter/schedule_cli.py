@@ -2,6 +2,7 @@
 a model, which live here so that `schedules` never imports the network code:
 
     blockcache-schedule analyze --model dit-digits --steps 50 [--labels 0,1,…] [--seeds 0,1] -o stats.npz [--png P]
+    blockcache-schedule learn-l2c --model dit-digits --steps 20 [--lambda L] [--threshold θ] -o l2c.yaml
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import SPACINGS
+
+DEFAULT_LAMBDA = 1e-3
 
 
 def build_parser():
@@ -29,7 +34,98 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, help="change statistics to write (.npz)")
     p.add_argument("--png", metavar="P", help="also draw a step × unit heatmap")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("learn-l2c", help="learn a Learning-to-Cache router (runs the model; only the router trains)")
+    add_model_args(p)
+    add_weights_args(p)
+    p.add_argument("--steps", type=int, required=True, help="sampling steps")
+    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
+                   help=f"weight of Σ scores per step: larger reuses more (default {DEFAULT_LAMBDA:g})")
+    p.add_argument("--threshold", type=float, default=0.5, help="compute a unit iff its score > θ (default 0.5)")
+    p.add_argument("--data", choices=("trajectories", "digits"), default="trajectories",
+                   help="training inputs: the model's own sampling trajectories (no data set needed, default) or "
+                        "noised real digits (dit-digits only)")
+    p.add_argument("--labels", help="comma-separated class labels for trajectories (default: 10 spread over the classes)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated noise seeds for trajectories (default 0,1)")
+    p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
+    p.add_argument("--epochs", type=int, default=20, help="passes over all steps (default 20)")
+    p.add_argument("--lr", type=float, default=0.05, help="router learning rate (default 0.05)")
+    p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
+    p.add_argument("--router", help="raw router file (default: the output with .pt; import with import-l2c --every-step)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _writable(path: str, suffixes: tuple, flag: str) -> str:
+    if not path.lower().endswith(suffixes):
+        raise BlockcacheError(f"{flag} must end in {' or '.join(suffixes)}, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BlockcacheError(f"cannot write {path}: folder {folder} does not exist")
+    return path
+
+
+def _check_scale(value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise BlockcacheError(f"--guidance-scale must be a finite non-negative number, got {value}")
+
+
+def _default_labels(num_classes: int) -> list[int]:
+    n = min(10, num_classes)
+    return [round(i * (num_classes - 1) / max(1, n - 1)) for i in range(n)]
+
+
+def _learn_l2c(args) -> int:
+    import torch
+
+    from schedules.l2c import schedule_from_l2c
+    from schedules.schedule import Schedule
+
+    from .learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
+    from .models import load_model
+
+    out = _writable(args.output, (".yaml", ".yml"), "-o")
+    router = _writable(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
+    _check_scale(args.guidance_scale)
+    if not 0 < args.threshold < 1:
+        raise BlockcacheError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.epochs < 1:
+        raise BlockcacheError(f"--epochs must be positive, got {args.epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise BlockcacheError(f"--lr must be a positive number, got {args.lr}")
+    if not math.isfinite(args.lam) or args.lam < 0:
+        raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
+    seeds = parse_labels(args.seeds, "--seeds")
+    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
+                       **model_overrides(args))
+    schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
+    if args.data == "digits":
+        from .digits import load_digits_images
+
+        if model.in_channels != 1 or model.num_classes != 10:
+            raise BlockcacheError("--data digits needs a 1-channel, 10-class model such as dit-digits")
+        images, labels = load_digits_images(model.config["input_size"])
+        picked = np.random.default_rng(seeds[0]).choice(len(images), size=min(200, len(images)), replace=False)
+        xs, y = image_inputs(schedule, images[picked], labels[picked], seeds[0])
+    else:
+        labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
+        from .reference import check_labels
+
+        xs, y = trajectory_inputs(model, schedule, check_labels(labels, model.num_classes), seeds,
+                                  args.guidance_scale)
+    logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
+                                   epochs=args.epochs, lr=args.lr, progress=not args.quiet)
+    learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold, spacing=args.spacing,
+                                model=args.model, every_step=True,
+                                source=f"learn-l2c lambda={args.lam:g} threshold={args.threshold:g} data={args.data}")
+    torch.save(router_state(logits), router)
+    schedule_cli.write_schedule(learned, out)
+    s = schedule_cli.stats(model.config, learned)
+    print(f"wrote {out} and {router}: loss {history['loss'][0]:.3e} → {history['loss'][-1]:.3e} (MSE "
+          f"{history['mse'][-1]:.3e}) over {args.epochs} epochs; "
+          f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.3f}x")
+    return 0
 
 
 def _analyze(args) -> int:
@@ -40,24 +136,14 @@ def _analyze(args) -> int:
     from .analyze import measure_change
     from .models import load_model
 
-    if not args.output.endswith(".npz"):
-        raise BlockcacheError(f"-o must end in .npz, got {args.output!r}")
-    if args.png and not args.png.lower().endswith(".png"):
-        raise BlockcacheError(f"--png must end in .png, got {args.png!r}")
-    for path in filter(None, (args.output, args.png)):
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise BlockcacheError(f"cannot write {path}: folder {folder} does not exist")
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        raise BlockcacheError(f"--guidance-scale must be a finite non-negative number, got {args.guidance_scale}")
+    _writable(args.output, (".npz",), "-o")
+    if args.png:
+        _writable(args.png, (".png",), "--png")
+    _check_scale(args.guidance_scale)
     seeds = parse_labels(args.seeds, "--seeds")
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
-    if args.labels:
-        labels = parse_labels(args.labels)
-    else:
-        n = min(10, model.num_classes)
-        labels = [round(i * (model.num_classes - 1) / max(1, n - 1)) for i in range(n)]
+    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
     change = measure_change(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
                             progress=not args.quiet)
@@ -76,6 +162,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "learn-l2c":
+        return _learn_l2c(args)
     return schedule_cli.run(args)
 
 

@@ -31,6 +31,8 @@ def build_parser() -> ArgumentParser:
     p = maker("import-l2c", "import a Learning-to-Cache router file")
     p.add_argument("router", help="L2C router checkpoint (DDIM20_router.pt, …)")
     p.add_argument("--threshold", type=float, default=0.1, help="compute a unit iff sigmoid(logit) > θ (0.1 for DiT)")
+    p.add_argument("--every-step", action="store_true",
+                   help="threshold every step (learn-l2c routers) instead of the published odd-full/even-cached")
 
     p = sub.add_parser("derive", help="Block Caching: a schedule from `analyze` change statistics")
     p.add_argument("stats", help="change statistics (.npz written by `analyze`)")
@@ -82,8 +84,8 @@ def run(args) -> int:
             from .l2c import import_l2c
 
             schedule = import_l2c(args.router, units, args.steps, threshold=args.threshold, spacing=args.spacing,
-                                  model=args.model)
-        _write(schedule, args.output)
+                                  model=args.model, every_step=args.every_step)
+        write_schedule(schedule, args.output)
         s = stats(config, schedule)
         print(f"wrote {args.output}: {s['steps']} steps, {s['distinct_rows']} distinct rows, "
               f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.2f}x")
@@ -114,14 +116,14 @@ def _derive(args) -> int:
     else:
         schedule = search_delta(data["change"], config, units, data["sampler"], target_speedup=args.target_speedup,
                                 target_macs=args.target_macs, model=data["model"])
-    _write(schedule, args.output)
+    write_schedule(schedule, args.output)
     s = stats(config, schedule)
     print(f"wrote {args.output} ({schedule.source}): {s['skipped_share']:.1%} of units reused, "
           f"ideal speedup {s['ideal_speedup']:.3f}x")
     return 0
 
 
-def _write(schedule: Schedule, path: str) -> None:
+def write_schedule(schedule: Schedule, path: str) -> None:
     try:
         schedule.save(path)
     except OSError as e:

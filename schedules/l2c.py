@@ -4,6 +4,8 @@ DiT router file: {"routers": {"{i}.prob": logits (2·depth,)}, "opt": …, "args
 *respaced index* 0…N−1 (sampling runs from N−1 down to 0). Entry 2j is block j's attention, 2j+1 its
 MLP; score = sigmoid(logit). At odd i every unit is computed; at even i unit j is computed iff
 score > θ (θ = 0.1 for DiT), else reused from the previous step. Sampling step s is index N−1−s.
+`every_step=True` applies the threshold at every index instead (routers learned by `learn-l2c`,
+which may reuse on consecutive steps).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def read_router_logits(path) -> dict[int, np.ndarray]:
 
 
 def schedule_from_l2c(logits: dict[int, np.ndarray], unit_names, steps: int, *, threshold: float = 0.1,
-                      spacing: str = "linspace", model: str | None = None, source: str | None = None) -> Schedule:
+                      spacing: str = "linspace", model: str | None = None, source: str | None = None,
+                      every_step: bool = False) -> Schedule:
     n_units = len(unit_names)
     size = next(iter(logits.values())).size
     if size != n_units:
@@ -54,7 +57,7 @@ def schedule_from_l2c(logits: dict[int, np.ndarray], unit_names, steps: int, *, 
     compute = np.ones((steps, n_units), dtype=bool)
     for s in range(steps):
         i = steps - 1 - s
-        if i % 2 == 1 or s == 0:  # odd index: full step; step 0 has nothing cached yet
+        if (i % 2 == 1 and not every_step) or s == 0:  # odd index: full step; step 0 has nothing cached yet
             continue
         score = 1.0 / (1.0 + np.exp(-logits[i]))
         compute[s] = score > threshold
@@ -63,7 +66,9 @@ def schedule_from_l2c(logits: dict[int, np.ndarray], unit_names, steps: int, *, 
 
 
 def import_l2c(path, unit_names, steps: int, *, threshold: float = 0.1, spacing: str = "linspace",
-               model: str | None = None) -> Schedule:
+               model: str | None = None, every_step: bool = False) -> Schedule:
     logits = read_router_logits(path)
     return schedule_from_l2c(logits, unit_names, steps, threshold=threshold, spacing=spacing, model=model,
-                             source=f"import-l2c {os.path.basename(os.fspath(path))} threshold={threshold}")
+                             every_step=every_step,
+                             source=f"import-l2c {os.path.basename(os.fspath(path))} threshold={threshold}"
+                             + (" every-step" if every_step else ""))

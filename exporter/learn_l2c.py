@@ -1,0 +1,140 @@
+"""A Learning-to-Cache router learner (Ma et al., NeurIPS 2024), for any model and step count.
+
+    logits, losses = learn_router(model, sampler_schedule, labels=…, seeds=…, lam=1e-3)
+
+The router is input-invariant and timestep-variant: one logit per (step, unit), score β = sigmoid.
+For a step s ≥ 1 and an input x_s, the *student* runs step s with every unit's output replaced by
+`cache·(1 − β) + fresh·β`, where `cache` is that unit's output at step s − 1 (on x_{s−1}) and
+`fresh` its output now; the *teacher* is the full model's step s on the same x_s. The loss is
+MSE(student, teacher) on the step's output (the next latent, guidance included) + λ·Σ_u β. Only the
+router trains (Adam); the model is frozen. Thresholding β at θ gives the schedule.
+
+Training inputs (x_{s−1}, x_s) come either from the model's own full-compute trajectories from
+seeded noise (`data="trajectories"`: no dataset needed) or, for a model with a data set such as
+`dit-digits`, from noised real images (`data="digits"`: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with one ε per
+image for both steps).
+
+Unlike the published code, every step s ≥ 1 gets a router, so units may be reused on consecutive
+steps. Training always blends with the *previous* step's output; a unit reused twice in a row reads a
+value two steps old at sampling time, which training did not see: λ and θ trade that error for speed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from schedules import BlockcacheError, Schedule
+from schedules.sampling import initial_noise
+
+from .reference import DEFAULT_GUIDANCE_SCALE, check_labels
+from .trace import DenoisingStep
+
+
+class _Record:
+    def __init__(self):
+        self.values = {}
+
+    def __call__(self, name, fn):
+        self.values[name] = fn()
+        return self.values[name]
+
+
+class _Blend:
+    """`cache·(1 − β) + fresh·β` per unit, β one row of the router's scores."""
+
+    def __init__(self, index, cache, beta):
+        self.index, self.cache, self.beta = index, cache, beta
+
+    def __call__(self, name, fn):
+        b = self.beta[self.index[name]]
+        return self.cache[name] * (1 - b) + fn() * b
+
+
+def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x for every step (steps, B, C, H, W), labels (B,)): full-compute sampling from seeded noise."""
+    c, size = model.in_channels, model.config["input_size"]
+    x = torch.from_numpy(np.concatenate([initial_noise((len(labels), c, size, size), seed) for seed in seeds]))
+    y = torch.from_numpy(np.tile(labels, len(seeds)))
+    step = DenoisingStep(model, guidance=guidance_scale > 1)
+    scale = torch.tensor([guidance_scale], dtype=torch.float32)
+    sampler = schedule.make_sampler()
+    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+    xs = []
+    with torch.no_grad():
+        for s, t in enumerate(sampler.timesteps):
+            xs.append(x)
+            x = step.denoise(x, y, torch.tensor([int(t)]), a[s], b[s], scale)
+    return torch.stack(xs), y
+
+
+def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x for every step, labels): real images noised to each step's timestep with one ε per image."""
+    sampler = schedule.make_sampler()
+    x0 = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    eps = torch.from_numpy(initial_noise(tuple(x0.shape), seed))
+    ac = torch.from_numpy(sampler.alphas_cumprod.astype(np.float32)).view(-1, 1, 1, 1, 1)
+    return ac.sqrt() * x0 + (1 - ac).sqrt() * eps, torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = 1e-3,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, epochs: int = 20, lr: float = 0.05,
+                 batch_size: int = 64, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, dict]:
+    """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
+    `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels."""
+    if not np.isfinite(lam) or lam < 0:
+        raise BlockcacheError(f"lambda must be a finite non-negative number, got {lam}")
+    if epochs < 1 or batch_size < 1:
+        raise BlockcacheError("epochs and batch size must be positive")
+    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    units = model.unit_names
+    index = {u: j for j, u in enumerate(units)}
+    sampler = schedule.make_sampler()
+    n = schedule.num_steps
+    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+    ts = [torch.tensor([int(t)]) for t in sampler.timesteps]
+    model = model.eval().requires_grad_(False)
+    step = DenoisingStep(model, guidance=guidance_scale > 1)
+    scale = torch.tensor([guidance_scale], dtype=torch.float32)
+    # L2C initialises routers so that every unit starts fully computed (β ≈ 1).
+    logits = torch.full((n, len(units)), 3.0, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    history = {"loss": [], "mse": []}
+    bar = tqdm(range(epochs), desc="learn-l2c", disable=not progress)
+    for _ in bar:
+        totals, count = np.zeros(2), 0
+        for s in torch.randperm(n - 1, generator=g).tolist():
+            s += 1
+            for start in range(0, len(y), batch_size):
+                sl = slice(start, start + batch_size)
+                x_prev, x_now, yb = xs[s - 1][sl], xs[s][sl], y[sl]
+                with torch.no_grad():
+                    record = _Record()
+                    step.denoise(x_prev, yb, ts[s - 1], a[s - 1], b[s - 1], scale, record)
+                    teacher = step.denoise(x_now, yb, ts[s], a[s], b[s], scale)
+                beta = torch.sigmoid(logits[s])
+                student = step.denoise(x_now, yb, ts[s], a[s], b[s], scale, _Blend(index, record.values, beta))
+                mse = torch.mean((student - teacher) ** 2)
+                loss = mse + lam * beta.sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                totals += np.array([loss.item(), mse.item()]) * len(yb)
+                count += len(yb)
+        for key, value in zip(("loss", "mse"), totals / count):
+            history[key].append(float(value))
+        bar.set_postfix(loss=f"{history['loss'][-1]:.2e}", mean_score=f"{float(torch.sigmoid(logits[1:].detach()).mean()):.3f}")
+    return logits.detach().numpy(), history
+
+
+def router_logits(logits: np.ndarray) -> dict[int, np.ndarray]:
+    """{respaced index i: float64 logits} as stored (float32) in the router file: step s is i = N−1−s."""
+    n = len(logits)
+    return {n - 1 - s: np.asarray(logits[s], dtype=np.float32).astype(np.float64) for s in range(n)}
+
+
+def router_state(logits: np.ndarray) -> dict:
+    """The published file layout: {"routers": {"{i}.prob": float32 logits}}, readable by import-l2c."""
+    return {"routers": {f"{i}.prob": torch.from_numpy(v.astype(np.float32)) for i, v in router_logits(logits).items()}}

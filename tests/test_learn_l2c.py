@@ -1,0 +1,109 @@
+"""The Learning-to-Cache router learner: its loss falls, its scores answer λ, and its files round-trip
+through import-l2c, Schedule.load and the exporter."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
+from exporter.learn_l2c import learn_router, router_logits, trajectory_inputs
+from schedules import Schedule
+from schedules.l2c import import_l2c, schedule_from_l2c
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model()
+    schedule = Schedule.full(model.unit_names, STEPS)
+    xs, y = trajectory_inputs(model, schedule, np.array([1, 2, 3]), [0], 4.0)
+    return model, schedule, xs, y
+
+
+def test_trajectory_inputs_follow_the_sampler(setup):
+    """The inputs are the full-compute trajectory from the seeded noise: each is the previous step's output."""
+    from exporter.trace import DenoisingStep
+    from schedules.sampling import initial_noise
+
+    model, schedule, xs, y = setup
+    assert xs.shape == (STEPS, 3, 4, 8, 8)
+    np.testing.assert_array_equal(xs[0].numpy(), initial_noise((3, 4, 8, 8), 0))
+    sampler = schedule.make_sampler()
+    a, b = sampler.coefficients()
+    with torch.no_grad():
+        nxt = DenoisingStep(model, True).denoise(xs[2], y, torch.tensor([int(sampler.timesteps[2])]),
+                                                 torch.tensor([a[2]], dtype=torch.float32),
+                                                 torch.tensor([b[2]], dtype=torch.float32), torch.tensor([4.0]))
+    np.testing.assert_allclose(nxt.numpy(), xs[3].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_decreases_and_scores_answer_lambda(setup):
+    model, schedule, xs, y = setup
+    mean_scores = {}
+    for lam in (0.0, 1e-5, 1e-3):
+        logits, history = learn_router(model, schedule, xs, y, lam=lam, epochs=8, lr=0.1)
+        assert logits.shape == (STEPS, len(model.unit_names))
+        if lam > 0:
+            assert history["loss"][-1] < history["loss"][0]
+        mean_scores[lam] = float(1 / (1 + np.exp(-logits[1:])).mean())
+    assert mean_scores[1e-3] < mean_scores[1e-5] < mean_scores[0.0]
+    assert mean_scores[0.0] > 0.9  # nothing pushes scores down without λ: they stay near "compute"
+
+
+def test_router_file_layout_matches_import(tmp_path, setup):
+    """Step s is respaced index N−1−s, as in the published files."""
+    model, *_ = setup
+    logits = np.random.default_rng(0).normal(size=(STEPS, len(model.unit_names))).astype(np.float32)
+    by_index = router_logits(logits)
+    np.testing.assert_array_equal(by_index[STEPS - 1], logits[0])
+    np.testing.assert_array_equal(by_index[0], logits[STEPS - 1])
+    from exporter.learn_l2c import router_state
+
+    torch.save(router_state(logits), tmp_path / "r.pt")
+    imported = import_l2c(tmp_path / "r.pt", model.unit_names, STEPS, threshold=0.5, every_step=True)
+    direct = schedule_from_l2c(by_index, model.unit_names, STEPS, threshold=0.5, every_step=True)
+    np.testing.assert_array_equal(imported.compute, direct.compute)
+    want = np.vstack([np.ones(len(model.unit_names), bool), 1 / (1 + np.exp(-logits[1:].astype(np.float64))) > 0.5])
+    np.testing.assert_array_equal(imported.compute, want)
+    published = import_l2c(tmp_path / "r.pt", model.unit_names, STEPS, threshold=0.5)
+    assert published.compute[[s for s in range(STEPS) if (STEPS - 1 - s) % 2 == 1]].all()
+
+
+def test_cli_learn_import_and_export_round_trip(tmp_path):
+    out = tmp_path / "l2c.yaml"
+    r = run_cli("exporter.schedule_cli", "learn-l2c", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--steps",
+                str(STEPS), "--labels", "1,2", "--seeds", "0", "--epochs", "6", "--lr", "0.3", "--lambda", "1e-3",
+                "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    learned = Schedule.load(out)
+    assert not learned.compute.all()  # λ made it reuse something
+    again = tmp_path / "again.yaml"
+    r = run_cli("exporter.schedule_cli", "import-l2c", tmp_path / "l2c.pt", "--every-step", "--threshold", "0.5",
+                "--model", "dit-s2", *TINY_FLAGS, "--steps", str(STEPS), "-o", again)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(Schedule.load(again).compute, learned.compute)
+
+    from exporter.export import export_plan
+    from exporter.reference import sample
+    from runtime import Sampler
+    from schedules.sampling import initial_noise
+
+    model = tiny_model()
+    export_plan(model, learned, str(tmp_path / "plan"), batch_size=2)
+    noise = initial_noise((2, 4, 8, 8), 5)
+    got = Sampler(str(tmp_path / "plan"), backend="onnxruntime", device="cpu")([1, 2], noise=noise)
+    want = sample(model, learned, [1, 2], noise)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("extra", [["--lambda", "-1"], ["--threshold", "1.5"], ["--data", "digits"],
+                                   ["--epochs", "0"], ["-o", "x.txt"], ["--seeds", "x"]])
+def test_cli_bad_inputs_one_line(extra, tmp_path):
+    args = ["learn-l2c", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--steps", "4", "-o", "x.yaml"]
+    if "-o" in extra:
+        args = args[:-2]
+    r = run_cli("exporter.schedule_cli", *args, *extra, cwd=tmp_path)
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr)
