@@ -186,3 +186,33 @@ def test_gpu_suite_bad_inputs(tmp_path, capsys):
     assert "--steps" in assert_one_line_error(capsys.readouterr().err)
     assert gpu_suite.main(["--out", str(tmp_path), "--small", "--precision", "fp8"]) == 2
     assert "--precision" in assert_one_line_error(capsys.readouterr().err)
+
+
+def _part(date, rows):
+    schedules = {"full20": {"compared_with": "full20", "ideal_speedup": 1.0},
+                 "l2c20": {"compared_with": "full20", "ideal_speedup": 1.25}}
+    return {"model": {"name": "m"}, "batch_size": 8, "labels": [1], "noise_seed": 0, "guidance_scale": 4.0,
+            "device": "cuda", "repeats": 5, "machine": {"gpu": "H100"}, "date": date, "schedules": schedules,
+            "export_seconds": {}, "notes": [],
+            "rows": [{"precision": "bf16", "method": m, "schedule": s, "status": "ok", "latency_s": {"median": t}}
+                     for m, s, t in rows]}
+
+
+def test_suite_merge_keeps_each_method_from_one_run():
+    """A suite split across runs: each method's rows come from the run that measured most of its cases,
+    so its speedup never divides latencies of two runs (hand-computed: 1.0 / 0.8 = 1.25, efficiency 1)."""
+    from benchmarks.gpu_suite import merge_parts
+    from schedules import BlockcacheError
+
+    first = _part("d1", [("eager", "full20", 2.0), ("eager", "l2c20", 1.0), ("torch", "full20", 9.0)])
+    second = _part("d2", [("torch", "full20", 1.0), ("torch", "l2c20", 0.8), ("eager", "full20", 5.0)])
+    merged = merge_parts([first, second], ["a.json", "b.json"])
+    got = {(r["method"], r["schedule"]): (r["part"], r["speedup"]) for r in merged["rows"]}
+    assert got == {("eager", "full20"): ("a.json", 1.0), ("eager", "l2c20"): ("a.json", 2.0),
+                   ("torch", "full20"): ("b.json", 1.0), ("torch", "l2c20"): ("b.json", pytest.approx(1.25))}
+    assert next(r for r in merged["rows"] if r["method"] == "torch" and r["schedule"] == "l2c20")["efficiency"] == \
+        pytest.approx(1.0)
+    other = _part("d3", [])
+    other["batch_size"] = 4
+    with pytest.raises(BlockcacheError, match="batch_size"):
+        merge_parts([first, other], ["a.json", "c.json"])
