@@ -45,12 +45,7 @@ def main(argv=None):
     from exporter.models import load_model
     from runtime import Sampler
 
-    try:
-        model, trained = load_model("dit-digits"), True
-    except BlockcacheError:  # the embedded weights have not been trained and shipped yet
-        model, trained = load_model("dit-digits", random_init=True), False
-        print("note: dit-digits weights are not shipped yet; using random weights (the grid is noise and the "
-              "accuracy is chance level); the speedup is still measured", file=sys.stderr)
+    model = load_model("dit-digits")  # the embedded, trained weights
     units = model.unit_names
     schedules = {"full": Schedule.full(units, args.steps, model="dit-digits"),
                  "cached": Schedule.uniform(units, args.steps, args.interval, model="dit-digits")}
@@ -74,8 +69,7 @@ def main(argv=None):
     print(f"demo: {len(labels)} digits (10 per class), DDIM-{args.steps}, guidance {args.guidance_scale:g}, "
           f"on {cached['backend']}: cached plan (recompute every {args.interval}) {cached['seconds']:.2f} s vs full "
           f"{full['seconds']:.2f} s = {full['seconds'] / cached['seconds']:.2f}x (ideal {cached['ideal']:.2f}x); "
-          f"class accuracy {cached['accuracy']:.0%} (full {full['accuracy']:.0%})"
-          f"{'' if trained else ' [random weights]'}; grid {grid}")
+          f"class accuracy {cached['accuracy']:.0%} (full {full['accuracy']:.0%}); grid {grid}")
     return 0
 
 

@@ -11,7 +11,7 @@ Fidelity of a cached run against the full-compute run from the same noise: `psnr
 (images live in [−1, 1]) and the MSE over the whole batch, on the raw arrays (no clipping);
 `relative_error` is ‖run − reference‖₂ / ‖reference‖₂ over the whole batch.
 
-Images everywhere are (N, 1, 16, 16) (or any multiple of 8) in [−1, 1]; they are clipped to [−1, 1]
+Images everywhere are (N, 1, 8, 8) (or any multiple of 8) in [−1, 1]; they are clipped to [−1, 1]
 and block-averaged to 8×8 before classification.
 
     python -m benchmarks.digits_metric [--guidance-scale S] [--grid PATH]
@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from exporter.digits import load_digits_images, to_8x8
+from schedules.images import save_samples
 from schedules.errors import BlockcacheError, cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def split():
     """The fixed (stratified) split of the real digits: (train_images, train_labels, held_images, held_labels)."""
     from sklearn.model_selection import train_test_split
 
-    images, labels = load_digits_images(16)
+    images, labels = load_digits_images(8)
     tr_x, te_x, tr_y, te_y = train_test_split(images, labels, test_size=HELD_OUT_FRACTION, random_state=SPLIT_SEED,
                                               stratify=labels)
     return tr_x, tr_y, te_x, te_y
@@ -105,7 +106,7 @@ def frechet_distance(images, reference_images=None) -> float:
     """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) of Gaussian fits to hidden features. The reference
     defaults to all 1797 real digits (the data the model was trained on)."""
     if reference_images is None:
-        reference_images = load_digits_images(16)[0]
+        reference_images = load_digits_images(8)[0]
     if len(images) < 2 or len(reference_images) < 2:
         raise BlockcacheError("the Fréchet distance needs at least two images on each side")
     f1, f2 = hidden_features(images), hidden_features(reference_images)
@@ -135,26 +136,6 @@ def relative_error(run, reference) -> float:
     """‖run − reference‖₂ / ‖reference‖₂ over the whole batch."""
     run, reference = _pair(run, reference)
     return float(np.linalg.norm(run - reference) / np.linalg.norm(reference))
-
-
-def save_grid(images, path: str, rows: int = 10, zoom: int = 3) -> None:
-    """Images (N, 1, H, W) in [−1, 1] as a grid PNG, `rows` rows filled in order, each pixel drawn
-    as a zoom×zoom square (a 16×16 digit alone is too small to judge by eye)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images = np.clip(np.asarray(images)[:, 0], -1, 1)
-    cols = -(-len(images) // rows)
-    h, w = images.shape[1:]
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), -1.0)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    canvas = np.kron(canvas, np.ones((zoom, zoom)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    plt.imsave(path, (canvas + 1) / 2, cmap="gray", vmin=0, vmax=1)
 
 
 def evaluate_model(model=None, guidance_scale=None, steps: int = 50, per_class: int = 10, seed: int = 0,
@@ -193,7 +174,7 @@ def main(argv=None):
     images, labels = evaluate_model(guidance_scale=args.guidance_scale, progress=True)
     print(f"dit-digits, DDIM-50 full compute, guidance {args.guidance_scale:g}, {len(labels)} samples: "
           f"class accuracy {class_accuracy(images, labels):.3f}, digits-FD {frechet_distance(images):.3f}")
-    save_grid(images, args.grid, rows=10)
+    save_samples(images, args.grid, rows=10, scale=6)
     print(f"wrote {args.grid} ({time.perf_counter() - start:.0f} s)")
     return 0
 

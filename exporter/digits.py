@@ -4,10 +4,11 @@
 intensities 0…16, labels 0…9. Pixel mapping: x = v/8 − 1, so x ∈ [−1, 1] and (x + 1)·8 gives the
 intensities back.
 
-Upsampling to 16×16 is *nearest neighbour* (each pixel becomes a 2×2 block). It adds no invented
-detail, and its inverse `to_8x8` (the mean over each 2×2 block) is exact on real data and a fair
-projection for generated images, which the digits metric classifies at 8×8. With DiT's patch size
-2 one token is exactly one original pixel.
+`dit-digits` works at the dataset's own 8×8 (patch 2: 16 tokens of 2×2 pixels). A larger size is
+nearest-neighbour upsampling (each pixel a k×k block): it adds no detail, only noise dimensions that
+carry no signal (a sweep on a GPU found 8×8 models reach a lower digits-FD for the same training
+compute than 16×16 ones with the same 16 tokens). `to_8x8`, the mean over each block, inverts it
+exactly and is how the digits metric reads images of any size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 
-def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def load_digits_images(size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 (N, 1, size, size) in [−1, 1], labels int64 (N,)) for all 1797 digits."""
     if not isinstance(size, int) or size < 8 or size % 8:
         raise BlockcacheError(f"digit image size must be a positive multiple of 8, got {size!r}")

@@ -3,15 +3,16 @@
     python -m exporter.train_digits [--steps N] [--batch-size B] [--seed S] [--threads T]
                                     [--out PATH.safetensors] [--loss-png PATH] [--quiet]
 
-The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors` on a
-2-core CPU. The thread count does not change the result (1 and 2 threads give bit-identical weights
-here); it only changes the speed. Use `--threads 1` when other work shares the CPU: with more torch
-threads than free cores every one of the thousands of small parallel regions per step waits for a
-descheduled thread, and a step becomes 10-20x slower. Training is DiT's:
-epsilon-prediction MSE on the linear-beta DDPM process with 1000 timesteps, labels dropped to the
-null class with probability 0.1 so that one network serves classifier-free guidance, AdamW, and an
-exponential moving average of the weights, which is what gets saved (fp32, the model's own
-state-dict keys).
+Training is DiT's: epsilon-prediction MSE on the linear-beta DDPM process with 1000 timesteps (t
+uniform), labels dropped to the null class with probability 0.1 so that one network serves
+classifier-free guidance, AdamW, and an exponential moving average of the weights, which is what gets
+saved (fp32, the model's own state-dict keys), plus a loss-curve PNG.
+
+The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors`. The
+thread count does not change the result (1 and 2 threads give bit-identical weights here), only the
+speed: 2 threads on an idle 2-core CPU; use `--threads 1` when other work shares the CPU, because with
+more torch threads than free cores every one of the thousands of small parallel regions per step
+waits for a descheduled thread and a step becomes 10-20x slower.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MODEL = "dit-digits"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "exporter", "weights", "dit-digits.safetensors")
 DEFAULT_LOSS_PNG = os.path.join(ROOT, "benchmarks", "results", "dit-digits-loss.png")
-DEFAULT_STEPS = 4000
+DEFAULT_STEPS = 7000
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SEED = 0
 LEARNING_RATE = 1e-3
@@ -149,6 +150,7 @@ def save_weights(state_dict: dict, path: str, metadata: dict | None = None) -> N
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped weights file is readable by all
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -15,7 +15,7 @@ SIZES = {"xl": (28, 1152, 16), "l": (24, 1024, 16), "b": (12, 768, 12), "s": (12
 CONFIGS = {f"dit-{size}{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
            for size, (d, h, n) in SIZES.items() for p in (2, 4, 8)}
 # The embedded default model, trained here on scikit-learn's digits (exporter/train_digits.py).
-CONFIGS["dit-digits"] = dict(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=12, num_heads=4,
+CONFIGS["dit-digits"] = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=12, num_heads=4,
                              num_classes=10, learn_sigma=False)
 OVERRIDES = tuple(DEFAULTS)
 UNIT_KINDS = ("attn", "mlp")
