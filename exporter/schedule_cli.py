@@ -23,37 +23,36 @@ DEFAULT_LAMBDA = 1e-6  # dit-digits DDIM-20: 1.24x ideal at 46 dB PSNR to full c
 def build_parser():
     parser = schedule_cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here
-    p = sub.add_parser("analyze", help="Block Caching's change analysis of a model (runs it eagerly)")
-    add_model_args(p)
-    add_weights_args(p)
-    p.add_argument("--steps", type=int, required=True, help="sampling steps")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
-    p.add_argument("--labels", help="comma-separated class labels (default: 10 spread over the classes)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated noise seeds (default 0,1)")
-    p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
+
+    def runs_model(name, help, what):
+        """A subcommand that samples the model: weights, sampler, the conditions it samples."""
+        p = sub.add_parser(name, help=help)
+        add_model_args(p)
+        add_weights_args(p)
+        p.add_argument("--steps", type=int, required=True, help="sampling steps")
+        p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+        p.add_argument("--labels", help=f"comma-separated class labels {what} (default: 10 spread over the classes)")
+        p.add_argument("--seeds", default="0,1", help=f"comma-separated noise seeds {what} (default 0,1)")
+        p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        return p
+
+    p = runs_model("analyze", "Block Caching's change analysis of a model (runs it eagerly)", "to sample")
     p.add_argument("-o", "--output", required=True, help="change statistics to write (.npz)")
     p.add_argument("--png", metavar="P", help="also draw a step × unit heatmap")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("learn-l2c", help="learn a Learning-to-Cache router (runs the model; only the router trains)")
-    add_model_args(p)
-    add_weights_args(p)
-    p.add_argument("--steps", type=int, required=True, help="sampling steps")
-    p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+    p = runs_model("learn-l2c", "learn a Learning-to-Cache router (runs the model; only the router trains)",
+                   "for trajectories")
     p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
                    help=f"weight of Σ scores per step: larger reuses more (default {DEFAULT_LAMBDA:g})")
     p.add_argument("--threshold", type=float, default=0.5, help="compute a unit iff its score > θ (default 0.5)")
     p.add_argument("--data", choices=("trajectories", "digits"), default="trajectories",
                    help="training inputs: the model's own sampling trajectories (no data set needed, default) or "
                         "noised real digits (dit-digits only)")
-    p.add_argument("--labels", help="comma-separated class labels for trajectories (default: 10 spread over the classes)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated noise seeds for trajectories (default 0,1)")
-    p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
     p.add_argument("--epochs", type=int, default=20, help="passes over all steps (default 20)")
     p.add_argument("--lr", type=float, default=0.05, help="router learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
     p.add_argument("--router", help="raw router file (default: the output with .pt; import with import-l2c --every-step)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
