@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cost import schedule_macs
+from .cost import search_speedup
 from .errors import BlockcacheError
 from .schedule import Schedule
 
@@ -49,7 +49,7 @@ def delta_schedule(change, delta: float, unit_names, sampler: dict, model: str |
 
 
 def search_delta(change, config: dict, unit_names, sampler: dict, *, target_speedup: float | None = None,
-                 target_macs: float | None = None, model: str | None = None, iterations: int = 60) -> Schedule:
+                 target_macs: float | None = None, model: str | None = None) -> Schedule:
     """The schedule of the smallest δ whose ideal speedup reaches `target_speedup` (or whose MACs
     per image fall to `target_macs` of full compute, a fraction in (0, 1]). BlockcacheError when no δ
     can: even reusing everything after step 0 is not enough."""
@@ -59,27 +59,7 @@ def search_delta(change, config: dict, unit_names, sampler: dict, *, target_spee
         if not 0 < target_macs <= 1:
             raise BlockcacheError(f"target MAC fraction must be in (0, 1], got {target_macs}")
         target_speedup = 1 / target_macs
-    if not np.isfinite(target_speedup) or target_speedup < 1:
-        raise BlockcacheError(f"target speedup must be >= 1, got {target_speedup}")
     change = check_change(change, len(unit_names))
-
-    def speedup(delta):
-        schedule = delta_schedule(change, delta, unit_names, sampler, model)
-        full, scheduled = schedule_macs(config, schedule)
-        return full / scheduled, schedule
-
-    low, high = 0.0, float(np.nansum(change[1:])) + 1.0  # high: nothing after step 0 is recomputed
-    best, schedule = speedup(high)
-    if best < target_speedup * (1 - 1e-9):
-        raise BlockcacheError(f"no delta reaches a {target_speedup:.3f}x ideal speedup: the most, reusing every "
-                              f"unit after step 0, is {best:.3f}x")
-    reached, schedule = speedup(low)
-    if reached >= target_speedup:
-        return schedule
-    for _ in range(iterations):  # invariant: speedup(low) < target <= speedup(high)
-        mid = (low + high) / 2
-        if speedup(mid)[0] >= target_speedup:
-            high = mid
-        else:
-            low = mid
-    return speedup(high)[1]
+    high = float(np.nansum(change[1:])) + 1.0  # nothing after step 0 is recomputed
+    return search_speedup(lambda delta: delta_schedule(change, delta, unit_names, sampler, model), 0.0, high,
+                          target_speedup, config, what="delta")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import BlockcacheError
 from .schedule import Schedule
 from .zoo import unit_names
 
@@ -69,3 +70,31 @@ def stats(config: dict | None, schedule: Schedule) -> dict:
         full, scheduled = schedule_macs(config, schedule)
         result.update(macs_per_image_full=full, macs_per_image_scheduled=scheduled, ideal_speedup=full / scheduled)
     return result
+
+
+def ideal_speedup(config: dict, schedule: Schedule) -> float:
+    full, scheduled = schedule_macs(config, schedule)
+    return full / scheduled
+
+
+def search_speedup(make, low: float, high: float, target: float, config: dict, what: str = "parameter",
+                   iterations: int = 60) -> Schedule:
+    """`make(p)` for the smallest p in [low, high] whose ideal speedup reaches `target`, by bisection;
+    the speedup must not fall as p grows (δ for Block Caching, θ for a router threshold).
+    BlockcacheError when even `make(high)` falls short."""
+    if not np.isfinite(target) or target < 1:
+        raise BlockcacheError(f"target speedup must be >= 1, got {target}")
+    best = make(high)
+    if ideal_speedup(config, best) < target * (1 - 1e-9):
+        raise BlockcacheError(f"no {what} reaches a {target:.3f}x ideal speedup: the most, at {what} {high:.4g}, is "
+                              f"{ideal_speedup(config, best):.3f}x")
+    schedule = make(low)
+    if ideal_speedup(config, schedule) >= target:
+        return schedule
+    for _ in range(iterations):  # invariant: speedup(low) < target <= speedup(high)
+        mid = (low + high) / 2
+        if ideal_speedup(config, make(mid)) >= target:
+            high = mid
+        else:
+            low = mid
+    return make(high)

@@ -142,3 +142,40 @@ def test_cli_bad_inputs_one_line(args, tmp_path):
     r = run_cli("exporter.schedule_cli", *[str(stats) if a == "STATS" else a for a in args], cwd=tmp_path)
     assert r.returncode == 2
     assert_one_line_error(r.stderr)
+
+
+def test_search_speedup_finds_the_smallest_parameter():
+    """A made-up monotone family: p computes the first ceil((1 - p)·S) steps of 10 fully, the rest reuse all."""
+    from schedules.cost import ideal_speedup, search_speedup
+
+    model = tiny_model()
+    units, config = model.unit_names, model.config
+    sampler = {"name": "ddim", "steps": 10, "spacing": "linspace"}
+
+    def make(p):
+        compute = np.zeros((10, len(units)), bool)
+        compute[: max(1, int(np.ceil((1 - p) * 10 - 1e-9)))] = True
+        return Schedule(units, compute, sampler)
+
+    got = search_speedup(make, 0.0, 0.95, 2.0, config)
+    assert ideal_speedup(config, got) >= 2.0
+    # the smallest p keeps the most full steps that still reach 2x: count them by brute force
+    speedups = {k: ideal_speedup(config, make(1 - k / 10)) for k in range(1, 11)}
+    assert got.compute.all(axis=1).sum() == max(k for k, v in speedups.items() if v >= 2.0)
+    with pytest.raises(BlockcacheError, match="no parameter reaches"):
+        search_speedup(make, 0.0, 0.05, 5.0, config)
+
+
+def test_study_uniform_spread():
+    from benchmarks.schedule_study import spread_schedule, uniform_for
+    from schedules.cost import ideal_speedup
+
+    model = tiny_model()
+    s = spread_schedule(model.unit_names, 10, 4)
+    # steps round(0, 2.5, 5, 7.5) with numpy's round-half-to-even: 0, 2, 5, 8
+    assert np.flatnonzero(s.compute.all(axis=1)).tolist() == [0, 2, 5, 8]
+    assert not s.compute[~s.compute.all(axis=1)].any()  # all-or-nothing rows
+    u = uniform_for(model.unit_names, 20, model.config, 1.5)
+    assert ideal_speedup(model.config, u) >= 1.5
+    more = spread_schedule(model.unit_names, 20, int(u.compute.all(axis=1).sum()) + 1)
+    assert ideal_speedup(model.config, more) < 1.5  # one more full step would miss the target

@@ -1,0 +1,208 @@
+"""Quality at matched compute on `dit-digits`: does caching beat simply taking fewer steps?
+
+    python -m benchmarks.schedule_study [--steps 20,50] [--targets 1.3,1.5,2] [--out benchmarks/results]
+
+For each sampler (DDIM-N, linspace) and each target ideal speedup X (MACs of full compute / MACs of the
+schedule), four ways to spend about 1/X of the compute:
+
+- `fewer-steps`: full compute with M = round(N / X) DDIM steps.
+- `uniform`: all-or-nothing steps (FORA/DeepCache generalised): the most evenly spread full steps
+  whose speedup still reaches X, every unit reused in between.
+- `block-caching`: Block Caching's δ rule on `analyze` statistics (seeds 1, 2; 10 classes), the
+  smallest δ that reaches X.
+- `learn-l2c`: one router per sampler learned on the model's own trajectories (seeds 1, 2; λ 1e-5),
+  thresholded at the θ that reaches X (consecutive reuse allowed).
+
+Each run samples 100 digits (10 per class) from seed-0 noise, which neither the analysis nor the
+learner saw, and is scored against full compute with the same sampler and noise: PSNR (range 2),
+class accuracy and digits-FD (benchmarks/digits_metric.py; all at N = 100, so comparable with each other).
+Block Caching's scale-shift is not in the study yet (not implemented). Writes JSON, markdown, PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from schedules.errors import BlockcacheError, cli_main
+from schedules.options import ArgumentParser
+
+from .bench import RESULTS, json_default
+
+METHODS = ("fewer-steps", "uniform", "block-caching", "learn-l2c")
+LAMBDA = 1e-5
+ANALYSIS_SEEDS = (1, 2)
+PER_CLASS = 10
+
+
+def spread_schedule(units, steps: int, full_steps: int):
+    """`full_steps` steps (step 0 among them) spread evenly; every unit reused at the others."""
+    from schedules import Schedule
+
+    compute = np.zeros((steps, len(units)), dtype=bool)
+    compute[np.unique(np.round(np.linspace(0, steps, full_steps, endpoint=False)).astype(int))] = True
+    return Schedule(units, compute, {"name": "ddim", "steps": steps, "spacing": "linspace"}, "dit-digits",
+                    source=f"uniform spread full_steps={full_steps}")
+
+
+def uniform_for(units, steps: int, config: dict, target: float):
+    """The all-or-nothing schedule with the most full steps whose ideal speedup reaches `target`."""
+    from schedules.cost import ideal_speedup
+
+    for full_steps in range(steps, 0, -1):
+        schedule = spread_schedule(units, steps, full_steps)
+        if ideal_speedup(config, schedule) >= target:
+            return schedule
+    raise BlockcacheError(f"no uniform schedule of {steps} steps reaches {target}x")
+
+
+def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), progress: bool = True) -> dict:
+    import torch
+
+    from benchmarks import digits_metric as dm
+    from exporter.analyze import measure_change
+    from exporter.learn_l2c import learn_router, router_logits, trajectory_inputs
+    from exporter.models import load_model
+    from exporter.reference import DEFAULT_GUIDANCE_SCALE, sample
+    from schedules import Schedule
+    from schedules.blockcaching import search_delta
+    from schedules.cost import ideal_speedup, search_speedup
+    from schedules.l2c import schedule_from_l2c
+    from schedules.sampling import initial_noise
+
+    torch.manual_seed(0)
+    model = load_model("dit-digits")
+    units, config = model.unit_names, model.config
+    labels = np.repeat(np.arange(model.num_classes), PER_CLASS)
+    noise = initial_noise((len(labels), 1, config["input_size"], config["input_size"]), 0)
+    conditions = np.arange(model.num_classes)
+    results = {"study": "matched-MACs schedule quality", "date": time.strftime("%Y-%m-%d %H:%M"), "model": "dit-digits",
+               "guidance_scale": DEFAULT_GUIDANCE_SCALE, "samples": len(labels), "lambda": LAMBDA, "rows": []}
+
+    def evaluate(method, steps, target, schedule, reference, seconds=None):
+        start = time.perf_counter()
+        images = sample(model, schedule, labels, noise)
+        row = {"method": method, "steps": steps, "target": target, "schedule_steps": schedule.num_steps,
+               "ideal_speedup": ideal_speedup(config, schedule) * steps / schedule.num_steps,
+               "source": f"full compute, {schedule.num_steps} steps" if schedule.source == "full" else schedule.source,
+               "psnr_db": float("inf") if reference is None else dm.psnr(images, reference),
+               "class_accuracy": dm.class_accuracy(images, labels), "digits_fd": dm.frechet_distance(images),
+               "sample_s": time.perf_counter() - start, "make_s": seconds}
+        results["rows"].append(row)
+        if progress:
+            print(f"DDIM-{steps} {method:>13} target {target or 1:.2f}: ideal {row['ideal_speedup']:.3f}x, PSNR "
+                  f"{row['psnr_db']:.1f} dB, acc {row['class_accuracy']:.2f}, FD {row['digits_fd']:.2f}", flush=True)
+        return images
+
+    for steps in steps_list:
+        full = Schedule.full(units, steps, model="dit-digits")
+        reference = evaluate("full", steps, None, full, None)
+        start = time.perf_counter()
+        change = measure_change(model, full, conditions, ANALYSIS_SEEDS)
+        analyze_s = time.perf_counter() - start
+        start = time.perf_counter()
+        xs, y = trajectory_inputs(model, full, conditions, ANALYSIS_SEEDS, DEFAULT_GUIDANCE_SCALE)
+        logits, _ = learn_router(model, full, xs, y, lam=LAMBDA)
+        by_index = router_logits(logits)
+        learn_s = time.perf_counter() - start
+        for target in targets:
+            fewer = Schedule.full(units, max(1, round(steps / target)), model="dit-digits")
+            evaluate("fewer-steps", steps, target, fewer, reference)
+            evaluate("uniform", steps, target, uniform_for(units, steps, config, target), reference)
+            bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
+            evaluate("block-caching", steps, target, bc, reference, analyze_s)
+            l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
+                                                                 every_step=True, model="dit-digits",
+                                                                 source=f"learn-l2c lambda={LAMBDA:g} threshold={theta:.6g}"),
+                                 1e-6, 1 - 1e-6, target, config, what="threshold")
+            evaluate("learn-l2c", steps, target, l2c, reference, learn_s)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Schedule quality at matched compute (dit-digits), {results['date']}", "",
+             f"{results['samples']} digits (10 per class, seed-0 noise), guidance {results['guidance_scale']:g}; "
+             "PSNR against full compute with the same sampler and noise (range 2); digits-FD at N = 100 "
+             "(biased upwards at this N: compare within the table). Ideal speedup = full-compute MACs of the "
+             "sampler / the run's MACs.", "",
+             "| sampler | target | method | ideal speedup | PSNR dB | class acc. | digits-FD | schedule |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        target = "–" if r["target"] is None else f"{r['target']:g}x"
+        psnr = "exact" if not np.isfinite(r["psnr_db"]) else f"{r['psnr_db']:.1f}"
+        lines.append(f"| DDIM-{r['steps']} | {target} | {r['method']} | {r['ideal_speedup']:.3f}x | {psnr} | "
+                     f"{r['class_accuracy']:.2f} | {r['digits_fd']:.2f} | {r['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps_list = sorted({r["steps"] for r in results["rows"]})
+    fig, axes = plt.subplots(2, len(steps_list), figsize=(5.5 * len(steps_list), 7), squeeze=False)
+    for col, steps in enumerate(steps_list):
+        for method in METHODS:
+            rows = [r for r in results["rows"] if r["steps"] == steps and r["method"] == method]
+            x = [r["ideal_speedup"] for r in rows]
+            axes[0][col].plot(x, [r["psnr_db"] for r in rows], "o-", label=method)
+            axes[1][col].plot(x, [r["digits_fd"] for r in rows], "o-", label=method)
+        full = next(r for r in results["rows"] if r["steps"] == steps and r["method"] == "full")
+        axes[1][col].axhline(full["digits_fd"], color="grey", ls="--", lw=1, label="full compute")
+        axes[0][col].set_title(f"DDIM-{steps}")
+        axes[0][col].set_ylabel("PSNR vs full compute, dB")
+        axes[1][col].set_ylabel("digits-FD (lower is better)")
+        axes[1][col].set_xlabel("ideal speedup (MACs)")
+        for ax in axes[:, col]:
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BlockcacheError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise BlockcacheError(f"{flag} is empty")
+    return values
+
+
+@cli_main
+def main(argv=None):
+    p = ArgumentParser(prog="python -m benchmarks.schedule_study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", default="20,50", help="DDIM step counts (default 20,50)")
+    p.add_argument("--targets", default="1.3,1.5,2", help="target ideal speedups (default 1.3,1.5,2)")
+    p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", help="file name stem (default <date>-dit-digits-schedule-study)")
+    args = p.parse_args(argv)
+    steps = [int(s) for s in _floats(args.steps, "--steps")]
+    if any(s < 2 or s > 1000 for s in steps):
+        raise BlockcacheError(f"--steps must be between 2 and 1000, got {steps}")
+    targets = _floats(args.targets, "--targets")
+    if any(not np.isfinite(t) or t <= 1 for t in targets):
+        raise BlockcacheError(f"--targets must be speedups above 1, got {targets}")
+    if not os.path.isdir(args.out):
+        raise BlockcacheError(f"--out {args.out} is not a folder")
+    results = run_study(steps, targets)
+    tag = args.tag or f"{time.strftime('%Y-%m-%d')}-dit-digits-schedule-study"
+    base = os.path.join(args.out, tag)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=json_default)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    plot(results, base + ".png")
+    print(markdown(results) + f"wrote {base}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
