@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from schedules.errors import BlockcacheError, cli_main
-from schedules.options import ArgumentParser
+from schedules.options import ArgumentParser, parse_numbers
 
 from .bench import RESULTS, json_default
 
@@ -166,16 +166,6 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BlockcacheError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise BlockcacheError(f"{flag} is empty")
-    return values
-
-
 @cli_main
 def main(argv=None):
     p = ArgumentParser(prog="python -m benchmarks.schedule_study", description=__doc__.split("\n\n")[0])
@@ -184,10 +174,10 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", help="file name stem (default <date>-dit-digits-schedule-study)")
     args = p.parse_args(argv)
-    steps = [int(s) for s in _floats(args.steps, "--steps")]
+    steps = parse_numbers(args.steps, "--steps", int)
     if any(s < 2 or s > 1000 for s in steps):
         raise BlockcacheError(f"--steps must be between 2 and 1000, got {steps}")
-    targets = _floats(args.targets, "--targets")
+    targets = parse_numbers(args.targets, "--targets", float)
     if any(not np.isfinite(t) or t <= 1 for t in targets):
         raise BlockcacheError(f"--targets must be speedups above 1, got {targets}")
     if not os.path.isdir(args.out):

@@ -15,10 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import initial_noise
-
-from .reference import DEFAULT_GUIDANCE_SCALE, check_labels
-from .trace import DenoisingStep
+from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, check_labels, seeded_batch
 
 
 class ChangeRecorder:
@@ -51,15 +48,10 @@ def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: 
     seeds = [int(s) for s in seeds]
     if not seeds or any(s < 0 for s in seeds):
         raise BlockcacheError("seeds must be a non-empty list of non-negative integers")
-    c, size = model.in_channels, model.config["input_size"]
-    x = torch.from_numpy(np.concatenate([initial_noise((len(labels), c, size, size), seed) for seed in seeds]))
-    y = torch.from_numpy(np.tile(labels, len(seeds)))
-    step = DenoisingStep(model, guidance=guidance_scale > 1)
-    scale = torch.tensor([guidance_scale], dtype=torch.float32)
-    sampler = schedule.make_sampler()
-    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+    x, y = seeded_batch(model, labels, seeds)
+    denoiser = Denoiser(model, schedule, guidance_scale)
     recorder = ChangeRecorder(model.unit_names, schedule.num_steps)
-    for s, t in enumerate(tqdm(sampler.timesteps, desc="analyze", disable=not progress, leave=False)):
+    for s in tqdm(range(len(denoiser)), desc="analyze", disable=not progress, leave=False):
         recorder.step = s
-        x = step.denoise(x, y, torch.tensor([int(t)]), a[s], b[s], scale, recorder)
+        x = denoiser(s, x, y, recorder)
     return recorder.change

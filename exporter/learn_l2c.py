@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
-from .reference import DEFAULT_GUIDANCE_SCALE, check_labels
-from .trace import DenoisingStep
+from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, seeded_batch
 
 
 class _Record:
@@ -54,18 +53,13 @@ class _Blend:
 
 def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x for every step (steps, B, C, H, W), labels (B,)): full-compute sampling from seeded noise."""
-    c, size = model.in_channels, model.config["input_size"]
-    x = torch.from_numpy(np.concatenate([initial_noise((len(labels), c, size, size), seed) for seed in seeds]))
-    y = torch.from_numpy(np.tile(labels, len(seeds)))
-    step = DenoisingStep(model, guidance=guidance_scale > 1)
-    scale = torch.tensor([guidance_scale], dtype=torch.float32)
-    sampler = schedule.make_sampler()
-    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+    x, y = seeded_batch(model, labels, seeds)
+    denoiser = Denoiser(model, schedule, guidance_scale)
     xs = []
     with torch.no_grad():
-        for s, t in enumerate(sampler.timesteps):
+        for s in range(len(denoiser)):
             xs.append(x)
-            x = step.denoise(x, y, torch.tensor([int(t)]), a[s], b[s], scale)
+            x = denoiser(s, x, y)
     return torch.stack(xs), y
 
 
@@ -90,13 +84,9 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
     schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
     units = model.unit_names
     index = {u: j for j, u in enumerate(units)}
-    sampler = schedule.make_sampler()
     n = schedule.num_steps
-    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
-    ts = [torch.tensor([int(t)]) for t in sampler.timesteps]
     model = model.eval().requires_grad_(False)
-    step = DenoisingStep(model, guidance=guidance_scale > 1)
-    scale = torch.tensor([guidance_scale], dtype=torch.float32)
+    denoiser = Denoiser(model, schedule, guidance_scale)
     # L2C initialises routers so that every unit starts fully computed (β ≈ 1).
     logits = torch.full((n, len(units)), 3.0, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
@@ -112,10 +102,10 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
                 x_prev, x_now, yb = xs[s - 1][sl], xs[s][sl], y[sl]
                 with torch.no_grad():
                     record = _Record()
-                    step.denoise(x_prev, yb, ts[s - 1], a[s - 1], b[s - 1], scale, record)
-                    teacher = step.denoise(x_now, yb, ts[s], a[s], b[s], scale)
+                    denoiser(s - 1, x_prev, yb, record)
+                    teacher = denoiser(s, x_now, yb)
                 beta = torch.sigmoid(logits[s])
-                student = step.denoise(x_now, yb, ts[s], a[s], b[s], scale, _Blend(index, record.values, beta))
+                student = denoiser(s, x_now, yb, _Blend(index, record.values, beta))
                 mse = torch.mean((student - teacher) ** 2)
                 loss = mse + lam * beta.sum()
                 opt.zero_grad(set_to_none=True)

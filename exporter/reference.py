@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
+from schedules.sampling import initial_noise
 
 from .trace import DenoisingStep
 
@@ -53,6 +54,33 @@ class UnitCache:
         return self.values[name]
 
 
+class Denoiser:
+    """Step s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, unit)` (CFG, network
+    with the `unit` policy, DDIM update), with the per-step constants made once."""
+
+    def __init__(self, model, schedule: Schedule, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                 guidance_channels: str = "first3"):
+        self.step = DenoisingStep(model, guidance=guidance_scale > 1, guidance_channels=guidance_channels)
+        self.scale = torch.tensor([guidance_scale], dtype=torch.float32)
+        sampler = schedule.make_sampler()
+        self.timesteps = [torch.tensor([int(t)]) for t in sampler.timesteps]
+        self.a, self.b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+
+    def __len__(self):
+        return len(self.timesteps)
+
+    def __call__(self, s: int, x, y, unit=None):
+        return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit)
+
+
+def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, labels) for every (seed, label) pair, seed-major: seed k's noise for all labels is
+    `initial_noise((len(labels), C, H, W), k)`."""
+    c, size = model.in_channels, model.config["input_size"]
+    x = np.concatenate([initial_noise((len(labels), c, size, size), int(seed)) for seed in seeds])
+    return torch.from_numpy(x), torch.from_numpy(np.tile(np.asarray(labels, dtype=np.int64), len(seeds)))
+
+
 @torch.no_grad()
 def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
            guidance_channels: str = "first3", progress: bool = False) -> np.ndarray:
@@ -62,12 +90,9 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = 
     c, size = model.in_channels, model.config["input_size"]
     x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
     y = torch.from_numpy(labels)
-    step = DenoisingStep(model, guidance=guidance_scale > 1, guidance_channels=guidance_channels)
-    scale = torch.tensor([guidance_scale], dtype=torch.float32)
-    sampler = schedule.make_sampler()
-    a, b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+    denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     cache = UnitCache(schedule.unit_names)
-    for s, t in enumerate(tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False)):
+    for s in tqdm(range(len(denoiser)), desc="sampling", disable=not progress, leave=False):
         cache.compute_row = schedule.compute[s]
-        x = step.denoise(x, y, torch.tensor([int(t)]), a[s], b[s], scale, cache)
+        x = denoiser(s, x, y, cache)
     return x.numpy()

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from schedules.errors import BlockcacheError, cli_main
+from schedules.files import atomic_output
 from schedules.sampling import NUM_TRAIN_TIMESTEPS, linear_betas
 
 # torch is imported inside the functions: a mistyped argument is answered in a second, not after
@@ -145,17 +146,8 @@ def save_weights(state_dict: dict, path: str, metadata: dict | None = None) -> N
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous() for k, v in state_dict.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_output(path, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped weights file is readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_loss(losses, path: str, title: str = "dit-digits training loss") -> None:

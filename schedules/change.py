@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from .errors import BlockcacheError
+from .files import atomic_output
 
 VERSION = 1
 FIELDS = ("version", "change", "unit_names", "timesteps", "sampler", "config", "model", "labels", "seeds",
@@ -35,23 +35,12 @@ def save_change(path, *, change, unit_names, timesteps, sampler: dict, config: d
     path = os.fspath(path)
     if not path.endswith(".npz"):
         raise BlockcacheError(f"change statistics must be written to a .npz file, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise BlockcacheError(f"cannot write {path}: folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, version=np.int64(VERSION), change=np.asarray(change, dtype=np.float64),
-                     unit_names=np.asarray(unit_names, dtype=str), timesteps=np.asarray(timesteps, dtype=np.int64),
-                     sampler=np.asarray(json.dumps(sampler)), config=np.asarray(json.dumps(config)),
-                     model=np.asarray(model or ""), labels=np.asarray(labels, dtype=np.int64),
-                     seeds=np.asarray(seeds, dtype=np.int64), guidance_scale=np.float64(guidance_scale))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise BlockcacheError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path, ".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, version=np.int64(VERSION), change=np.asarray(change, dtype=np.float64),
+                 unit_names=np.asarray(unit_names, dtype=str), timesteps=np.asarray(timesteps, dtype=np.int64),
+                 sampler=np.asarray(json.dumps(sampler)), config=np.asarray(json.dumps(config)),
+                 model=np.asarray(model or ""), labels=np.asarray(labels, dtype=np.int64),
+                 seeds=np.asarray(seeds, dtype=np.int64), guidance_scale=np.float64(guidance_scale))
 
 
 def load_change(path) -> dict:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from .errors import BlockcacheError
+from .files import atomic_output
 
 
 def to_grid(samples: np.ndarray, rows: int | None = None, pad: int = 1) -> np.ndarray:
@@ -29,11 +30,7 @@ def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale:
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".png"):
         raise BlockcacheError(f"output must end in .npy or .png, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise BlockcacheError(f"cannot write {path}: folder {directory} does not exist")
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
+    with atomic_output(path, ext) as tmp:
         if ext == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, samples)
@@ -46,9 +43,3 @@ def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale:
             grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)),
                                                            np.uint8))
             plt.imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise BlockcacheError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -45,11 +45,17 @@ def add_weights_args(parser: argparse.ArgumentParser, seed_flag: str = "--init-s
     group.add_argument(seed_flag, dest="init_seed", type=int, default=0, metavar="S", help="seed for --random-init")
 
 
-def parse_labels(text: str, flag: str = "--labels") -> list[int]:
+def parse_numbers(text: str, flag: str, kind=int) -> list:
+    """Comma-separated numbers of `kind` (int or float) for option `flag`; one-line errors."""
     try:
-        labels = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise BlockcacheError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not labels:
+        what = "integers" if kind is int else "numbers"
+        raise BlockcacheError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+    if not values:
         raise BlockcacheError(f"{flag} is empty")
-    return labels
+    return values
+
+
+def parse_labels(text: str, flag: str = "--labels") -> list[int]:
+    return parse_numbers(text, flag, int)
