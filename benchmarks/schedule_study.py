@@ -10,7 +10,8 @@ schedule), four ways to spend about 1/X of the compute:
   whose speedup still reaches X, every unit reused in between.
 - `block-caching`: Block Caching's δ rule on `analyze` statistics (seeds 1, 2; 10 classes), the
   smallest δ that reaches X.
-- `learn-l2c`: one router per sampler learned on the model's own trajectories (seeds 1, 2; λ 1e-5),
+- `learn-l2c`: one router per sampler learned on the model's own trajectories (seeds 1, 2; λ 1e-5 unless
+  `--lambda`),
   thresholded at the θ that reaches X (consecutive reuse allowed).
 
 Each run samples 100 digits (10 per class) from seed-0 noise, which neither the analysis nor the
@@ -59,7 +60,7 @@ def uniform_for(units, steps: int, config: dict, target: float):
     raise BlockcacheError(f"no uniform schedule of {steps} steps reaches {target}x")
 
 
-def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), progress: bool = True) -> dict:
+def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA, progress: bool = True) -> dict:
     import torch
 
     from benchmarks import digits_metric as dm
@@ -80,7 +81,7 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), progress: bool = Tru
     noise = initial_noise((len(labels), 1, config["input_size"], config["input_size"]), 0)
     conditions = np.arange(model.num_classes)
     results = {"study": "matched-MACs schedule quality", "date": time.strftime("%Y-%m-%d %H:%M"), "model": "dit-digits",
-               "guidance_scale": DEFAULT_GUIDANCE_SCALE, "samples": len(labels), "lambda": LAMBDA, "rows": []}
+               "guidance_scale": DEFAULT_GUIDANCE_SCALE, "samples": len(labels), "lambda": lam, "rows": []}
 
     def evaluate(method, steps, target, schedule, reference, seconds=None):
         start = time.perf_counter()
@@ -105,7 +106,7 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), progress: bool = Tru
         analyze_s = time.perf_counter() - start
         start = time.perf_counter()
         xs, y = trajectory_inputs(model, full, conditions, ANALYSIS_SEEDS, DEFAULT_GUIDANCE_SCALE)
-        logits, _ = learn_router(model, full, xs, y, lam=LAMBDA)
+        logits, _ = learn_router(model, full, xs, y, lam=lam)
         by_index = router_logits(logits)
         learn_s = time.perf_counter() - start
         for target in targets:
@@ -116,7 +117,7 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), progress: bool = Tru
             evaluate("block-caching", steps, target, bc, reference, analyze_s)
             l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
                                                                  every_step=True, model="dit-digits",
-                                                                 source=f"learn-l2c lambda={LAMBDA:g} threshold={theta:.6g}"),
+                                                                 source=f"learn-l2c lambda={lam:g} threshold={theta:.6g}"),
                                  1e-6, 1 - 1e-6, target, config, what="threshold")
             evaluate("learn-l2c", steps, target, l2c, reference, learn_s)
     return results
@@ -171,6 +172,7 @@ def main(argv=None):
     p = ArgumentParser(prog="python -m benchmarks.schedule_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", default="20,50", help="DDIM step counts (default 20,50)")
     p.add_argument("--targets", default="1.3,1.5,2", help="target ideal speedups (default 1.3,1.5,2)")
+    p.add_argument("--lambda", dest="lam", type=float, default=LAMBDA, help=f"learn-l2c λ (default {LAMBDA:g})")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", help="file name stem (default <date>-dit-digits-schedule-study)")
     args = p.parse_args(argv)
@@ -182,7 +184,9 @@ def main(argv=None):
         raise BlockcacheError(f"--targets must be speedups above 1, got {targets}")
     if not os.path.isdir(args.out):
         raise BlockcacheError(f"--out {args.out} is not a folder")
-    results = run_study(steps, targets)
+    if not np.isfinite(args.lam) or args.lam < 0:
+        raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
+    results = run_study(steps, targets, args.lam)
     tag = args.tag or f"{time.strftime('%Y-%m-%d')}-dit-digits-schedule-study"
     base = os.path.join(args.out, tag)
     with open(base + ".json", "w", encoding="utf-8") as f:
