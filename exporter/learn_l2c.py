@@ -1,6 +1,8 @@
 """A Learning-to-Cache router learner (Ma et al., NeurIPS 2024), for any model and step count.
 
-    logits, losses = learn_router(model, sampler_schedule, labels=…, seeds=…, lam=1e-3)
+    schedule = Schedule.full(model.unit_names, 20)
+    xs, y = trajectory_inputs(model, schedule, labels=[0, 1, …], seeds=[0, 1], guidance_scale=4.0)
+    logits, history = learn_router(model, schedule, xs, y, lam=1e-6)
 
 The router is input-invariant and timestep-variant: one logit per (step, unit), score β = sigmoid.
 For a step s ≥ 1 and an input x_s, the *student* runs step s with every unit's output replaced by
@@ -29,6 +31,9 @@ from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
 from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, seeded_batch
+
+# dit-digits DDIM-20: 1.24x ideal speedup at 46 dB PSNR to full compute (README); L2C used 1e-6…5e-6 for DiT.
+DEFAULT_LAMBDA = 1e-6
 
 
 class _Record:
@@ -72,7 +77,7 @@ def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> t
     return ac.sqrt() * x0 + (1 - ac).sqrt() * eps, torch.as_tensor(np.asarray(labels, dtype=np.int64))
 
 
-def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = 1e-3,
+def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = DEFAULT_LAMBDA,
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, epochs: int = 20, lr: float = 0.05,
                  batch_size: int = 64, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, dict]:
     """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
@@ -115,7 +120,8 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
                 count += len(yb)
         for key, value in zip(("loss", "mse"), totals / count):
             history[key].append(float(value))
-        bar.set_postfix(loss=f"{history['loss'][-1]:.2e}", mean_score=f"{float(torch.sigmoid(logits[1:].detach()).mean()):.3f}")
+        mean_score = float(torch.sigmoid(logits[1:].detach()).mean())
+        bar.set_postfix(loss=f"{history['loss'][-1]:.2e}", mean_score=f"{mean_score:.3f}")
     return logits.detach().numpy(), history
 
 

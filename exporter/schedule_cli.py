@@ -14,10 +14,10 @@ import numpy as np
 
 from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
+from schedules.files import atomic_output
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import SPACINGS
 
-DEFAULT_LAMBDA = 1e-6  # dit-digits DDIM-20: 1.24x ideal at 46 dB PSNR to full compute; L2C used 1e-6…5e-6 for DiT
 
 
 def build_parser():
@@ -43,8 +43,9 @@ def build_parser():
 
     p = runs_model("learn-l2c", "learn a Learning-to-Cache router (runs the model; only the router trains)",
                    "for trajectories")
-    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
-                   help=f"weight of Σ scores per step: larger reuses more (default {DEFAULT_LAMBDA:g})")
+    # = learn_l2c.DEFAULT_LAMBDA, written out so that building the parser does not import torch
+    p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
+                   help="weight of Σ scores per step: larger reuses more (default 1e-6)")
     p.add_argument("--threshold", type=float, default=0.5, help="compute a unit iff its score > θ (default 0.5)")
     p.add_argument("--data", choices=("trajectories", "digits"), default="trajectories",
                    help="training inputs: the model's own sampling trajectories (no data set needed, default) or "
@@ -115,10 +116,11 @@ def _learn_l2c(args) -> int:
                                   args.guidance_scale)
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
                                    epochs=args.epochs, lr=args.lr, progress=not args.quiet)
-    learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold, spacing=args.spacing,
-                                model=args.model, every_step=True,
+    learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold,
+                                spacing=args.spacing, model=args.model, every_step=True,
                                 source=f"learn-l2c lambda={args.lam:g} threshold={args.threshold:g} data={args.data}")
-    torch.save(router_state(logits), router)
+    with atomic_output(router, ".pt") as tmp:
+        torch.save(router_state(logits), tmp)
     schedule_cli.write_schedule(learned, out)
     s = schedule_cli.stats(model.config, learned)
     print(f"wrote {out} and {router}: loss {history['loss'][0]:.3e} → {history['loss'][-1]:.3e} (MSE "

@@ -107,3 +107,11 @@ def test_cli_bad_inputs_one_line(extra, tmp_path):
     r = run_cli("exporter.schedule_cli", *args, *extra, cwd=tmp_path)
     assert r.returncode == 2
     assert_one_line_error(r.stderr)
+
+
+def test_cli_default_lambda_is_the_learners():
+    from exporter.learn_l2c import DEFAULT_LAMBDA
+    from exporter.schedule_cli import build_parser
+
+    args = build_parser().parse_args(["learn-l2c", "--model", "dit-digits", "--steps", "4", "-o", "x.yaml"])
+    assert args.lam == DEFAULT_LAMBDA
