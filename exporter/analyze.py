@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
+
 from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, check_labels, seeded_batch
 
 
