@@ -8,11 +8,12 @@ uniform), labels dropped to the null class with probability 0.1 so that one netw
 classifier-free guidance, AdamW, and an exponential moving average of the weights, which is what gets
 saved (fp32, the model's own state-dict keys), plus a loss-curve PNG.
 
-The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors`. The
-thread count does not change the result (1 and 2 threads give bit-identical weights here), only the
-speed: 2 threads on an idle 2-core CPU; use `--threads 1` when other work shares the CPU, because with
-more torch threads than free cores every one of the thousands of small parallel regions per step
-waits for a descheduled thread and a step becomes 10-20x slower.
+The defaults are exactly what produced the shipped `exporter/weights/dit-digits.safetensors` (2
+threads, 23.7 min on this project's 2-core CPU). A rerun with the same thread count reproduces the
+weights bit for bit; another thread count changes the order of float sums (about 4e-6 apart after 30
+steps), so the weights differ slightly while training the same way. Use `--threads 1` when other
+work shares the CPU: with more torch threads than free cores, every one of the thousands of small
+parallel regions per step waits for a descheduled thread and a step becomes 10-20x slower.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=_positive_int, default=THREADS,
-                        help="torch CPU threads (speed only; the weights do not depend on it)")
+                        help="torch CPU threads (default 2, as for the shipped weights; another count changes float rounding)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (.safetensors)")
     parser.add_argument("--loss-png", default=DEFAULT_LOSS_PNG, help="loss curve plot (.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")

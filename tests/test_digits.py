@@ -148,3 +148,18 @@ def test_demo_bad_arguments_one_line(args):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+def test_training_is_reproducible(tmp_path):
+    """Same seed and thread count → bit-identical weights (what lets the shipped file be reproduced)."""
+    from safetensors.numpy import load_file
+
+    paths = []
+    for k in range(2):
+        out = tmp_path / f"w{k}.safetensors"
+        r = _run_train("--steps", "4", "--batch-size", "8", "--threads", "2", "--out", str(out), "--loss-png",
+                       str(tmp_path / f"l{k}.png"), "--quiet")
+        assert r.returncode == 0, r.stderr
+        paths.append(out)
+    a, b = (load_file(str(p)) for p in paths)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
