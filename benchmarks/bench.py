@@ -374,7 +374,7 @@ class EagerRunner:
     def __init__(self, model, schedule: Schedule, cfg: BenchConfig, device: str, step_fn=None):
         import torch
 
-        from exporter.reference import UnitCache
+        from exporter.reference import UnitCache, step_adjustments
         from exporter.trace import DenoisingStep
 
         self.device = device
@@ -382,6 +382,7 @@ class EagerRunner:
         self.rows = schedule.compute
         self.full = bool(schedule.compute.all())
         self.cache = None if self.full else UnitCache(schedule.unit_names)
+        self.adjust = step_adjustments(schedule)
         sampler = schedule.make_sampler()
         a, b = sampler.coefficients()
         self.constants = [(torch.tensor([int(t)], device=device),
@@ -405,7 +406,7 @@ class EagerRunner:
                 elif self.full:
                     x = self.step.denoise(x, y, t, a, b, self.scale)
                 else:
-                    self.cache.compute_row = self.rows[s]
+                    self.cache.compute_row, self.cache.adjust = self.rows[s], self.adjust[s]
                     x = self.step.denoise(x, y, t, a, b, self.scale, self.cache)
             if self.cache is not None:
                 self.cache.values.clear()

@@ -47,6 +47,9 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     `guidance` (default: scale > 1) bakes the doubled CFG batch into the graphs; the scale stays an
     input, so a plan made with guidance can be sampled at any scale."""
     schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    if schedule.scale_shift:
+        raise BlockcacheError("schedules with Block Caching scale-shift cannot be exported yet (the eager "
+                              "reference runs them: blockcache-sample --schedule)")
     if precision not in PRECISIONS:
         raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:

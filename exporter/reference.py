@@ -41,17 +41,31 @@ def check_noise(noise, shape) -> np.ndarray:
 
 
 class UnitCache:
-    """The `unit(name, fn)` policy for one step: compute and remember, or return the remembered value."""
+    """The `unit(name, fn)` policy for one step: compute and remember, or return the remembered value,
+    corrected by the step's Block Caching scale-shift where the schedule has one."""
 
     def __init__(self, unit_names):
         self.index = {u: j for j, u in enumerate(unit_names)}
         self.values: dict[str, torch.Tensor] = {}
         self.compute_row = None
+        self.adjust: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, name, fn):
         if self.compute_row[self.index[name]]:
             self.values[name] = fn()
-        return self.values[name]
+        value = self.values[name]
+        if name in self.adjust:
+            scale, shift = self.adjust[name]
+            return value * (1 + scale.to(value)) + shift.to(value)  # value's device and dtype
+        return value
+
+
+def step_adjustments(schedule: Schedule) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per step, {unit: (scale, shift)} torch tensors of the schedule's scale-shift."""
+    out = [{} for _ in range(schedule.num_steps)]
+    for (step, unit), (scale, shift) in schedule.scale_shift.items():
+        out[step][unit] = (torch.from_numpy(scale), torch.from_numpy(shift))
+    return out
 
 
 class Denoiser:
@@ -92,7 +106,8 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = 
     y = torch.from_numpy(labels)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     cache = UnitCache(schedule.unit_names)
+    adjustments = step_adjustments(schedule)
     for s in tqdm(range(len(denoiser)), desc="sampling", disable=not progress, leave=False):
-        cache.compute_row = schedule.compute[s]
+        cache.compute_row, cache.adjust = schedule.compute[s], adjustments[s]
         x = denoiser(s, x, y, cache)
     return x.numpy()

@@ -3,6 +3,7 @@ a model, which live here so that `schedules` never imports the network code:
 
     blockcache-schedule analyze --model dit-digits --steps 50 [--labels 0,1,…] [--seeds 0,1] -o stats.npz [--png P]
     blockcache-schedule learn-l2c --model dit-digits --steps 20 [--lambda L] [--threshold θ] -o l2c.yaml
+    blockcache-schedule scale-shift --model dit-digits --schedule bc.yaml -o bc-ss.yaml
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ def build_parser():
     parser = schedule_cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here
 
-    def runs_model(name, help, what):
+    def runs_model(name, help, what, sampler=True, seeds="0,1"):
         """A subcommand that samples the model: weights, sampler, the conditions it samples."""
         p = sub.add_parser(name, help=help)
         add_model_args(p)
         add_weights_args(p)
-        p.add_argument("--steps", type=int, required=True, help="sampling steps")
-        p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+        if sampler:
+            p.add_argument("--steps", type=int, required=True, help="sampling steps")
+            p.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                           help="timestep respacing (default linspace)")
         p.add_argument("--labels", help=f"comma-separated class labels {what} (default: 10 spread over the classes)")
-        p.add_argument("--seeds", default="0,1", help=f"comma-separated noise seeds {what} (default 0,1)")
+        p.add_argument("--seeds", default=seeds, help=f"comma-separated noise seeds {what} (default {seeds})")
         p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
@@ -54,6 +57,14 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.05, help="router learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
     p.add_argument("--router", help="raw router file (default: the output with .pt; import with import-l2c --every-step)")
+
+    p = runs_model("scale-shift", "learn Block Caching's scale-shift for a schedule's reused units (distillation)",
+                   "to train on", sampler=False, seeds="0,1,2,3")
+    p.add_argument("--schedule", required=True, help="the schedule to correct (YAML)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the sampling run (default 10)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
+    p.add_argument("--held-out-seed", type=int, default=1000, help="seed for the reported held-out error (default 1000)")
+    p.add_argument("-o", "--output", required=True, help="corrected schedule YAML (tensors beside it)")
     return parser
 
 
@@ -129,6 +140,39 @@ def _learn_l2c(args) -> int:
     return 0
 
 
+def _scale_shift(args) -> int:
+    from schedules.schedule import Schedule
+
+    from .models import load_model
+    from .scale_shift import distillation_error, learn_scale_shift
+
+    out = _writable(args.output, (".yaml", ".yml"), "-o")
+    _check_scale(args.guidance_scale)
+    if args.epochs < 1:
+        raise BlockcacheError(f"--epochs must be positive, got {args.epochs}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise BlockcacheError(f"--lr must be a positive number, got {args.lr}")
+    if args.held_out_seed < 0:
+        raise BlockcacheError(f"--held-out-seed must be non-negative, got {args.held_out_seed}")
+    seeds = parse_labels(args.seeds, "--seeds")
+    schedule = Schedule.load(args.schedule)
+    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
+                       **model_overrides(args))
+    schedule.check_units(model.unit_names, args.model)
+    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
+    if args.held_out_seed in seeds:
+        raise BlockcacheError(f"--held-out-seed {args.held_out_seed} is one of the training seeds")
+    corrected, history = learn_scale_shift(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
+                                           epochs=args.epochs, lr=args.lr, progress=not args.quiet)
+    plain = Schedule(schedule.unit_names, schedule.compute, schedule.sampler)
+    before = distillation_error(model, plain, labels, [args.held_out_seed], args.guidance_scale)
+    after = distillation_error(model, corrected, labels, [args.held_out_seed], args.guidance_scale)
+    schedule_cli.write_schedule(corrected, out)
+    print(f"wrote {out}: training error {history[0]:.3e} → {history[-1]:.3e}; held-out seed "
+          f"{args.held_out_seed}: {before:.3e} without scale-shift, {after:.3e} with")
+    return 0
+
+
 def _analyze(args) -> int:
     from schedules.change import save_change
     from schedules.plot import change_heatmap
@@ -165,6 +209,8 @@ def main(argv=None):
         return _analyze(args)
     if args.command == "learn-l2c":
         return _learn_l2c(args)
+    if args.command == "scale-shift":
+        return _scale_shift(args)
     return schedule_cli.run(args)
 
 

@@ -18,6 +18,7 @@ blocks). Step 0 must compute everything: nothing is cached yet.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -39,11 +40,16 @@ class Schedule:
     sampler: dict = field(default_factory=lambda: {"name": "ddim", "steps": 0, "spacing": "linspace"})
     model: str | None = None
     source: str | None = None
+    # Block Caching's correction of reused values: {(step, unit): (scale, shift)}, float32 vectors over
+    # the unit's channels; a reused value v becomes v·(1 + scale) + shift. Stored beside the YAML.
+    scale_shift: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.unit_names = tuple(self.unit_names)
         self.compute = np.asarray(self.compute, dtype=bool)
         self.sampler = dict(self.sampler)
+        self.scale_shift = {(int(k[0]), str(k[1])): tuple(np.asarray(a, dtype=np.float32) for a in v)
+                            for k, v in self.scale_shift.items()}
         self.validate()
 
     # -- shape -------------------------------------------------------------------------------
@@ -74,6 +80,24 @@ class Schedule:
             raise BlockcacheError(f"unknown spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
         if steps != self.num_steps:
             raise BlockcacheError(f"sampler has {steps} steps but the schedule has {self.num_steps} rows")
+        self._validate_scale_shift()
+
+    def _validate_scale_shift(self) -> None:
+        index = {u: j for j, u in enumerate(self.unit_names)}
+        sizes = set()
+        for (step, unit), pair in self.scale_shift.items():
+            if unit not in index or not 0 <= step < self.num_steps:
+                raise BlockcacheError(f"scale-shift for step {step} unit {unit!r}, which the schedule does not have")
+            if self.compute[step, index[unit]]:
+                raise BlockcacheError(f"scale-shift for step {step} unit {unit}, which that step computes (it "
+                                      "only corrects reused values)")
+            if len(pair) != 2 or any(a.ndim != 1 or not np.isfinite(a).all() for a in pair) or \
+                    pair[0].shape != pair[1].shape:
+                raise BlockcacheError(f"scale-shift for step {step} unit {unit} must be two finite vectors of "
+                                      "one length")
+            sizes.add(pair[0].shape[0])
+        if len(sizes) > 1:
+            raise BlockcacheError(f"scale-shift vectors have different lengths {sorted(sizes)}")
 
     def make_sampler(self):
         return make_sampler(self.sampler["name"], self.sampler["steps"], self.sampler["spacing"])
@@ -121,7 +145,25 @@ class Schedule:
         groups.append("".join(current))
         return " ".join(groups)
 
-    def to_yaml(self) -> str:
+    def scale_shift_tensors(self) -> dict[str, np.ndarray]:
+        """The sidecar file's tensors: `scale/<step>/<unit>` and `shift/<step>/<unit>`."""
+        out = {}
+        for (step, unit), (scale, shift) in sorted(self.scale_shift.items()):
+            out[f"scale/{step}/{unit}"], out[f"shift/{step}/{unit}"] = scale, shift
+        return out
+
+    def scale_shift_digest(self) -> str | None:
+        """SHA-256 over the scale-shift tensors (names and bytes), None without them."""
+        if not self.scale_shift:
+            return None
+        h = hashlib.sha256()
+        for name, value in self.scale_shift_tensors().items():
+            h.update(name.encode() + b"\0" + np.ascontiguousarray(value, dtype="<f4").tobytes())
+        return h.hexdigest()
+
+    def to_yaml(self, scale_shift_file: str | None = None) -> str:
+        """The YAML text; with scale-shift it names the sidecar file (default `<name>.scaleshift.safetensors`
+        as `save` writes it) and the digest of its tensors."""
         timesteps = None
         try:
             timesteps = self.make_sampler().timesteps
@@ -135,6 +177,9 @@ class Schedule:
         lines.append("units: [" + ", ".join(self.unit_names) + "]")
         if self.source:
             lines.append(f"source: {_scalar(self.source)}")
+        if self.scale_shift:
+            lines.append(f"scale_shift: {{file: {_scalar(scale_shift_file or 'scaleshift.safetensors')}, "
+                         f"sha256: {self.scale_shift_digest()}}}")
         lines.append(f"# one row per sampling step (first = noisiest); '{COMPUTE}' compute, '{REUSE}' reuse")
         lines.append("steps:")
         for i in range(self.num_steps):
@@ -143,11 +188,23 @@ class Schedule:
         return "\n".join(lines) + "\n"
 
     def save(self, path) -> None:
-        """Write atomically: an existing file is replaced only by a complete new one."""
-        atomic_write_text(path, self.to_yaml())
+        """Write atomically: an existing file is replaced only by a complete new one. Scale-shift
+        tensors go to `<path stem>.scaleshift.safetensors` beside it, written first."""
+        path = os.fspath(path)
+        sidecar = None
+        if self.scale_shift:
+            from safetensors.numpy import save_file
+
+            from .files import atomic_output
+
+            sidecar = os.path.splitext(os.path.basename(path))[0] + ".scaleshift.safetensors"
+            with atomic_output(os.path.join(os.path.dirname(os.path.abspath(path)), sidecar), ".safetensors") as tmp:
+                save_file(self.scale_shift_tensors(), tmp)
+        atomic_write_text(path, self.to_yaml(sidecar))
 
     @classmethod
-    def from_yaml(cls, text: str, where: str = "schedule") -> "Schedule":
+    def from_yaml(cls, text: str, where: str = "schedule", base_dir: str | None = None) -> "Schedule":
+        """Parse schedule YAML; a `scale_shift` entry is read from its file relative to `base_dir`."""
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -182,10 +239,15 @@ class Schedule:
             compute[i] = [ch == COMPUTE for ch in chars]
         sampler = {"name": sampler.get("name", "ddim"), "steps": sampler.get("steps", len(rows)),
                    "spacing": sampler.get("spacing", "linspace")}
+        scale_shift = _read_scale_shift(doc["scale_shift"], where, base_dir) if doc.get("scale_shift") else {}
         try:
-            return cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"))
+            schedule = cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"),
+                           scale_shift=scale_shift)
         except BlockcacheError as e:
             raise BlockcacheError(f"{where}: {e}") from None
+        if scale_shift and schedule.scale_shift_digest() != doc["scale_shift"].get("sha256"):
+            raise BlockcacheError(f"{where}: scale-shift tensors do not match the digest in the schedule")
+        return schedule
 
     @classmethod
     def load(cls, path) -> "Schedule":
@@ -197,7 +259,7 @@ class Schedule:
             raise BlockcacheError(f"{path}: not a text file") from None
         except OSError as e:
             raise BlockcacheError(f"cannot read schedule {path}: {e.strerror}") from None
-        return cls.from_yaml(text, where=path)
+        return cls.from_yaml(text, where=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     # -- makers --------------------------------------------------------------------------------
     @classmethod
@@ -217,6 +279,33 @@ class Schedule:
         compute[::interval] = True
         return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
                    source=f"uniform interval={interval}")
+
+
+def _read_scale_shift(entry, where: str, base_dir: str | None) -> dict:
+    """{(step, unit): (scale, shift)} from the sidecar safetensors file (plain tensors: no code runs)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise BlockcacheError(f"{where}: 'scale_shift' must be a mapping with file and sha256")
+    if base_dir is None:
+        raise BlockcacheError(f"{where}: has scale-shift tensors in {entry['file']}; load it from its file")
+    path = os.path.join(base_dir, entry["file"])
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise BlockcacheError(f"{where}: cannot read scale-shift tensors {path}: {str(e).splitlines()[0]}") from None
+    pairs = {}
+    for name, value in tensors.items():
+        kind, _, rest = name.partition("/")
+        step, _, unit = rest.partition("/")
+        if kind not in ("scale", "shift") or not step.isdigit() or not unit:
+            raise BlockcacheError(f"{where}: unexpected scale-shift tensor {name!r} in {path}")
+        pairs.setdefault((int(step), unit), {})[kind] = value
+    for key, pair in pairs.items():
+        if set(pair) != {"scale", "shift"}:
+            raise BlockcacheError(f"{where}: step {key[0]} unit {key[1]} has a scale without a shift or the reverse")
+    return {key: (pair["scale"], pair["shift"]) for key, pair in pairs.items()}
 
 
 def _scalar(text: str) -> str:
