@@ -10,6 +10,8 @@ schedule), four ways to spend about 1/X of the compute:
   whose speedup still reaches X, every unit reused in between.
 - `block-caching`: Block Caching's δ rule on `analyze` statistics (seeds 1, 2; 10 classes), the
   smallest δ that reaches X.
+- `block-caching+scale-shift`: the same schedule with Block Caching's scale-shift learned by
+  distillation (seeds 1–4, 10 classes, `blockcache-schedule scale-shift` defaults).
 - `learn-l2c`: one router per sampler learned on the model's own trajectories (seeds 1, 2; λ 1e-5 unless
   `--lambda`),
   thresholded at the θ that reaches X (consecutive reuse allowed).
@@ -17,7 +19,7 @@ schedule), four ways to spend about 1/X of the compute:
 Each run samples 100 digits (10 per class) from seed-0 noise, which neither the analysis nor the
 learner saw, and is scored against full compute with the same sampler and noise: PSNR (range 2),
 class accuracy and digits-FD (benchmarks/digits_metric.py; all at N = 100, so comparable with each other).
-Block Caching's scale-shift is not in the study yet (not implemented). Writes JSON, markdown, PNG.
+Writes JSON, markdown, PNG.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from schedules.options import ArgumentParser, parse_numbers
 
 from .bench import RESULTS, json_default
 
-METHODS = ("fewer-steps", "uniform", "block-caching", "learn-l2c")
+METHODS = ("fewer-steps", "uniform", "block-caching", "block-caching+scale-shift", "learn-l2c")
 LAMBDA = 1e-5
 ANALYSIS_SEEDS = (1, 2)
+SCALE_SHIFT_SEEDS = (1, 2, 3, 4)
 PER_CLASS = 10
 
 
@@ -68,6 +71,7 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     from exporter.learn_l2c import learn_router, router_logits, trajectory_inputs
     from exporter.models import load_model
     from exporter.reference import DEFAULT_GUIDANCE_SCALE, sample
+    from exporter.scale_shift import learn_scale_shift
     from schedules import Schedule
     from schedules.blockcaching import search_delta
     from schedules.cost import ideal_speedup, search_speedup
@@ -115,6 +119,9 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
             evaluate("uniform", steps, target, uniform_for(units, steps, config, target), reference)
             bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
             evaluate("block-caching", steps, target, bc, reference, analyze_s)
+            start = time.perf_counter()
+            corrected, _ = learn_scale_shift(model, bc, conditions, SCALE_SHIFT_SEEDS)
+            evaluate("block-caching+scale-shift", steps, target, corrected, reference, time.perf_counter() - start)
             l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
                                                                  every_step=True, model="dit-digits",
                                                                  source=f"learn-l2c lambda={lam:g} threshold={theta:.6g}"),
