@@ -382,7 +382,8 @@ class EagerRunner:
         self.rows = schedule.compute
         self.full = bool(schedule.compute.all())
         self.cache = None if self.full else UnitCache(schedule.unit_names)
-        self.adjust = step_adjustments(schedule)
+        param = next(model.parameters())
+        self.adjust = step_adjustments(schedule, param.device, param.dtype)
         sampler = schedule.make_sampler()
         a, b = sampler.coefficients()
         self.constants = [(torch.tensor([int(t)], device=device),
@@ -889,7 +890,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _split(text: str) -> list[str]:
+def split_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -897,7 +898,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(
         model=args.model, overrides=model_overrides(args), checkpoint=args.checkpoint, random_init=args.random_init,
         init_seed=args.init_seed, schedules=args.schedule or ["l2c20"], steps=args.steps, spacing=args.spacing,
-        methods=_split(args.backends), precisions=_split(args.precision), device=args.device,
+        methods=split_list(args.backends), precisions=split_list(args.precision), device=args.device,
         batch_size=args.batch_size, labels=parse_labels(args.labels) if args.labels else None, seed=args.seed,
         guidance_scale=args.guidance_scale, repeats=args.repeats, warmup=args.warmup,
         fewer_steps=not args.no_fewer_steps, compile_mode=args.compile_mode, bf16_plan=args.bf16_plan,

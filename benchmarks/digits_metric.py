@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 from exporter.digits import load_digits_images, to_8x8
-from schedules.images import save_samples
 from schedules.errors import BlockcacheError, cli_main
+from schedules.images import save_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GRID = os.path.join(ROOT, "benchmarks", "results", "dit-digits-grid.png")

@@ -30,9 +30,9 @@ import os
 import time
 
 from schedules.errors import BlockcacheError, cli_main, one_line
-from schedules.options import ArgumentParser
+from schedules.options import ArgumentParser, parse_numbers
 
-from .bench import (BenchConfig, derive, json_default, markdown, resolve_device, run_benchmark,
+from .bench import (BenchConfig, derive, json_default, markdown, resolve_device, run_benchmark, split_list,
                     write_results)
 
 XL = dict(model="dit-xl2", overrides={}, batch_size=8)
@@ -227,11 +227,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.merge:
         return _merge(args.merge, args.out, args.tag, args.small)
-    try:
-        steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
-    except ValueError:
-        raise BlockcacheError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
-    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+    steps = tuple(parse_numbers(args.steps, "--steps", int))
+    precisions = tuple(split_list(args.precision))
     threads = args.threads
     if threads is None and args.small and args.device == "cpu":
         threads = 1  # tiny shapes: one thread is faster than a thrashing pool on a shared machine
@@ -239,7 +236,7 @@ def main(argv=None):
                        repeats=args.repeats, warmup=args.warmup, compile_full=not args.no_compile,
                        compile_mode=args.compile_mode, plans_dir=args.plans, threads=threads,
                        progress=not args.quiet, fewer_steps=not args.no_fewer_steps,
-                       methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+                       methods=split_list(args.methods) if args.methods else None)
     cfg.check()
     device = resolve_device(args.device)
     size = "small" if args.small else "xl"

@@ -56,15 +56,16 @@ class UnitCache:
         value = self.values[name]
         if name in self.adjust:
             scale, shift = self.adjust[name]
-            return value * (1 + scale.to(value)) + shift.to(value)  # value's device and dtype
+            return value * (1 + scale) + shift
         return value
 
 
-def step_adjustments(schedule: Schedule) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Per step, {unit: (scale, shift)} torch tensors of the schedule's scale-shift."""
+def step_adjustments(schedule: Schedule, device="cpu", dtype=torch.float32) -> list[dict]:
+    """Per step, {unit: (scale, shift)}: the schedule's scale-shift as tensors made once on the model's
+    device and dtype, so that sampling moves nothing per step."""
     out = [{} for _ in range(schedule.num_steps)]
-    for (step, unit), (scale, shift) in schedule.scale_shift.items():
-        out[step][unit] = (torch.from_numpy(scale), torch.from_numpy(shift))
+    for (step, unit), pair in schedule.scale_shift.items():
+        out[step][unit] = tuple(torch.from_numpy(a).to(device=device, dtype=dtype) for a in pair)
     return out
 
 

@@ -69,6 +69,7 @@ def build_parser():
 
 
 def _writable(path: str, suffixes: tuple, flag: str) -> str:
+    """Refuse an output path before minutes of model work, not after (the write itself is atomic)."""
     if not path.lower().endswith(suffixes):
         raise BlockcacheError(f"{flag} must end in {' or '.join(suffixes)}, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
