@@ -340,7 +340,7 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
         }
         from runtime.bindings import plan_bindings
 
-        weights = plan_bindings(new).weights  # checks the engines agree with each other and the plan
+        weights = plan_bindings(new, adjustments=mf.step_adjustments(plan_dir, manifest)).weights  # checks the engines agree with each other and the plan
         new["tensorrt"]["weights_bytes"] = weights.nbytes
         new["files"] = dict(manifest["files"])
         for e in engines:

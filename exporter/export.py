@@ -3,7 +3,8 @@
     plan = export_plan(model, schedule, "plans/l2c20", batch_size=8, guidance_scale=4.0)
 
 Steps with the same computed-unit set share one variant graph; the per-step constants (timestep,
-DDIM a and b, guidance scale) are graph inputs listed in the manifest.
+DDIM a and b, guidance scale, and Block Caching scale/shift vectors) are graph inputs: the first
+three are listed per step in the manifest, the vectors stay in the schedule's sidecar file.
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     `guidance` (default: scale > 1) bakes the doubled CFG batch into the graphs; the scale stays an
     input, so a plan made with guidance can be sampled at any scale."""
     schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
-    if schedule.scale_shift:
-        raise BlockcacheError("schedules with Block Caching scale-shift cannot be exported yet (the eager "
-                              "reference runs them: blockcache-sample --schedule)")
     if precision not in PRECISIONS:
         raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -72,8 +70,12 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
 
     # A computed unit is a graph output iff some step of this variant has a later reader (liveness).
     outputs = [set() for _ in rows]
+    # A read unit is corrected by scale/shift inputs iff some step of this variant has a correction for it.
+    adjusts = [set() for _ in rows]
     for s, k in enumerate(step_variant):
         outputs[k].update(schedule.live_after(s))
+    for s, unit in schedule.scale_shift:
+        adjusts[step_variant[s]].add(unit)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -85,7 +87,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
         for k, row in enumerate(rows):
             bar.set_postfix_str(f"variant {k}")
             compute = dict(zip(units, (bool(c) for c in row)))
-            graph = derive_variant(master, compute, outputs[k])
+            graph = derive_variant(master, compute, outputs[k], adjusts[k])
             name = f"variant_{k}.onnx"
             onnx.save(graph, os.path.join(tmp, name))
             weights = sorted(t.name for t in graph.graph.initializer if t.name in weight_index)
@@ -94,6 +96,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
                 "computes": [u for u, c in compute.items() if c],
                 "reads": [u for u, c in compute.items() if not c],
                 "writes": [u for u in units if u in outputs[k]],
+                "adjusts": [u for u in units if u in adjusts[k]],
                 "weights": weights,
                 "macs_per_image": step_macs(model.config, row),
                 "graph_bytes": os.path.getsize(os.path.join(tmp, name)),
@@ -102,7 +105,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
         bar.set_postfix_str("weights")
         with open(os.path.join(tmp, mf.WEIGHTS), "wb") as f:
             f.write(blob)
-        schedule.save(os.path.join(tmp, "schedule.yaml"))
+        schedule.save(os.path.join(tmp, mf.SCHEDULE))  # with scale-shift, also its sidecar file
         bar.update()
 
         buffers = {}
@@ -132,6 +135,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
             "variants": variants,
             "steps": [{"variant": k, "timestep": int(sampler.timesteps[s]), "a": float(a[s]), "b": float(b[s])}
                       for s, k in enumerate(step_variant)],
+            "scale_shift": {"file": mf.SCALE_SHIFT} if schedule.scale_shift else None,
             "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},
         }
         manifest["files"] = {name: mf.file_entry(os.path.join(tmp, name))

@@ -4,6 +4,10 @@ A variant is the set of units a step computes. For every unit it does *not* comp
 tensor is detached from its producer and becomes a graph input `cache.<unit>`; `cleanup()` then
 drops the now-dead subgraph (the attention or MLP and whatever fed only it). A computed unit whose
 value some later step reuses stays a graph output `unit.<unit>`; the others are dropped.
+
+Block Caching's scale-shift: for a read unit listed in `adjust`, the cache value is corrected inside
+the graph, `cache.<u>·(1 + scale.<u>) + shift.<u>`, with the per-channel vectors as graph inputs, so
+steps with the same computed units still share one graph (a step without a correction feeds zeros).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 from .trace import IR_VERSION, UNIT_PREFIX
 
 CACHE_PREFIX = "cache."
+SCALE_PREFIX, SHIFT_PREFIX = "scale.", "shift."
 
 
 def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
@@ -65,9 +70,10 @@ def parameter_sources(master, state_dict) -> dict[str, dict]:
     return sources
 
 
-def derive_variant(master, compute: dict[str, bool], outputs: set[str]):
+def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: set[str] = frozenset()):
     """The variant graph (onnx ModelProto) computing the units marked True in `compute`, reading the
-    others from `cache.<unit>` inputs, and exposing `unit.<u>` for u in `outputs`."""
+    others from `cache.<unit>` inputs (corrected by `scale.<u>`/`shift.<u>` inputs for u in `adjust`),
+    and exposing `unit.<u>` for u in `outputs`."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(master)
@@ -78,8 +84,22 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str]):
             continue
         tensor = tensors[UNIT_PREFIX + unit]
         tensor.inputs.clear()  # detach from its producer: the unit's subgraph becomes dead
-        tensor.name = CACHE_PREFIX + unit
-        graph.inputs.append(tensor)
+        if unit not in adjust:
+            tensor.name = CACHE_PREFIX + unit
+            graph.inputs.append(tensor)
+            continue
+        # The consumers keep reading `tensor`, now the corrected value v + v·scale + shift.
+        cache = gs.Variable(CACHE_PREFIX + unit, tensor.dtype, tensor.shape)
+        channels = [tensor.shape[-1]]
+        scale = gs.Variable(SCALE_PREFIX + unit, tensor.dtype, channels)
+        shift = gs.Variable(SHIFT_PREFIX + unit, tensor.dtype, channels)
+        scaled = gs.Variable(f"adjust.{unit}.scaled", tensor.dtype, tensor.shape)
+        plus = gs.Variable(f"adjust.{unit}.plus", tensor.dtype, tensor.shape)
+        tensor.name = f"adjust.{unit}.out"
+        graph.nodes += [gs.Node("Mul", f"adjust.{unit}.mul", inputs=[cache, scale], outputs=[scaled]),
+                        gs.Node("Add", f"adjust.{unit}.add", inputs=[cache, scaled], outputs=[plus]),
+                        gs.Node("Add", f"adjust.{unit}.shift", inputs=[plus, shift], outputs=[tensor])]
+        graph.inputs += [cache, scale, shift]
     graph.outputs = [t for t in graph.outputs if t.name in keep]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)

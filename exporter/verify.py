@@ -1,7 +1,8 @@
 """`--verify`: run every variant graph on random inputs and compare it with the eager PyTorch step.
 
-Each variant gets random latents, labels, a timestep, coefficients and random cache values for the
-units it reads; the eager side runs the same `DenoisingStep` with those cache values substituted.
+Each variant gets random latents, labels, a timestep, coefficients, random cache values for the
+units it reads and random scale/shift vectors for those it corrects; the eager side runs the same
+`DenoisingStep` with those (corrected) cache values substituted.
 Both x_next and every unit output the graph writes must agree within `tolerance` (max abs error
 relative to the reference's max abs value).
 """
@@ -39,9 +40,13 @@ def verify_plan(model, plan_dir: str, manifest: dict, tolerance: float, seed: in
         buffers = {u: manifest["buffers"]["cache." + u] for u in variant["reads"]}
         cached = {u: rng.standard_normal(b["shape"]).astype(b["dtype"]) for u, b in buffers.items()}
         feeds.update({"cache." + u: v for u, v in cached.items()})
+        adjust = {u: tuple(rng.normal(0, 0.2, buffers[u]["shape"][-1:]).astype(buffers[u]["dtype"]) for _ in "ab")
+                  for u in variant.get("adjusts", ())}
+        for u, (scale, shift) in adjust.items():
+            feeds["scale." + u], feeds["shift." + u] = scale, shift
         names = ["x_next"] + ["unit." + u for u in variant["writes"]]
         got = dict(zip(names, session.run(names, feeds)))
-        want = _eager(step, feeds, cached, variant["writes"])
+        want = _eager(step, feeds, cached, adjust, variant["writes"])
         worst = max(_rel_error(got[n], want[n]) for n in names)
         report.append({"variant": k, "file": variant["file"], "max_rel_error": worst})
         if not worst <= tolerance:
@@ -51,14 +56,20 @@ def verify_plan(model, plan_dir: str, manifest: dict, tolerance: float, seed: in
 
 
 @torch.no_grad()
-def _eager(step: DenoisingStep, feeds: dict, cached: dict, writes) -> dict:
+def _eager(step: DenoisingStep, feeds: dict, cached: dict, adjust: dict, writes) -> dict:
     values = {}
 
     def unit(name, fn):
-        values[name] = torch.from_numpy(cached[name]).float() if name in cached else fn()
-        return values[name]
+        if name not in cached:
+            values[name] = fn()
+            return values[name]
+        value = torch.from_numpy(cached[name]).float()
+        if name in adjust:
+            scale, shift = (torch.from_numpy(v).float() for v in adjust[name])
+            value = value * (1 + scale) + shift
+        return value
 
-    t = {k: torch.from_numpy(v) for k, v in feeds.items() if not k.startswith("cache.")}
+    t = {k: torch.from_numpy(feeds[k]) for k in ("x", "y", "timestep", "a", "b", "guidance_scale")}
     x_next = step.denoise(t["x"], t["y"], t["timestep"], t["a"], t["b"], t["guidance_scale"], unit)
     return {"x_next": x_next.numpy(), **{"unit." + u: values[u].numpy() for u in writes}}
 

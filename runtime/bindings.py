@@ -5,8 +5,9 @@ the same bookkeeping whatever executes the graphs, so it lives here, without any
 
 - `io` arena: two latents (ping-pong: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`), the labels, the
   guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
-  loop needs no host writes) and one cache buffer per reused unit (`cache.<unit>`: written by the
-  variants that compute the unit as `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`).
+  loop needs no host writes; with Block Caching, also `step.{s}.scale.<unit>|shift.<unit>`) and one
+  cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
+  `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`).
 - `weights` arena: one slot per weight that an engine takes as an *input*; every engine binds the
   same slot, so each weight is held on the device once however many engines use it.
 
@@ -30,6 +31,7 @@ from schedules.errors import BlockcacheError
 ALIGNMENT = 256
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 STEP_CONSTANTS = ("timestep", "a", "b")
+ADJUST_PREFIXES = ("scale.", "shift.")  # Block Caching scale-shift vectors: per step constants too
 CALL_INPUTS = ("x", "y", "guidance_scale")  # written by the host on every call
 
 
@@ -132,15 +134,23 @@ def engine_io(manifest: dict) -> list[dict]:
     for v in manifest["variants"]:
         inputs = dict(step_inputs)
         inputs.update({"cache." + u: manifest["buffers"]["cache." + u] for u in v["reads"]})
+        for u in v.get("adjusts", ()):
+            cache = manifest["buffers"]["cache." + u]
+            inputs.update({p + u: {"shape": cache["shape"][-1:], "dtype": cache["dtype"]} for p in ADJUST_PREFIXES})
         outputs = {"x_next": {"shape": x["shape"], "dtype": x["dtype"]}}
         outputs.update({"unit." + u: manifest["buffers"]["cache." + u] for u in v["writes"]})
         out.append({"inputs": inputs, "outputs": outputs, "weight_inputs": []})
     return out
 
 
-def plan_bindings(manifest: dict, engines: list[dict] | None = None) -> BindingPlan:
-    """The binding plan of `manifest`'s steps over `engines` (default: engine_io(manifest))."""
+def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments: list[dict] | None = None
+                  ) -> BindingPlan:
+    """The binding plan of `manifest`'s steps over `engines` (default: engine_io(manifest)).
+    `adjustments`: per step {unit: (scale, shift)} (runtime.manifest.step_adjustments), needed by a
+    plan with Block Caching scale-shift."""
     engines = engine_io(manifest) if engines is None else engines
+    if manifest.get("scale_shift") and adjustments is None:
+        raise BlockcacheError("this plan has Block Caching scale-shift: its binding plan needs the per-step vectors")
     steps = manifest["steps"]
     if len(engines) != len(manifest["variants"]):
         raise BlockcacheError(f"plan has {len(manifest['variants'])} variants but {len(engines)} engines")
@@ -171,7 +181,7 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None) -> BindingP
                     slot = f"x.{s % 2}"
                 elif name == "x_next":
                     slot = f"x.{(s + 1) % 2}"
-                elif name in STEP_CONSTANTS:
+                elif name in STEP_CONSTANTS or name.startswith(ADJUST_PREFIXES):
                     slot = f"step.{s}.{name}"
                 elif name in CALL_INPUTS:
                     slot = name
@@ -202,6 +212,11 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None) -> BindingP
             if slot in io.slots:
                 spec = io.slots[slot]
                 constants[slot] = np.full(spec.shape, step[name], dtype=host_dtype(spec.dtype))
+        for unit, pair in (adjustments[s] if adjustments else {}).items():
+            for prefix, value in zip(ADJUST_PREFIXES, pair):
+                slot = f"step.{s}.{prefix}{unit}"
+                if slot in io.slots:
+                    constants[slot] = convert(value, io.slots[slot].dtype)
     return BindingPlan(io=io, weights=weights, step_engine=[s["variant"] for s in steps], steps=bound,
                        constants=constants, output=f"x.{len(steps) % 2}")
 

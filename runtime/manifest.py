@@ -1,7 +1,8 @@
 """The plan manifest (`plan.json`): everything a runtime needs, without torch.
 
 A plan folder holds `plan.json`, one ONNX graph per variant (`variant_<k>.onnx`), the weights stored
-once (`weights.bin`, referenced by every graph as ONNX external data), and a copy of the schedule.
+once (`weights.bin`, referenced by every graph as ONNX external data), and a copy of the schedule
+(with its Block Caching scale-shift sidecar, which the runtime reads: `step_adjustments`).
 The manifest lists each file's SHA-256, checked at load, so a truncated or edited plan is refused.
 """
 
@@ -11,12 +12,16 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 from schedules.errors import BlockcacheError
 
 FORMAT = "blockcache-plan"
 VERSION = 1
 MANIFEST = "plan.json"
 WEIGHTS = "weights.bin"
+SCHEDULE = "schedule.yaml"
+SCALE_SHIFT = "schedule.scaleshift.safetensors"  # written by Schedule.save beside SCHEDULE
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -68,3 +73,32 @@ def verify_files(plan_dir: str, manifest: dict) -> None:
 
 def file_entry(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def step_adjustments(plan_dir: str, manifest: dict) -> list[dict]:
+    """Per step, {unit: (scale, shift)} float32 vectors for every unit its variant corrects
+    (`adjusts`); zeros where the schedule has no correction for that step. Empty dicts for a plan
+    without scale-shift. Read with safetensors' numpy loader: plain tensors, no code runs."""
+    steps = manifest["steps"]
+    if not manifest.get("scale_shift"):
+        return [{} for _ in steps]
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = os.path.join(plan_dir, manifest["scale_shift"]["file"])
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise BlockcacheError(f"cannot read the plan's scale-shift file {path}: {e}") from None
+    out = []
+    for s, step in enumerate(steps):
+        adjust = {}
+        for unit in manifest["variants"][step["variant"]].get("adjusts", ()):
+            width = manifest["buffers"]["cache." + unit]["shape"][-1]
+            zeros = np.zeros(width, np.float32)
+            pair = tuple(tensors.get(f"{kind}/{s}/{unit}", zeros).astype(np.float32) for kind in ("scale", "shift"))
+            if any(v.shape != (width,) for v in pair):
+                raise BlockcacheError(f"{path}: scale-shift for step {s}, unit {unit} is not {width} channels")
+            adjust[unit] = pair
+        out.append(adjust)
+    return out

@@ -1,5 +1,6 @@
 """Block Caching's scale-shift: stored beside the schedule, applied by the eager reference to reused
-values, learned by distillation (held-out error falls), refused by the exporter for now."""
+values, learned by distillation (held-out error falls), exported as graph inputs and applied by
+every backend as by the reference."""
 
 import numpy as np
 import pytest
@@ -80,14 +81,33 @@ def test_learning_reduces_held_out_distillation_error():
     assert after < before
 
 
-def test_exporter_refuses_scale_shift_for_now(tmp_path):
+def partly_corrected(model, steps=7):
+    """Scale-shift on some reuse steps only: the steps without one share their variant with steps
+    that have one, so the plan must feed zeros there (and still share the graph)."""
+    plain, full = corrected(model, steps)
+    keep = {key: pair for key, pair in full.scale_shift.items() if key[0] % 4 != 1}
+    assert len(keep) < len(full.scale_shift)
+    return plain, Schedule(plain.unit_names, plain.compute, plain.sampler, scale_shift=keep)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_plan_applies_scale_shift_like_the_reference(backend, tmp_path):
     from exporter.export import export_plan
+    from exporter.verify import verify_plan
+    from runtime import Sampler
+    from runtime.manifest import load_manifest
 
     model = tiny_model()
-    _, schedule = corrected(model)
-    with pytest.raises(BlockcacheError, match="scale-shift cannot be exported yet"):
-        export_plan(model, schedule, str(tmp_path / "plan"))
-    assert not (tmp_path / "plan").exists()
+    plain, schedule = partly_corrected(model)
+    manifest = export_plan(model, schedule, str(tmp_path / "plan"), batch_size=2, guidance_scale=4.0)
+    assert len(manifest["variants"]) == 2  # scale-shift did not split the reuse steps' graph
+    assert manifest["variants"][1]["adjusts"] == manifest["variants"][1]["reads"]
+    labels, noise = [1, 2], initial_noise((2, 4, 8, 8), 3)
+    got = Sampler(str(tmp_path / "plan"), backend=backend, device="cpu")(labels, noise=noise)
+    want = sample(model, schedule, labels, noise)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(want - sample(model, plain, labels, noise)).max() > 1e-3  # the correction matters
+    verify_plan(model, str(tmp_path / "plan"), load_manifest(str(tmp_path / "plan")), 1e-4)
 
 
 def test_cli_round_trip_and_bad_inputs(tmp_path):
@@ -97,6 +117,10 @@ def test_cli_round_trip_and_bad_inputs(tmp_path):
                 "--schedule", tmp_path / "u.yaml", "--epochs", "2", "-o", tmp_path / "u-ss.yaml", "--quiet")
     assert r.returncode == 0, r.stderr
     assert Schedule.load(tmp_path / "u-ss.yaml").scale_shift
+    r = run_cli("exporter.export_cli", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--schedule",
+                tmp_path / "u-ss.yaml", "--out", tmp_path / "plan", "--verify", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "plan" / "schedule.scaleshift.safetensors").exists()
     for extra in (["--epochs", "0"], ["--seeds", "0,1000"], ["--schedule", str(tmp_path / "nope.yaml")]):
         args = ["scale-shift", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--schedule", tmp_path / "u.yaml",
                 "-o", tmp_path / "x.yaml", *extra]

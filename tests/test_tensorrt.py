@@ -24,7 +24,7 @@ from exporter.engines import (EngineSettings, build_engines, config_kwargs, expo
 from exporter.export import export_plan
 from runtime import Sampler
 from runtime.bindings import (ALIGNMENT, Arena, check_engine_io, pack_weights, plan_bindings, to_bfloat16)
-from runtime.manifest import load_manifest
+from runtime.manifest import load_manifest, step_adjustments
 from schedules import BlockcacheError, Schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,7 +70,7 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
     engines = manifest["tensorrt"]["engines"]
     if retype_to is not None:  # run fp16 engines' graphs in fp32 (ORT's CPU has few fp16 kernels)
         engines = json.loads(json.dumps(engines).replace('"float16"', '"float32"'))
-    plan = plan_bindings(manifest, engines)
+    plan = plan_bindings(manifest, engines, step_adjustments(plan_dir, manifest))
     blob = np.fromfile(os.path.join(plan_dir, "weights.bin"), dtype=np.uint8)
     arenas = {"io": plan.initial_io(), "weights": pack_weights(blob, manifest["weights"]["tensors"], plan.weights)}
     sessions = []
@@ -166,6 +166,32 @@ def test_binding_plan_rejects_inconsistent_engines(plans):
     del actual["x_next"]
     with pytest.raises(BlockcacheError, match="x_next"):
         check_engine_io(expected, actual, "engine_0.plan")
+
+
+def test_scale_shift_vectors_are_step_constants(tiny, tmp_path):
+    """Block Caching scale/shift inputs are bound to per-step constant slots holding the schedule's
+    vectors (zeros where a step has none); the replayed engines reproduce ONNX Runtime's samples."""
+    from test_scale_shift import partly_corrected
+
+    _, schedule = partly_corrected(tiny)
+    path = str(tmp_path / "plan")
+    export_with_engines(tiny, schedule, path, EngineSettings(precision="fp32", min_weight_bytes=SMALL),
+                        builder=fake_builder(),
+                        version="10.test", batch_size=2, guidance_scale=4.0)
+    manifest = load_manifest(path)
+    with pytest.raises(BlockcacheError, match="scale-shift"):
+        plan_bindings(manifest)
+    plan = plan_bindings(manifest, adjustments=step_adjustments(path, manifest))
+    buffer = plan.initial_io()
+    unit = manifest["variants"][1]["adjusts"][0]
+    for s in range(schedule.num_steps):
+        if unit in schedule.reused(s):
+            want = schedule.scale_shift.get((s, unit), (np.zeros(64),))[0]
+            np.testing.assert_array_equal(plan.io.view(buffer, f"step.{s}.scale.{unit}"), want)
+    x, y = noise(), np.array(LABELS, np.int64)
+    want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
+    got = replay(path, manifest, x, y, 4.0)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
 def test_arena_pack_and_bfloat16():

@@ -6,7 +6,8 @@ loop touches resident on the device, one graph execution per step.
   the session plans it on. On CPU, pre-packing is disabled: it would keep a re-laid-out copy of every
   weight per session, so memory would grow with the number of variants.
 - Buffers: two latents (ping-pong, input and output of a step), labels, the guidance scale, the
-  per-step constants and one cache buffer per reused unit are allocated at load. Every step's
+  per-step constants (with Block Caching scale/shift vectors where the plan has them) and one cache
+  buffer per reused unit are allocated at load. Every step's
   IOBinding is built at load too; a call copies noise and labels in, runs the bindings in order and
   copies the final latent out: no host round trip between steps.
 """
@@ -18,6 +19,8 @@ import os
 import numpy as np
 
 from schedules.errors import BlockcacheError, one_line
+
+from ..manifest import step_adjustments
 
 
 def _ort():
@@ -100,6 +103,12 @@ class OnnxRuntimeBackend:
         self.constants = [{"timestep": on_device(np.array([s["timestep"]], np.int64)),
                            "a": on_device(np.array([s["a"]], np.float32)),
                            "b": on_device(np.array([s["b"]], np.float32))} for s in manifest["steps"]]
+        # Block Caching scale/shift vectors, per step and corrected unit, in the cache's dtype.
+        for constants, adjust in zip(self.constants, step_adjustments(plan_dir, manifest)):
+            for unit, (scale, shift) in adjust.items():
+                dtype = np.dtype(manifest["buffers"]["cache." + unit]["dtype"])
+                constants["scale." + unit] = on_device(scale.astype(dtype))
+                constants["shift." + unit] = on_device(shift.astype(dtype))
         self.bindings = [self._bind(s, step) for s, step in enumerate(manifest["steps"])]
 
     def _bind(self, s: int, step: dict):

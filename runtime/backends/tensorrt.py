@@ -25,6 +25,7 @@ import numpy as np
 from schedules.errors import BlockcacheError, one_line
 
 from ..bindings import check_engine_io, host_dtype, pack_weights, plan_bindings
+from ..manifest import step_adjustments
 
 log = logging.getLogger("blockcache")
 
@@ -143,7 +144,7 @@ class TensorRTBackend:
                                   f"{trt.__version__}: re-export the plan with --backend tensorrt")
         self.device = "cuda"
         self.manifest = manifest
-        self.plan = plan_bindings(manifest)
+        self.plan = plan_bindings(manifest, adjustments=step_adjustments(plan_dir, manifest))
         blob = np.fromfile(os.path.join(plan_dir, manifest["weights"]["file"]), dtype=np.uint8)
         host_weights = pack_weights(blob, manifest["weights"]["tensors"], self.plan.weights)
         del blob

@@ -17,7 +17,7 @@ makes every parameter a view of the plan's single weights copy:
 - Steps: each step runs `DenoisingStep.denoise` (CFG, network, DDIM update, as the eager reference
   and the traced graphs do) with a unit policy built at load for its variant: units in `computes`
   run (and those in `writes` are copied into their cache buffer), units in `reads` return their cache
-  buffer. Cache buffers, the latent, labels, guidance scale and every step's timestep, a and b are
+  buffer (corrected by the step's Block Caching scale/shift where the plan has one). Cache buffers, the latent, labels, guidance scale and every step's timestep, a and b are
   device tensors allocated once at load.
 - Optionally (`compile=`), each DiT block runs through one `torch.compile`d function shared by all
   blocks and variants (at most four graphs: attention and MLP each computed or read).
@@ -48,6 +48,8 @@ import warnings
 import numpy as np
 
 from schedules.errors import BlockcacheError, one_line
+
+from ..manifest import step_adjustments
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Documented bound on max abs error / max abs value of the fp32 eager reference for a full sampling
@@ -113,17 +115,27 @@ def exact_fp32():
 
 
 class _UnitPolicy:
-    """`unit(name, fn)` for one variant: compute (and store if a later step reads it) or read the cache."""
+    """`unit(name, fn)` for one step: compute (and store if a later step reads it) or read the cache,
+    corrected by the step's Block Caching scale/shift (`adjust`: unit → (scale, shift)) where given."""
 
-    __slots__ = ("reads", "writes", "computes")
+    __slots__ = ("reads", "writes", "computes", "adjust")
 
-    def __init__(self, computes, reads: dict, writes: dict):
+    def __init__(self, computes, reads: dict, writes: dict, adjust: dict | None = None):
         self.computes = frozenset(computes)
         self.reads = reads
         self.writes = writes
+        self.adjust = adjust or {}
+
+    def read(self, name):
+        """The cached value of `name` as this step uses it, or None if the step computes it."""
+        buffer = self.reads.get(name)
+        if buffer is None or name not in self.adjust:
+            return buffer
+        scale, shift = self.adjust[name]
+        return buffer * (1 + scale) + shift
 
     def __call__(self, name, fn):
-        buffer = self.reads.get(name)
+        buffer = self.read(name)
         if buffer is not None:
             return buffer
         if name not in self.computes:  # the manifest was validated at load: a programming error
@@ -138,7 +150,7 @@ class _UnitPolicy:
         """A whole DiT block through `block_fn` (compiled `_block_step`): cache tensors in for the units
         this variant reads, fresh unit outputs back for the ones it writes."""
         attn, mlp = prefix + ".attn", prefix + ".mlp"
-        x, attn_out, mlp_out = block_fn(block, x, c, self.reads.get(attn), self.reads.get(mlp))
+        x, attn_out, mlp_out = block_fn(block, x, c, self.read(attn), self.read(mlp))
         for name, value in ((attn, attn_out), (mlp, mlp_out)):
             out = self.writes.get(name)
             if out is not None:
@@ -176,6 +188,7 @@ class TorchBackend:
         compiled at load. `warmup`: loop runs before capture."""
         torch = _torch()
         self.device = resolve_device(device)
+        self.plan_dir = plan_dir
         self.manifest = manifest
         stored = manifest.get("precision", "fp32")
         if stored not in ("fp32", "fp16"):
@@ -317,13 +330,19 @@ class TorchBackend:
             self.policies.append(_UnitPolicy(computes, {u: self.cache[u] for u in reads},
                                              {u: self.cache[u] for u in writes}))
         self.steps = []
+        adjustments = step_adjustments(self.plan_dir, manifest)
         for s, step in enumerate(manifest["steps"]):
             if not 0 <= step["variant"] < len(self.policies):
                 raise BlockcacheError(f"plan step {s} names variant {step['variant']}, which does not exist")
+            policy = self.policies[step["variant"]]
+            if adjustments[s]:  # a policy of its own: the step's scale/shift, made on the device once
+                adjust = {u: tuple(torch.from_numpy(v).to(device=dev, dtype=self.dtype) for v in pair)
+                          for u, pair in adjustments[s].items()}
+                policy = _UnitPolicy(policy.computes, policy.reads, policy.writes, adjust)
             self.steps.append((torch.tensor([int(step["timestep"])], dtype=torch.int64, device=dev),
                                torch.tensor([step["a"]], dtype=torch.float32, device=dev),
                                torch.tensor([step["b"]], dtype=torch.float32, device=dev),
-                               self.policies[step["variant"]]))
+                               policy))
         # A step that reads a unit must come after one that writes it: the first step computes all.
         if self.steps and manifest["variants"][manifest["steps"][0]["variant"]]["reads"]:
             raise BlockcacheError("plan step 0 reads the cache (nothing is cached yet)")
