@@ -35,7 +35,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         if x.dtype == torch.float32:
             return super().forward(x)
-        return F.layer_norm(x.float(), self.normalized_shape, None, None, self.eps).to(x.dtype)
+        weight, bias = (None, None) if self.weight is None else (self.weight.float(), self.bias.float())
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 #################################################################################
@@ -101,10 +102,10 @@ class PatchEmbed(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -116,10 +117,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features):
+    def __init__(self, in_features, hidden_features, approximate="tanh"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x):
@@ -241,14 +242,17 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     fresh DiT output zeros and every comparison vacuous). Matrices are Xavier-uniform, biases
     N(0, 0.02²), label vectors N(0, 1); the adaLN and final layers are drawn at a quarter of the Xavier
     bound, so that gates stay moderate as in trained adaLN-Zero models and a 28-block random model is
-    not chaotic (its sampling trajectory then says something about numerical agreement). The fixed
-    sin-cos `pos_embed` is kept."""
+    not chaotic (its sampling trajectory then says something about numerical agreement). A fixed
+    sin-cos `pos_embed` (DiT's, `requires_grad=False`) is kept; a learned one (U-ViT's) is drawn from
+    N(0, 0.02²) as its official initialisation does."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name == "pos_embed":
+        if name == "pos_embed" and not p.requires_grad:
             continue
         with torch.no_grad():
-            if "embedding_table" in name:  # unit-scale label vectors, so labels matter as much as t
+            if name == "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif "embedding_table" in name or "label_emb" in name:  # unit-scale label vectors: labels matter as much as t
                 p.copy_(torch.randn(p.shape, generator=g))
             elif p.ndim >= 2:
                 fan_in, fan_out = p.shape[1] * math.prod(p.shape[2:]), p.shape[0] * math.prod(p.shape[2:])
