@@ -243,11 +243,12 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     N(0, 0.02²), label vectors N(0, 1); the adaLN and final layers are drawn at a quarter of the Xavier
     bound, so that gates stay moderate as in trained adaLN-Zero models and a 28-block random model is
     not chaotic (its sampling trajectory then says something about numerical agreement). A fixed
-    sin-cos `pos_embed` (DiT's, `requires_grad=False`) is kept; a learned one (U-ViT's) is drawn from
-    N(0, 0.02²) as its official initialisation does."""
+    sin-cos `pos_embed` (DiT's) is kept; a learned one (a model with `learned_pos_embed = True`, U-ViT)
+    is drawn from N(0, 0.02²) as its official initialisation does."""
     g = torch.Generator().manual_seed(seed)
+    learned_pos_embed = getattr(model, "learned_pos_embed", False)
     for name, p in model.named_parameters():
-        if name == "pos_embed" and not p.requires_grad:
+        if name == "pos_embed" and not learned_pos_embed:
             continue
         with torch.no_grad():
             if name == "pos_embed":
