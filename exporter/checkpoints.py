@@ -1,4 +1,4 @@
-"""Reading DiT weights safely: official `.pt` (plain or under "ema"), diffusers
+"""Reading model weights safely: official DiT `.pt` (plain or under "ema") and U-ViT `.pth`, diffusers
 `DiTTransformer2DModel` state dicts, and safetensors. Pickles are read with `weights_only=True`
 (plus `argparse.Namespace`, which DiT's and L2C's training checkpoints contain), so a file that would
 run code is refused without running it.
@@ -97,7 +97,7 @@ def load_state_dict(model: torch.nn.Module, path) -> None:
     """Load `path` into `model`, reporting missing, unexpected or mis-shaped keys in one line."""
     sd = state_dict_from(read_tensors(path), os.fspath(path))
     expected = model.state_dict()
-    if "pos_embed" not in sd:  # fixed sin-cos: some exports leave it out
+    if "pos_embed" not in sd and not getattr(model, "learned_pos_embed", False):  # fixed sin-cos: some exports leave it out
         sd["pos_embed"] = expected["pos_embed"]
     for key, value in sd.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):

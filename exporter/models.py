@@ -1,4 +1,5 @@
-"""DiT (Peebles & Xie) in plain PyTorch, the model zoo, and checkpoint loading.
+"""DiT (Peebles & Xie) in plain PyTorch, the model zoo (DiT here, U-ViT in exporter/uvit.py), and
+checkpoint loading.
 
 The network follows facebookresearch/DiT `models.py` layer for layer and key for key, without timm.
 One addition: every cacheable unit (a block's attention or MLP branch, *before* its adaLN gate and
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from schedules.errors import BlockcacheError
-from schedules.zoo import model_config, unit_names
+from schedules.zoo import family_of, model_config, unit_names
 
 
 def modulate(x, shift, scale):
@@ -163,9 +164,11 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone. `forward(x, t, y)` as the official model."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, num_classes=1000, learn_sigma=True, family="dit"):
         super().__init__()
-        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+        if family != "dit":  # zoo configs name their family; a U-ViT config is not a DiT's
+            raise BlockcacheError(f"a {family} config cannot build a DiT")
+        self.config = dict(family="dit", input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            num_classes=num_classes, learn_sigma=learn_sigma)
         self.learn_sigma = learn_sigma
@@ -174,6 +177,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
+        self.null_class = num_classes  # the label table's extra row
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -266,11 +270,23 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: int = 0, **overrides) -> DiT:
+def build_model(config: dict) -> nn.Module:
+    """The network of `config`'s family (DiT, or U-ViT from exporter.uvit), weights as constructed."""
+    try:
+        if family_of(config).name == "uvit":
+            from .uvit import UViT
+
+            return UViT(**config)
+        return DiT(**config)
+    except TypeError as e:
+        raise BlockcacheError(f"not a {family_of(config).name} config: {e}") from None
+
+
+def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: int = 0, **overrides) -> nn.Module:
     """A zoo model in eval mode. Weights come from `checkpoint`, from the package (embedded models),
     or, only when asked with `random_init=True`, from a seeded random draw."""
     config = model_config(name, **overrides)
-    model = DiT(**config)
+    model = build_model(config)
     if checkpoint is not None and random_init:
         raise BlockcacheError("give either a checkpoint or random_init, not both")
     if checkpoint is None and not random_init:

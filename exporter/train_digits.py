@@ -90,7 +90,7 @@ def train(steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE, seed
     from tqdm.auto import tqdm
 
     from .digits import load_digits_images
-    from .models import DiT, model_config
+    from .models import build_model, model_config
 
     # Subnormal numbers are flushed to zero (a few Adam moments get there: softmax makes the key
     # biases' gradients ~0). The shipped weights were trained this way, so a rerun needs it to match
@@ -98,7 +98,7 @@ def train(steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE, seed
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = DiT(**model_config(MODEL, **config_overrides))
+    model = build_model(model_config(MODEL, **config_overrides))
     initialize_weights(model)
     model.train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}

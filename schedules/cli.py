@@ -8,9 +8,9 @@ from .cost import stats
 from .errors import BlockcacheError, cli_main
 from .options import ArgumentParser, add_model_args, config_from_args
 from .plot import heatmap, text_view
-from .sampling import SPACINGS
+from .sampling import SAMPLERS, SPACINGS
 from .schedule import Schedule
-from .zoo import CONFIGS, model_config, unit_names
+from .zoo import CONFIGS, check_sampler, family_of, model_config, unit_names
 
 
 def build_parser() -> ArgumentParser:
@@ -20,8 +20,12 @@ def build_parser() -> ArgumentParser:
     def maker(name, help):
         p = sub.add_parser(name, help=help)
         add_model_args(p)
-        p.add_argument("--steps", type=int, required=True, help="sampling steps")
-        p.add_argument("--spacing", choices=SPACINGS, default="linspace", help="timestep respacing (default linspace)")
+        p.add_argument("--steps", type=int, required=True,
+                       help="model evaluations (DDIM: sampling steps; dpm-solver-2: twice its solver steps)")
+        p.add_argument("--sampler", choices=SAMPLERS, help="solver (default: the model family's: ddim for DiT, "
+                       "dpm-solver-2 for U-ViT)")
+        p.add_argument("--spacing", choices=SPACINGS + ("time-uniform",),
+                       help="timestep spacing (default: linspace for ddim, time-uniform for dpm-solver-2)")
         p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
         return p
 
@@ -30,7 +34,8 @@ def build_parser() -> ArgumentParser:
         "--interval", type=int, required=True, metavar="K")
     p = maker("import-l2c", "import a Learning-to-Cache router file")
     p.add_argument("router", help="L2C router checkpoint (DDIM20_router.pt, …)")
-    p.add_argument("--threshold", type=float, default=0.1, help="compute a unit iff sigmoid(logit) > θ (0.1 for DiT)")
+    p.add_argument("--threshold", type=float, help="compute a unit iff sigmoid(logit) > θ (default: the published "
+                   "0.1 for DDIM/DiT, 0.9 for DPM/U-ViT)")
     p.add_argument("--every-step", action="store_true",
                    help="threshold every step (learn-l2c routers) instead of the published odd-full/even-cached")
 
@@ -61,6 +66,7 @@ def _config_for(schedule: Schedule, args) -> dict | None:
     else:
         return None
     schedule.check_units(unit_names(config), args.model or schedule.model)
+    check_sampler(config, schedule.sampler["name"], args.model or schedule.model)
     return config
 
 
@@ -76,15 +82,18 @@ def run(args) -> int:
     if args.command in ("full", "uniform", "import-l2c"):
         config = config_from_args(args)
         units = unit_names(config)
+        sampler = args.sampler or family_of(config).samplers[0]
+        check_sampler(config, sampler, args.model)
         if args.command == "full":
-            schedule = Schedule.full(units, args.steps, args.spacing, model=args.model)
+            schedule = Schedule.full(units, args.steps, args.spacing, model=args.model, sampler=sampler)
         elif args.command == "uniform":
-            schedule = Schedule.uniform(units, args.steps, args.interval, args.spacing, model=args.model)
+            schedule = Schedule.uniform(units, args.steps, args.interval, args.spacing, model=args.model,
+                                        sampler=sampler)
         else:
             from .l2c import import_l2c
 
             schedule = import_l2c(args.router, units, args.steps, threshold=args.threshold, spacing=args.spacing,
-                                  model=args.model, every_step=args.every_step)
+                                  model=args.model, every_step=args.every_step, sampler=sampler)
         write_schedule(schedule, args.output)
         s = stats(config, schedule)
         print(f"wrote {args.output}: {s['steps']} steps, {s['distinct_rows']} distinct rows, "

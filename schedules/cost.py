@@ -1,8 +1,9 @@
-"""Analytic cost model: multiply-accumulates (MACs) per image for a DiT config and a schedule.
+"""Analytic cost model: multiply-accumulates (MACs) per image for a model config and a schedule.
 
 Counts the matrix products (linear layers, patch embedding, attention scores and values); the
 element-wise work (norms, softmax, GELU, modulation) is left out, as in the papers' GMAC figures.
-DiT-XL/2 at 256 px gives 118.6 GMACs per image, the published number.
+DiT-XL/2 at 256 px gives 118.6 GMACs per image, the published number; U-ViT-H/2 at 256 px gives
+133.2 (its paper lists 133 GFLOPs, counting a multiply-add as one).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import numpy as np
 
 from .errors import BlockcacheError
 from .schedule import Schedule
-from .zoo import unit_names
+from .zoo import family_of, unit_names
 
 
 def unit_macs(config: dict) -> dict[str, int]:
     """MACs per image of one unit of each kind: {"attn": …, "mlp": …}."""
     d = config["hidden_size"]
-    t = (config["input_size"] // config["patch_size"]) ** 2
+    t = (config["input_size"] // config["patch_size"]) ** 2 + family_of(config).extra_tokens
     hidden = int(d * config["mlp_ratio"])
     attn = t * d * 3 * d + 2 * t * t * d + t * d * d  # qkv, q·kᵀ and softmax·v, proj
     mlp = 2 * t * d * hidden
@@ -26,10 +27,17 @@ def unit_macs(config: dict) -> dict[str, int]:
 
 def fixed_macs(config: dict) -> int:
     """MACs per image outside the cacheable units (always computed)."""
-    d, p = config["hidden_size"], config["patch_size"]
+    d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
     t = (config["input_size"] // p) ** 2
-    out = config["in_channels"] * (2 if config["learn_sigma"] else 1)
-    embed = t * config["in_channels"] * p * p * d
+    embed = t * c * p * p * d
+    if family_of(config).name == "uvit":
+        t_all = t + family_of(config).extra_tokens
+        time_mlp = 2 * d * 4 * d if config["mlp_time_embed"] else 0
+        skips = config["depth"] // 2 * t_all * 2 * d * d  # skip_linear of every out block
+        decoder = t_all * d * p * p * c
+        conv = 9 * c * c * config["input_size"] ** 2 if config["conv"] else 0
+        return embed + time_mlp + skips + decoder + conv
+    out = c * (2 if config["learn_sigma"] else 1)
     t_mlp = 256 * d + d * d
     ada = config["depth"] * 6 * d * d + 2 * d * d
     final = t * d * p * p * out

@@ -6,6 +6,12 @@ MLP; score = sigmoid(logit). At odd i every unit is computed; at even i unit j i
 score > θ (θ = 0.1 for DiT), else reused from the previous step. Sampling step s is index N−1−s.
 `every_step=True` applies the threshold at every index instead (routers learned by `learn-l2c`,
 which may reuse on consecutive steps).
+
+U-ViT router files (`dpm20_router.pth`, `dpm50_router.pth`): a bare {"{i}.prob": 58 logits} dict for
+DPM-Solver-2, whose schedule rows are model evaluations (two per solver step). Only routers 1 …
+NFE/2 − 1 are used: router k decides the *outer* evaluation of solver step k (row 2k), which reuses
+each unit with score ≤ θ (θ = 0.9) from the evaluation just before it (step k−1's intermediate
+one); every intermediate evaluation and step 0 compute everything.
 """
 
 from __future__ import annotations
@@ -42,33 +48,69 @@ def read_router_logits(path) -> dict[int, np.ndarray]:
     return logits
 
 
-def schedule_from_l2c(logits: dict[int, np.ndarray], unit_names, steps: int, *, threshold: float = 0.1,
-                      spacing: str = "linspace", model: str | None = None, source: str | None = None,
-                      every_step: bool = False) -> Schedule:
+DEFAULT_THRESHOLD = {"ddim": 0.1, "dpm-solver-2": 0.9}  # the published θ for DiT (DDIM) and U-ViT (DPM)
+
+
+def _check(logits: dict, unit_names, threshold: float) -> None:
     n_units = len(unit_names)
     size = next(iter(logits.values())).size
     if size != n_units:
         raise BlockcacheError(f"router has {size} logits per step but the model has {n_units} units "
                               f"({size // 2} vs {n_units // 2} blocks): wrong model?")
-    if len(logits) != steps:
-        raise BlockcacheError(f"router was trained for {len(logits)} steps, not {steps}")
     if not 0.0 < threshold < 1.0:
         raise BlockcacheError(f"threshold must be in (0, 1), got {threshold}")
+
+
+def _score(logit: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def schedule_from_l2c(logits: dict[int, np.ndarray], unit_names, steps: int, *, threshold: float = 0.1,
+                      spacing: str = "linspace", model: str | None = None, source: str | None = None,
+                      every_step: bool = False) -> Schedule:
+    _check(logits, unit_names, threshold)
+    n_units = len(unit_names)
+    if len(logits) != steps:
+        raise BlockcacheError(f"router was trained for {len(logits)} steps, not {steps}")
     compute = np.ones((steps, n_units), dtype=bool)
     for s in range(steps):
         i = steps - 1 - s
         if (i % 2 == 1 and not every_step) or s == 0:  # odd index: full step; step 0 has nothing cached yet
             continue
-        score = 1.0 / (1.0 + np.exp(-logits[i]))
-        compute[s] = score > threshold
+        compute[s] = _score(logits[i]) > threshold
     return Schedule(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
                     source=source or f"l2c threshold={threshold}")
 
 
-def import_l2c(path, unit_names, steps: int, *, threshold: float = 0.1, spacing: str = "linspace",
-               model: str | None = None, every_step: bool = False) -> Schedule:
+def schedule_from_uvit_l2c(logits: dict[int, np.ndarray], unit_names, evaluations: int, *, threshold: float = 0.9,
+                           model: str | None = None, source: str | None = None) -> Schedule:
+    """The published U-ViT semantics (module docstring) for DPM-Solver-2 with `evaluations` rows."""
+    _check(logits, unit_names, threshold)
+    if evaluations % 2 or evaluations < 2:
+        raise BlockcacheError(f"DPM-Solver-2 makes two evaluations per step: {evaluations} is not an even count")
+    solver_steps = evaluations // 2
+    if len(logits) < solver_steps:
+        raise BlockcacheError(f"router file has {len(logits)} routers, too few for {evaluations} evaluations "
+                              f"({solver_steps} solver steps): made for fewer steps?")
+    compute = np.ones((evaluations, len(unit_names)), dtype=bool)
+    for k in range(1, solver_steps):
+        compute[2 * k] = _score(logits[k]) > threshold
+    return Schedule(unit_names, compute, {"name": "dpm-solver-2", "steps": evaluations, "spacing": "time-uniform"},
+                    model, source=source or f"l2c threshold={threshold}")
+
+
+def import_l2c(path, unit_names, steps: int, *, threshold: float | None = None, spacing: str | None = None,
+               model: str | None = None, every_step: bool = False, sampler: str = "ddim") -> Schedule:
+    """A schedule from the router file `path` for `steps` model evaluations of `sampler` (ddim: DiT's
+    router files; dpm-solver-2: U-ViT's). `threshold` defaults to the published θ for the sampler."""
+    if sampler not in DEFAULT_THRESHOLD:
+        raise BlockcacheError(f"L2C routers exist for ddim and dpm-solver-2 schedules, not {sampler!r}")
+    threshold = DEFAULT_THRESHOLD[sampler] if threshold is None else threshold
     logits = read_router_logits(path)
-    return schedule_from_l2c(logits, unit_names, steps, threshold=threshold, spacing=spacing, model=model,
-                             every_step=every_step,
-                             source=f"import-l2c {os.path.basename(os.fspath(path))} threshold={threshold}"
-                             + (" every-step" if every_step else ""))
+    source = f"import-l2c {os.path.basename(os.fspath(path))} threshold={threshold}"
+    if sampler == "dpm-solver-2":
+        if every_step:
+            raise BlockcacheError("--every-step is for DDIM routers made by learn-l2c")
+        return schedule_from_uvit_l2c(logits, unit_names, steps, threshold=threshold, model=model, source=source)
+    return schedule_from_l2c(logits, unit_names, steps, threshold=threshold, spacing=spacing or "linspace",
+                             model=model, every_step=every_step, source=source + (" every-step" if every_step else ""))

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .errors import BlockcacheError
-from .zoo import CONFIGS, OVERRIDES, model_config
+from .zoo import BOOLEAN_OPTIONS, CONFIGS, OVERRIDES, model_config
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,9 +22,9 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     group.add_argument("--model", required=required, metavar="NAME", help=f"zoo name ({', '.join(CONFIGS)})")
     for key in OVERRIDES:
         flag = "--" + key.replace("_", "-")
-        if key == "learn_sigma":
+        if key in BOOLEAN_OPTIONS:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
-                               help="override the config's learn_sigma")
+                               help=f"override the config's {key}")
         else:
             group.add_argument(flag, dest=key, type=float if key == "mlp_ratio" else int, default=None,
                                metavar="N", help=f"override the config's {key}")

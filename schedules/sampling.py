@@ -6,6 +6,12 @@ kept ᾱ values, exactly as `SpacedDiffusion` does, so the float64 tables match 
 
 Steps are counted in *sampling order*: index 0 is the noisiest model evaluation. The DDIM update for
 eta = 0 is folded into two float64 coefficients per step, `x_prev = a[s]·x + b[s]·eps`.
+
+Every sampler offers the same interface, so that the exporter can unroll any of them into per-
+evaluation graphs: `timesteps` (what the model is called with, per evaluation), `coefficients()`
+(a, b) and `carry_coefficients()` c with `x_next = a·x + b·eps + c·x_carry`, where `x_carry` is the
+input of evaluation `carry_source[s]` (a second-order single-step solver's intermediate evaluation
+needs the latent its solver step started from; DDIM has c = 0). DPM-Solver-2 lives in dpm_solver.py.
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ from .errors import BlockcacheError
 
 NUM_TRAIN_TIMESTEPS = 1000
 SPACINGS = ("linspace", "ddim")
-SAMPLERS = ("ddim",)
-GUIDANCE_CHANNELS = ("first3", "all")
+# Each sampler's spacings of its model evaluations; the first is its default.
+SAMPLER_SPACINGS = {"ddim": SPACINGS, "dpm-solver-2": ("time-uniform",)}
+SAMPLERS = tuple(SAMPLER_SPACINGS)
+# Guidance forms: DiT's `uncond + s·(cond − uncond)` on the first three channels (official) or on
+# all (diffusers), and U-ViT's `cond + s·(cond − uncond)` on all channels.
+GUIDANCE_CHANNELS = ("first3", "all", "uvit")
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -107,7 +117,14 @@ class DDIMSampler:
         b = np.sqrt(1.0 - ac_prev) - np.sqrt(ac_prev) * np.sqrt(1.0 / ac - 1.0)
         return a, b
 
-    def step(self, eps, s: int, x):
+    def carry_coefficients(self) -> np.ndarray:
+        return np.zeros(self.num_steps)
+
+    @property
+    def carry_source(self) -> np.ndarray:
+        return np.arange(self.num_steps)
+
+    def step(self, eps, s: int, x, x_carry=None):
         """One DDIM update at sampling step s. Works on numpy arrays and torch tensors alike."""
         a, b = self.coefficients()
         return float(a[s]) * x + float(b[s]) * eps
@@ -116,9 +133,22 @@ class DDIMSampler:
         return {"name": self.name, "steps": self.num_steps, "spacing": self.spacing}
 
 
-def make_sampler(name: str, steps: int, spacing: str = "linspace") -> DDIMSampler:
-    if name != "ddim":
+def default_spacing(name: str) -> str:
+    if name not in SAMPLER_SPACINGS:
         raise BlockcacheError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    return SAMPLER_SPACINGS[name][0]
+
+
+def make_sampler(name: str, steps: int, spacing: str | None = None):
+    """The sampler `name` with `steps` model evaluations (DDIM: steps; DPM-Solver-2: twice its solver steps)."""
+    spacing = spacing or default_spacing(name)
+    if spacing not in SAMPLER_SPACINGS[name]:
+        raise BlockcacheError(f"sampler {name} has no spacing {spacing!r} (its spacings: "
+                              f"{', '.join(SAMPLER_SPACINGS[name])})")
+    if name == "dpm-solver-2":
+        from .dpm_solver import DPMSolver2Sampler
+
+        return DPMSolver2Sampler(steps)
     return DDIMSampler(int(steps), spacing)
 
 
@@ -127,18 +157,27 @@ def guided_eps(eps_cond, eps_uncond, scale: float, channels: str = "first3"):
 
     `first3` is the official DiT convention: only the first three channels are guided and the rest
     keep the conditional prediction (DiT's 4-channel latents: channel 3 is not guided). `all` guides
-    every channel, as diffusers' DiTPipeline does.
+    every channel, as diffusers' DiTPipeline does. `uvit` is U-ViT's form, `cond + s·(cond − uncond)`
+    on every channel (its s = 0.4 is s = 1.4 in the other form).
     """
+    if channels == "uvit":
+        return eps_cond + scale * (eps_cond - eps_uncond)
     guided = eps_uncond + scale * (eps_cond - eps_uncond)
     if channels == "all":
         return guided
     if channels != "first3":
-        raise BlockcacheError(f"unknown guidance channels {channels!r} (expected first3 or all)")
+        raise BlockcacheError(f"unknown guidance channels {channels!r} (expected {', '.join(GUIDANCE_CHANNELS)})")
     k = min(3, eps_cond.shape[1])
     if k == eps_cond.shape[1]:
         return guided
     cat = np.concatenate if isinstance(eps_cond, np.ndarray) else _torch_cat
     return cat([guided[:, :k], eps_cond[:, k:]], 1)
+
+
+def guidance_needed(scale: float, channels: str) -> bool:
+    """Whether `scale` changes the prediction (so the doubled batch must run): DiT's form is the
+    conditional prediction at scale 1, U-ViT's at scale 0."""
+    return scale != 0 if channels == "uvit" else scale != 1
 
 
 def _torch_cat(parts, dim):

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from .errors import BlockcacheError
-from .sampling import SAMPLERS, SPACINGS, make_sampler
+from .sampling import SAMPLER_SPACINGS, SAMPLERS, default_spacing, make_sampler
 
 VERSION = 1
 COMPUTE, REUSE = "x", "."
@@ -76,8 +76,9 @@ class Schedule:
         name, steps, spacing = (self.sampler.get(k) for k in ("name", "steps", "spacing"))
         if name not in SAMPLERS:
             raise BlockcacheError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
-        if spacing not in SPACINGS:
-            raise BlockcacheError(f"unknown spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
+        if spacing not in SAMPLER_SPACINGS[name]:
+            raise BlockcacheError(f"sampler {name} has no spacing {spacing!r} (its spacings: "
+                                  f"{', '.join(SAMPLER_SPACINGS[name])})")
         if steps != self.num_steps:
             raise BlockcacheError(f"sampler has {steps} steps but the schedule has {self.num_steps} rows")
         self._validate_scale_shift()
@@ -237,8 +238,9 @@ class Schedule:
             if len(chars) != len(units):
                 raise BlockcacheError(f"{where}: step {i} has {len(chars)} entries but there are {len(units)} units")
             compute[i] = [ch == COMPUTE for ch in chars]
-        sampler = {"name": sampler.get("name", "ddim"), "steps": sampler.get("steps", len(rows)),
-                   "spacing": sampler.get("spacing", "linspace")}
+        name = sampler.get("name", "ddim")
+        sampler = {"name": name, "steps": sampler.get("steps", len(rows)),
+                   "spacing": sampler.get("spacing", SAMPLER_SPACINGS.get(name, ("linspace",))[0])}
         scale_shift = _read_scale_shift(doc["scale_shift"], where, base_dir) if doc.get("scale_shift") else {}
         try:
             schedule = cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"),
@@ -263,21 +265,25 @@ class Schedule:
 
     # -- makers --------------------------------------------------------------------------------
     @classmethod
-    def full(cls, unit_names, steps: int, spacing: str = "linspace", model: str | None = None) -> "Schedule":
-        make_sampler("ddim", steps, spacing)  # validates steps/spacing in one line
+    def full(cls, unit_names, steps: int, spacing: str | None = None, model: str | None = None,
+             sampler: str = "ddim") -> "Schedule":
+        """Every unit at every model evaluation (`steps` evaluations of `sampler`)."""
+        spacing = spacing or default_spacing(sampler)
+        make_sampler(sampler, steps, spacing)  # validates steps/spacing in one line
         compute = np.ones((steps, len(unit_names)), dtype=bool)
-        return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model, source="full")
+        return cls(unit_names, compute, {"name": sampler, "steps": steps, "spacing": spacing}, model, source="full")
 
     @classmethod
-    def uniform(cls, unit_names, steps: int, interval: int, spacing: str = "linspace",
-                model: str | None = None) -> "Schedule":
-        """DeepCache / FORA: every unit recomputed at every `interval`-th step, reused in between."""
+    def uniform(cls, unit_names, steps: int, interval: int, spacing: str | None = None,
+                model: str | None = None, sampler: str = "ddim") -> "Schedule":
+        """DeepCache / FORA: every unit recomputed at every `interval`-th evaluation, reused in between."""
         if not isinstance(interval, int) or interval < 1:
             raise BlockcacheError(f"interval must be a positive integer, got {interval!r}")
-        make_sampler("ddim", steps, spacing)
+        spacing = spacing or default_spacing(sampler)
+        make_sampler(sampler, steps, spacing)
         compute = np.zeros((steps, len(unit_names)), dtype=bool)
         compute[::interval] = True
-        return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
+        return cls(unit_names, compute, {"name": sampler, "steps": steps, "spacing": spacing}, model,
                    source=f"uniform interval={interval}")
 
 
