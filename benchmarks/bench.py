@@ -221,10 +221,10 @@ def shared_trace(cache: dict):
 
     original = ex.trace_master
 
-    def traced(model, batch_size, guidance, guidance_channels="first3"):
-        key = (_model_digest(model), batch_size, bool(guidance), guidance_channels)
+    def traced(model, batch_size, guidance, guidance_channels="first3", **options):
+        key = (_model_digest(model), batch_size, bool(guidance), guidance_channels, tuple(sorted(options.items())))
         if key not in cache:
-            cache[key] = original(model, batch_size, guidance, guidance_channels)
+            cache[key] = original(model, batch_size, guidance, guidance_channels, **options)
         proto = onnx.ModelProto()
         proto.CopyFrom(cache[key])
         return proto

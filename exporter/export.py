@@ -2,9 +2,10 @@
 
     plan = export_plan(model, schedule, "plans/l2c20", batch_size=8, guidance_scale=4.0)
 
-Steps with the same computed-unit set share one variant graph; the per-step constants (timestep,
-DDIM a and b, guidance scale, and Block Caching scale/shift vectors) are graph inputs: the first
-three are listed per step in the manifest, the vectors stay in the schedule's sidecar file.
+Steps (model evaluations) with the same computed-unit set share one variant graph; the per-step
+constants (timestep, the solver's a, b and c, guidance scale, and Block Caching scale/shift vectors)
+are graph inputs: the solver's are listed per step in the manifest with the step's latent buffers
+(input, carry, output), the vectors stay in the schedule's sidecar file.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from tqdm.auto import tqdm
 from runtime import manifest as mf
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
+from schedules.sampling import guidance_needed
+from schedules.zoo import family_of, num_labels
 
+from .reference import check_schedule, model_timesteps
 from .surgery import CACHE_PREFIX, derive_variant, parameter_sources, split_weights, tensor_shape
-from .trace import STEP_INPUTS, UNIT_PREFIX, trace_master
+from .trace import UNIT_PREFIX, step_inputs, trace_master
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -40,30 +44,52 @@ def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
     return rows, step_variant
 
 
+def latent_slots(carry_source) -> list[tuple[int, int, int]]:
+    """Per evaluation, the latent buffers (input, carry, output): the output goes to the lowest buffer
+    holding neither the input nor the carry. DDIM ping-pongs between two buffers; DPM-Solver-2 needs
+    three, since its intermediate evaluation reads the solver step's starting latent too."""
+    holds, slots = {}, []  # evaluation → buffer holding its input
+    holds[0] = 0
+    for s, src in enumerate(carry_source):
+        live = {holds[s], holds[int(src)]}
+        out = min(set(range(len(live) + 1)) - live)
+        slots.append((holds[s], holds[int(src)], out))
+        holds[s + 1] = out
+    return slots
+
+
 def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float = 4.0,
-                guidance: bool | None = None, guidance_channels: str = "first3", precision: str = "fp32",
+                guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
                 progress: bool = False) -> dict:
     """Write a plan for `model` + `schedule` to `out_dir` and return its manifest.
 
-    `guidance` (default: scale > 1) bakes the doubled CFG batch into the graphs; the scale stays an
-    input, so a plan made with guidance can be sampled at any scale."""
-    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    `guidance` (default: whether the scale changes the prediction) bakes the doubled CFG batch into
+    the graphs; the scale stays an input, so a plan made with guidance can be sampled at any scale.
+    `guidance_channels` defaults to the model family's guidance form."""
+    check_schedule(model, schedule)
+    family = family_of(model.config)
+    guidance_channels = guidance_channels or family.guidance
     if precision not in PRECISIONS:
         raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BlockcacheError(f"batch size must be a positive integer, got {batch_size!r}")
-    guidance = guidance_scale > 1 if guidance is None else guidance
+    guidance = guidance_needed(guidance_scale, guidance_channels) if guidance is None else guidance
     if precision == "fp16":  # weights and activations fp16; norms, guidance and the update stay fp32
         model = copy.deepcopy(model).half()
     _check_destination(out_dir)
     sampler = schedule.make_sampler()
     a, b = sampler.coefficients()
+    c = sampler.carry_coefficients()
+    carry = bool(np.any(c))
+    timesteps = model_timesteps(sampler)
     rows, step_variant = group_variants(schedule)
+    latents = latent_slots(sampler.carry_source)
     units = schedule.unit_names
 
     bar = tqdm(total=3 + len(rows), desc="export", disable=not progress, leave=False)
     bar.set_postfix_str("trace")
-    master = trace_master(model, batch_size, guidance, guidance_channels)
+    master = trace_master(model, batch_size, guidance, guidance_channels, carry=carry,
+                          fractional_time=timesteps.dtype.kind == "f")
     sources = parameter_sources(master, model.state_dict())
     blob, weight_index = split_weights(master, keep={src["tensor"] for src in sources.values()})
     bar.update()
@@ -114,15 +140,15 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
                 shape, dtype = tensor_shape(master, UNIT_PREFIX + u)
                 buffers[CACHE_PREFIX + u] = {"shape": shape, "dtype": dtype}
         inputs = {}
-        for name in STEP_INPUTS:
+        for name in step_inputs(carry):
             shape, dtype = tensor_shape(master, name)
             inputs[name] = {"shape": shape, "dtype": dtype}
         full, scheduled = schedule_macs(model.config, schedule)
         manifest = {
             "format": mf.FORMAT,
             "version": mf.VERSION,
-            "model": {"name": getattr(model, "name", None), "family": "dit", "config": dict(model.config),
-                      "unit_names": list(units)},
+            "model": {"name": getattr(model, "name", None), "family": family.name, "config": dict(model.config),
+                      "unit_names": list(units), "num_labels": num_labels(model.config)},
             "sampler": dict(schedule.sampler),
             "schedule_source": schedule.source,
             "guidance": {"enabled": guidance, "scale": float(guidance_scale), "channels": guidance_channels},
@@ -133,7 +159,8 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
             "buffers": buffers,
             "weights": {"file": mf.WEIGHTS, "tensors": weight_index, "parameters": sources},
             "variants": variants,
-            "steps": [{"variant": k, "timestep": int(sampler.timesteps[s]), "a": float(a[s]), "b": float(b[s])}
+            "steps": [{"variant": k, "timestep": timesteps[s].item(), "a": float(a[s]), "b": float(b[s]),
+                       **({"c": float(c[s])} if carry else {}), "latents": list(latents[s])}
                       for s, k in enumerate(step_variant)],
             "scale_shift": {"file": mf.SCALE_SHIFT} if schedule.scale_shift else None,
             "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},

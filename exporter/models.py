@@ -265,6 +265,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 if "adaLN_modulation" in name or name.startswith("final_layer"):
                     bound /= 4
                 p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+            elif "norm" in name and name.endswith(".weight"):  # affine LayerNorm scales (U-ViT) stay near 1
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model

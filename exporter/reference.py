@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import initial_noise
+from schedules.sampling import guidance_needed, initial_noise
+from schedules.zoo import check_sampler, family_of
 
 from .trace import DenoisingStep
 
@@ -69,23 +70,49 @@ def step_adjustments(schedule: Schedule, device="cpu", dtype=torch.float32) -> l
     return out
 
 
+def model_timesteps(sampler) -> np.ndarray:
+    """What the model is called with at each evaluation: DDIM's integer timesteps as int64, a
+    continuous-time solver's fractional ones (t·1000) as float32."""
+    t = np.asarray(sampler.timesteps)
+    return t.astype(np.float32) if np.issubdtype(t.dtype, np.floating) else t.astype(np.int64)
+
+
 class Denoiser:
-    """Step s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, unit)` (CFG, network
-    with the `unit` policy, DDIM update), with the per-step constants made once."""
+    """Evaluation s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, unit, x_carry)`
+    (CFG, network with the `unit` policy, solver update), with the per-step constants made once.
+    `x_carry` is the input of evaluation `carry_source[s]` (needed where `has_carry`: DPM-Solver-2's
+    intermediate evaluations); `sample` shows the bookkeeping. `guidance_channels` defaults to the
+    model family's guidance form."""
 
     def __init__(self, model, schedule: Schedule, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                 guidance_channels: str = "first3"):
-        self.step = DenoisingStep(model, guidance=guidance_scale > 1, guidance_channels=guidance_channels)
+                 guidance_channels: str | None = None):
+        channels = guidance_channels or family_of(model.config).guidance
+        self.step = DenoisingStep(model, guidance=guidance_needed(guidance_scale, channels), guidance_channels=channels)
         self.scale = torch.tensor([guidance_scale], dtype=torch.float32)
         sampler = schedule.make_sampler()
-        self.timesteps = [torch.tensor([int(t)]) for t in sampler.timesteps]
-        self.a, self.b = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1) for v in sampler.coefficients())
+        self.timesteps = [torch.from_numpy(t.reshape(1)) for t in model_timesteps(sampler)]
+        self.a, self.b, self.c = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1)
+                                  for v in (*sampler.coefficients(), sampler.carry_coefficients()))
+        self.carry_source = [int(k) for k in sampler.carry_source]
+        self.has_carry = bool(np.any(sampler.carry_coefficients()))
 
     def __len__(self):
         return len(self.timesteps)
 
-    def __call__(self, s: int, x, y, unit=None):
-        return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit)
+    def __call__(self, s: int, x, y, unit=None, x_carry=None):
+        if self.has_carry and self.carry_source[s] != s and x_carry is None:
+            raise BlockcacheError(f"evaluation {s} needs the latent of evaluation {self.carry_source[s]}")
+        c = self.c[s] if x_carry is not None else None
+        return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit, c, x_carry)
+
+    def run(self, x, y, policy=lambda s: None, progress: bool = False):
+        """All evaluations from `x`; `policy(s)` gives evaluation s's unit policy (None: compute)."""
+        inputs = {}
+        for s in tqdm(range(len(self)), desc="sampling", disable=not progress, leave=False):
+            inputs[s] = x
+            x = self(s, x, y, policy(s), inputs[self.carry_source[s]] if self.has_carry else None)
+            inputs = {k: v for k, v in inputs.items() if k >= self.carry_source[s]}  # keep only what a carry needs
+        return x
 
 
 def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +123,18 @@ def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(np.tile(np.asarray(labels, dtype=np.int64), len(seeds)))
 
 
+def check_schedule(model, schedule: Schedule) -> None:
+    """Refuse, in one line, a schedule made for other units or another solver than `model` has."""
+    name = getattr(model, "name", None) or "the model"
+    schedule.check_units(model.unit_names, name)
+    check_sampler(model.config, schedule.sampler["name"], name)
+
+
 @torch.no_grad()
 def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-           guidance_channels: str = "first3", progress: bool = False) -> np.ndarray:
-    """Final latents (N, C, H, W) for `labels` from `noise`, following `schedule` step by step."""
-    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+           guidance_channels: str | None = None, progress: bool = False) -> np.ndarray:
+    """Final latents (N, C, H, W) for `labels` from `noise`, following `schedule` evaluation by evaluation."""
+    check_schedule(model, schedule)
     labels = check_labels(labels, model.num_classes)
     c, size = model.in_channels, model.config["input_size"]
     x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
@@ -108,7 +142,9 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = 
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     cache = UnitCache(schedule.unit_names)
     adjustments = step_adjustments(schedule)
-    for s in tqdm(range(len(denoiser)), desc="sampling", disable=not progress, leave=False):
+
+    def policy(s):
         cache.compute_row, cache.adjust = schedule.compute[s], adjustments[s]
-        x = denoiser(s, x, y, cache)
-    return x.numpy()
+        return cache
+
+    return denoiser.run(x, y, policy, progress).numpy()

@@ -1,6 +1,7 @@
 """`--verify`: run every variant graph on random inputs and compare it with the eager PyTorch step.
 
-Each variant gets random latents, labels, a timestep, coefficients, random cache values for the
+Each variant gets random latents, labels, a timestep, coefficients (and a carried latent for
+DPM-Solver-2), random cache values for the
 units it reads and random scale/shift vectors for those it corrects; the eager side runs the same
 `DenoisingStep` with those (corrected) cache values substituted.
 Both x_next and every unit output the graph writes must agree within `tolerance` (max abs error
@@ -14,7 +15,7 @@ import torch
 
 from schedules.errors import BlockcacheError
 
-from .trace import DenoisingStep
+from .trace import CARRY_INPUTS, STEP_INPUTS, DenoisingStep
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # fp16 plans are compared with the fp32 model
 
@@ -32,11 +33,15 @@ def verify_plan(model, plan_dir: str, manifest: dict, tolerance: float, seed: in
         feeds = {
             "x": rng.standard_normal(inputs["x"]["shape"]).astype(np.float32),
             "y": rng.integers(0, model.num_classes, inputs["y"]["shape"]).astype(np.int64),
-            "timestep": rng.integers(0, 1000, (1,)).astype(np.int64),
+            "timestep": (rng.uniform(1, 1000, (1,)) if inputs["timestep"]["dtype"] == "float32"
+                         else rng.integers(0, 1000, (1,))).astype(inputs["timestep"]["dtype"]),
             "a": rng.uniform(0.5, 1.5, (1,)).astype(np.float32),
             "b": rng.uniform(-1, 1, (1,)).astype(np.float32),
             "guidance_scale": np.array([guidance["scale"]], np.float32),
         }
+        if "x_carry" in inputs:  # solvers with a carry term (DPM-Solver-2)
+            feeds["c"] = rng.uniform(0.5, 1.5, (1,)).astype(np.float32)
+            feeds["x_carry"] = rng.standard_normal(inputs["x"]["shape"]).astype(np.float32)
         buffers = {u: manifest["buffers"]["cache." + u] for u in variant["reads"]}
         cached = {u: rng.standard_normal(b["shape"]).astype(b["dtype"]) for u, b in buffers.items()}
         feeds.update({"cache." + u: v for u, v in cached.items()})
@@ -69,8 +74,9 @@ def _eager(step: DenoisingStep, feeds: dict, cached: dict, adjust: dict, writes)
             value = value * (1 + scale) + shift
         return value
 
-    t = {k: torch.from_numpy(feeds[k]) for k in ("x", "y", "timestep", "a", "b", "guidance_scale")}
-    x_next = step.denoise(t["x"], t["y"], t["timestep"], t["a"], t["b"], t["guidance_scale"], unit)
+    t = {k: torch.from_numpy(v) for k, v in feeds.items() if k in STEP_INPUTS + CARRY_INPUTS}
+    x_next = step.denoise(t["x"], t["y"], t["timestep"], t["a"], t["b"], t["guidance_scale"], unit, t.get("c"),
+                          t.get("x_carry"))
     return {"x_next": x_next.numpy(), **{"unit." + u: values[u].numpy() for u in writes}}
 
 

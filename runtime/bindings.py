@@ -3,7 +3,8 @@
 A backend that replays a plan with fixed device addresses (TensorRT, and a CUDA graph over it) needs
 the same bookkeeping whatever executes the graphs, so it lives here, without any GPU library:
 
-- `io` arena: two latents (ping-pong: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`), the labels, the
+- `io` arena: the latents (DDIM ping-pongs: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`;
+  DPM-Solver-2 rotates three, as the manifest's per-step `latents` say), the labels, the
   guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
   loop needs no host writes; with Block Caching, also `step.{s}.scale.<unit>|shift.<unit>`) and one
   cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
@@ -30,7 +31,7 @@ from schedules.errors import BlockcacheError
 
 ALIGNMENT = 256
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
-STEP_CONSTANTS = ("timestep", "a", "b")
+STEP_CONSTANTS = ("timestep", "a", "b", "c")  # c: solvers with a carry term (DPM-Solver-2)
 ADJUST_PREFIXES = ("scale.", "shift.")  # Block Caching scale-shift vectors: per step constants too
 CALL_INPUTS = ("x", "y", "guidance_scale")  # written by the host on every call
 
@@ -108,6 +109,7 @@ class BindingPlan:
     steps: list[dict[str, tuple[str, str]]]  # per step: tensor name → (arena "io" | "weights", slot)
     constants: dict[str, np.ndarray]  # io slot → value written once at load
     output: str  # the io slot holding the final latent
+    input: str = "x.0"  # the io slot the noise is written to
 
     def addresses(self, step: int, bases: dict[str, int]) -> dict[str, int]:
         """Device address of every tensor of `step`, given each arena's base address."""
@@ -130,7 +132,7 @@ def engine_io(manifest: dict) -> list[dict]:
         return trt["engines"]
     step_inputs = manifest["inputs"]
     x = step_inputs["x"]
-    out = []
+    out = []  # (inputs include x_carry and c for solvers with a carry)
     for v in manifest["variants"]:
         inputs = dict(step_inputs)
         inputs.update({"cache." + u: manifest["buffers"]["cache." + u] for u in v["reads"]})
@@ -148,7 +150,10 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments
     """The binding plan of `manifest`'s steps over `engines` (default: engine_io(manifest)).
     `adjustments`: per step {unit: (scale, shift)} (runtime.manifest.step_adjustments), needed by a
     plan with Block Caching scale-shift."""
+    from .manifest import step_latents
+
     engines = engine_io(manifest) if engines is None else engines
+    latents = step_latents(manifest)
     if manifest.get("scale_shift") and adjustments is None:
         raise BlockcacheError("this plan has Block Caching scale-shift: its binding plan needs the per-step vectors")
     steps = manifest["steps"]
@@ -177,10 +182,8 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments
                     declare(weight_specs, name, spec, owner)
                     table[name] = ("weights", name)
                     continue
-                if name == "x":
-                    slot = f"x.{s % 2}"
-                elif name == "x_next":
-                    slot = f"x.{(s + 1) % 2}"
+                if name in ("x", "x_carry", "x_next"):  # the step's (input, carry, output) latent buffers
+                    slot = f"x.{latents[s][('x', 'x_carry', 'x_next').index(name)]}"
                 elif name in STEP_CONSTANTS or name.startswith(ADJUST_PREFIXES):
                     slot = f"step.{s}.{name}"
                 elif name in CALL_INPUTS:
@@ -198,9 +201,11 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments
             raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
         bound.append(table)
 
-    io_specs["x.1"] = io_specs["x.0"]
+    count = 1 + max(max(slot) for slot in latents)
+    for k in range(count):
+        io_specs[f"x.{k}"] = io_specs["x.0"]
     # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
-    order = ["x.0", "x.1"] + [n for n in CALL_INPUTS if n in io_specs and n != "x"]
+    order = [f"x.{k}" for k in range(count)] + [n for n in CALL_INPUTS if n in io_specs and n != "x"]
     order += sorted(n for n in io_specs if n.startswith("cache."))
     order += [n for n in io_specs if n.startswith("step.")]
     io = Arena.pack((n, *io_specs[n]) for n in order)
@@ -218,7 +223,7 @@ def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments
                 if slot in io.slots:
                     constants[slot] = convert(value, io.slots[slot].dtype)
     return BindingPlan(io=io, weights=weights, step_engine=[s["variant"] for s in steps], steps=bound,
-                       constants=constants, output=f"x.{len(steps) % 2}")
+                       constants=constants, output=f"x.{latents[-1][2]}", input=f"x.{latents[0][0]}")
 
 
 def pack_weights(blob: np.ndarray, tensors: dict, arena: Arena) -> np.ndarray:

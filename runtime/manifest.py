@@ -102,3 +102,14 @@ def step_adjustments(plan_dir: str, manifest: dict) -> list[dict]:
             adjust[unit] = pair
         out.append(adjust)
     return out
+
+
+def step_latents(manifest: dict) -> list[tuple[int, int, int]]:
+    """Per step, the latent buffers (input, carry, output) it binds: written by the exporter (three
+    buffers for DPM-Solver-2); plans without them ping-pong between two (DDIM)."""
+    steps = manifest["steps"]
+    slots = [tuple(s.get("latents", (i % 2, i % 2, (i + 1) % 2))) for i, s in enumerate(steps)]
+    for i, slot in enumerate(slots):
+        if len(slot) != 3 or not all(isinstance(v, int) and 0 <= v < 3 for v in slot) or slot[2] in slot[:2]:
+            raise BlockcacheError(f"plan step {i} has invalid latent buffers {list(slot)}")
+    return slots

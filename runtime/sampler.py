@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from schedules.errors import BlockcacheError
-from schedules.sampling import initial_noise
+from schedules.sampling import guidance_needed, initial_noise
 
 from .backends import make_backend
 from .manifest import load_manifest
@@ -25,7 +25,7 @@ class Sampler:
         self.manifest = load_manifest(plan_dir, verify=verify)
         self.backend = make_backend(backend, plan_dir, self.manifest, device, threads)
         config = self.manifest["model"]["config"]
-        self.num_classes = config["num_classes"]
+        self.num_classes = self.manifest["model"].get("num_labels", config["num_classes"])
         self.batch_size = self.manifest["batch_size"]
         self.latent_shape = tuple(self.manifest["inputs"]["x"]["shape"][1:])
 
@@ -53,9 +53,9 @@ class Sampler:
             raise BlockcacheError("noise must be finite floating-point values")
         guidance = self.manifest["guidance"]
         scale = guidance["scale"] if guidance_scale is None else float(guidance_scale)
-        if not guidance["enabled"] and scale > 1:
+        if not guidance["enabled"] and guidance_needed(scale, guidance["channels"]):
             raise BlockcacheError("this plan was exported without guidance; re-export with --guidance-scale")
-        if guidance["enabled"] and scale <= 1:
+        if guidance["enabled"] and guidance["channels"] != "uvit" and scale <= 1:
             scale = 1.0  # eps = cond: the same as no guidance (the doubled batch still runs)
         out = []
         b = self.batch_size

@@ -80,7 +80,7 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
             retype(model, onnx.TensorProto.FLOAT16, retype_to)
         sessions.append(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]))
     arenas_view = lambda ref: getattr(plan, ref[0]).view(arenas[ref[0]], ref[1])  # noqa: E731
-    plan.io.view(arenas["io"], "x.0")[...] = x
+    plan.io.view(arenas["io"], plan.input)[...] = x
     plan.io.view(arenas["io"], "y")[...] = y
     plan.io.view(arenas["io"], "guidance_scale")[...] = scale
     for s, k in enumerate(plan.step_engine):

@@ -5,7 +5,8 @@ loop touches resident on the device, one graph execution per step.
   session with `SessionOptions.add_initializer`, which ORT uses in place when it lives on the device
   the session plans it on. On CPU, pre-packing is disabled: it would keep a re-laid-out copy of every
   weight per session, so memory would grow with the number of variants.
-- Buffers: two latents (ping-pong, input and output of a step), labels, the guidance scale, the
+- Buffers: two latents (ping-pong, input and output of a step; three for DPM-Solver-2, whose
+  intermediate evaluation also reads its solver step's starting latent), labels, the guidance scale, the
   per-step constants (with Block Caching scale/shift vectors where the plan has them) and one cache
   buffer per reused unit are allocated at load. Every step's
   IOBinding is built at load too; a call copies noise and labels in, runs the bindings in order and
@@ -20,7 +21,7 @@ import numpy as np
 
 from schedules.errors import BlockcacheError, one_line
 
-from ..manifest import step_adjustments
+from ..manifest import step_adjustments, step_latents
 
 
 def _ort():
@@ -96,13 +97,14 @@ class OnnxRuntimeBackend:
                 raise BlockcacheError(f"ONNX Runtime cannot load {v['file']}: {one_line(e)[:300]}") from None
 
         inputs = manifest["inputs"]
-        self.x = [empty(inputs["x"]), empty(inputs["x"])]
+        self.latents = step_latents(manifest)
+        self.x = [empty(inputs["x"]) for _ in range(1 + max(max(slot) for slot in self.latents))]
         self.y = empty(inputs["y"])
         self.guidance_scale = empty(inputs["guidance_scale"])
         self.cache = {name: empty(spec) for name, spec in manifest["buffers"].items()}
-        self.constants = [{"timestep": on_device(np.array([s["timestep"]], np.int64)),
-                           "a": on_device(np.array([s["a"]], np.float32)),
-                           "b": on_device(np.array([s["b"]], np.float32))} for s in manifest["steps"]]
+        solver = [name for name in ("timestep", "a", "b", "c") if name in inputs]  # c: solvers with a carry
+        self.constants = [{name: on_device(np.array([s[name]], np.dtype(inputs[name]["dtype"]))) for name in solver}
+                          for s in manifest["steps"]]
         # Block Caching scale/shift vectors, per step and corrected unit, in the cache's dtype.
         for constants, adjust in zip(self.constants, step_adjustments(plan_dir, manifest)):
             for unit, (scale, shift) in adjust.items():
@@ -114,23 +116,26 @@ class OnnxRuntimeBackend:
     def _bind(self, s: int, step: dict):
         variant = self.manifest["variants"][step["variant"]]
         binding = self.sessions[step["variant"]].io_binding()
-        binding.bind_ortvalue_input("x", self.x[s % 2])
+        latent, carry, out = self.latents[s]
+        binding.bind_ortvalue_input("x", self.x[latent])
+        if "x_carry" in self.manifest["inputs"]:
+            binding.bind_ortvalue_input("x_carry", self.x[carry])
         binding.bind_ortvalue_input("y", self.y)
         binding.bind_ortvalue_input("guidance_scale", self.guidance_scale)
         for name, value in self.constants[s].items():
             binding.bind_ortvalue_input(name, value)
         for unit in variant["reads"]:
             binding.bind_ortvalue_input("cache." + unit, self.cache["cache." + unit])
-        binding.bind_ortvalue_output("x_next", self.x[(s + 1) % 2])
+        binding.bind_ortvalue_output("x_next", self.x[out])
         for unit in variant["writes"]:
             binding.bind_ortvalue_output("unit." + unit, self.cache["cache." + unit])
         return binding
 
     def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        self.x[0].update_inplace(np.ascontiguousarray(x, dtype=np.float32))
+        self.x[self.latents[0][0]].update_inplace(np.ascontiguousarray(x, dtype=np.float32))
         self.y.update_inplace(np.ascontiguousarray(y, dtype=np.int64))
         self.guidance_scale.update_inplace(np.array([guidance_scale], np.float32))
         for s, binding in enumerate(self.bindings):
             self.sessions[self.manifest["steps"][s]["variant"]].run_with_iobinding(binding)
         # On CPU numpy() aliases the resident buffer, which the next call overwrites: copy it out.
-        return self.x[len(self.bindings) % 2].numpy().copy()
+        return self.x[self.latents[-1][2]].numpy().copy()

@@ -231,7 +231,7 @@ class TensorRTBackend:
         self._cuda.upload(self._base["io"] + self.plan.io.slots[slot].offset, np.ascontiguousarray(view))
 
     def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        self._write("x.0", np.asarray(x, np.float32))
+        self._write(self.plan.input, np.asarray(x, np.float32))
         self._write("y", np.asarray(y, np.int64))
         if "guidance_scale" in self.plan.io.slots:
             self._write("guidance_scale", np.array([guidance_scale], np.float32))

@@ -1,9 +1,11 @@
-"""PyTorch backend: the plan's variants replayed on the DiT in PyTorch, weights shared, cache resident.
+"""PyTorch backend: the plan's variants replayed on the network in PyTorch (DiT or U-ViT), weights
+shared, cache resident.
 
     backend = TorchBackend(plan_dir, manifest, device="cuda", dtype="bf16")
     x_final = backend.run(x, y, guidance_scale)        # one batch of the plan's batch size
 
-The one runtime module that needs the network code: it builds `exporter.models.DiT` (imported lazily)
+The one runtime module that needs the network code: it builds the plan's network with
+`exporter.models.build_model` (imported lazily)
 from the plan's config on the meta device, so no weight is ever allocated by the constructor, and then
 makes every parameter a view of the plan's single weights copy:
 
@@ -49,7 +51,7 @@ import numpy as np
 
 from schedules.errors import BlockcacheError, one_line
 
-from ..manifest import step_adjustments
+from ..manifest import step_adjustments, step_latents
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Documented bound on max abs error / max abs value of the fp32 eager reference for a full sampling
@@ -218,21 +220,17 @@ class TorchBackend:
     # -- load -----------------------------------------------------------------------------------
     def _build_model(self, plan_dir: str, manifest: dict):
         torch = _torch()
-        from exporter.models import DiT
+        from exporter.models import build_model
 
         model_info = manifest["model"]
-        if model_info.get("family", "dit") != "dit":
-            raise BlockcacheError(f"the torch backend runs DiT plans, not {model_info.get('family')!r}")
         weights = manifest.get("weights", {})
         params, tensors = weights.get("parameters"), weights.get("tensors")
         if not params or not tensors:
             raise BlockcacheError("plan has no PyTorch parameter map (weights.parameters): re-export it for "
                                   "the torch backend")
-        try:
-            with torch.device("meta"):
-                model = DiT(**model_info["config"])
-        except TypeError as e:
-            raise BlockcacheError(f"plan model config is not a DiT config: {one_line(e)}") from None
+        config = {"family": model_info.get("family", "dit"), **model_info["config"]}  # older plans: DiT
+        with torch.device("meta"):
+            model = build_model(config)
         if tuple(model.unit_names) != tuple(model_info.get("unit_names", model.unit_names)):
             raise BlockcacheError("plan unit names do not match its model config")
 
@@ -293,7 +291,7 @@ class TorchBackend:
             module = model.get_submodule(module_name) if module_name else model
             module._parameters[attr] = torch.nn.Parameter(views[(stored, transposed)], requires_grad=False)
         del views
-        buffers = [name for name, _ in model.named_buffers()]  # none in DiT; never leave meta tensors
+        buffers = [name for name, _ in model.named_buffers()]  # none in DiT or U-ViT; never leave meta tensors
         if buffers:
             raise BlockcacheError(f"the torch backend cannot load buffer {buffers[0]!r} from a plan")
         # Parameters at the stored precision are views that keep the shared storage alive by
@@ -331,6 +329,8 @@ class TorchBackend:
                                              {u: self.cache[u] for u in writes}))
         self.steps = []
         adjustments = step_adjustments(self.plan_dir, manifest)
+        latents = step_latents(manifest)
+        time_dtype = getattr(torch, inputs["timestep"]["dtype"])  # int64 (DDIM) or float32 (DPM-Solver)
         for s, step in enumerate(manifest["steps"]):
             if not 0 <= step["variant"] < len(self.policies):
                 raise BlockcacheError(f"plan step {s} names variant {step['variant']}, which does not exist")
@@ -339,10 +339,11 @@ class TorchBackend:
                 adjust = {u: tuple(torch.from_numpy(v).to(device=dev, dtype=self.dtype) for v in pair)
                           for u, pair in adjustments[s].items()}
                 policy = _UnitPolicy(policy.computes, policy.reads, policy.writes, adjust)
-            self.steps.append((torch.tensor([int(step["timestep"])], dtype=torch.int64, device=dev),
+            c = torch.tensor([step["c"]], dtype=torch.float32, device=dev) if "x_carry" in inputs else None
+            self.steps.append((torch.tensor([step["timestep"]], dtype=time_dtype, device=dev),
                                torch.tensor([step["a"]], dtype=torch.float32, device=dev),
                                torch.tensor([step["b"]], dtype=torch.float32, device=dev),
-                               policy))
+                               c, policy, latents[s]))
         # A step that reads a unit must come after one that writes it: the first step computes all.
         if self.steps and manifest["variants"][manifest["steps"][0]["variant"]]["reads"]:
             raise BlockcacheError("plan step 0 reads the cache (nothing is cached yet)")
@@ -352,6 +353,9 @@ class TorchBackend:
         import functools
 
         torch = _torch()
+        if self.manifest["model"].get("family", "dit") != "dit":
+            raise BlockcacheError("compiled blocks (compile=) are implemented for DiT plans only; run this plan "
+                                  "without compile")
         block_fn = torch.compile(_block_step, mode=mode if backend == "inductor" else None, backend=backend,
                                  dynamic=False)
 
@@ -374,10 +378,13 @@ class TorchBackend:
     # -- run ------------------------------------------------------------------------------------
     def _loop(self):
         """Every step of the plan on the resident tensors; returns the final latent (a new tensor)."""
-        x = self.x
-        for timestep, a, b, policy in self.steps:
-            x = self.step.denoise(x, self.y, timestep, a, b, self.guidance_scale, policy)
-        return x
+        buffers = [None, None, None]  # the latents by the manifest's buffer numbers (input, carry, output)
+        buffers[self.steps[0][5][0]] = self.x
+        for timestep, a, b, c, policy, (latent, carry, out) in self.steps:
+            x_carry = buffers[carry] if c is not None else None
+            buffers[out] = self.step.denoise(buffers[latent], self.y, timestep, a, b, self.guidance_scale, policy,
+                                             c, x_carry)
+        return buffers[out]
 
     def _capture(self, warmup: int) -> None:
         """Capture `_loop` as one CUDA graph: warm-up on a side stream (lazy initialisation, kernel
