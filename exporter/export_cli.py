@@ -8,8 +8,9 @@ import time
 
 from schedules.errors import BlockcacheError, cli_main
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides
-from schedules.sampling import GUIDANCE_CHANNELS
+from schedules.sampling import GUIDANCE_CHANNELS, neutral_guidance_scale
 from schedules.schedule import Schedule
+from schedules.zoo import family_of
 
 
 def build_parser() -> ArgumentParser:
@@ -20,10 +21,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="plan folder (replaced atomically if it is a plan)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per run (default 1)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--guidance-scale", type=float, default=4.0, metavar="G",
-                   help="default classifier-free guidance scale stored in the plan (default 4.0)")
+    g.add_argument("--guidance-scale", type=float, metavar="G",
+                   help="default classifier-free guidance scale stored in the plan (default: the family's, "
+                        "4.0 for DiT, 0.4 for U-ViT in its form)")
     g.add_argument("--no-guidance", action="store_true", help="no doubled CFG batch in the graphs")
-    p.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS, default="first3")
+    p.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS,
+                   help="guidance form (default: the family's, first3 for DiT, uvit for U-ViT)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="onnxruntime (default: ONNX graphs only) or tensorrt (also one engine per variant)")
     p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (norms and the update stay fp32); "
@@ -49,14 +52,17 @@ def main(argv=None):
 
     if settings is None and args.precision not in PRECISIONS:
         raise BlockcacheError(f"precision {args.precision!r} is not supported (available: {', '.join(PRECISIONS)})")
-    if not math.isfinite(args.guidance_scale):
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     schedule = Schedule.load(args.schedule)
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     start = time.perf_counter()
-    options = dict(batch_size=args.batch_size, guidance_scale=1.0 if args.no_guidance else args.guidance_scale,
-                   guidance_channels=args.guidance_channels, progress=not args.quiet)
+    family = family_of(model.config)
+    channels = args.guidance_channels or family.guidance
+    scale = family.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    options = dict(batch_size=args.batch_size, guidance_scale=neutral_guidance_scale(channels) if args.no_guidance
+                   else scale, guidance_channels=channels, progress=not args.quiet)
     if settings is None:
         manifest = export_plan(model, schedule, args.out, precision=args.precision, **options)
     else:

@@ -14,6 +14,7 @@ from schedules.images import save_samples
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, initial_noise
 from schedules.schedule import Schedule
+from schedules.zoo import family_of
 
 DEFAULT_STEPS = 50
 
@@ -29,15 +30,16 @@ def build_parser() -> ArgumentParser:
     s = p.add_argument_group("sampling")
     s.add_argument("--schedule", metavar="F", help="caching schedule YAML (default: full compute)")
     s.add_argument("--steps", type=int, help=f"full-compute steps when no schedule is given (default {DEFAULT_STEPS})")
-    s.add_argument("--spacing", choices=SPACINGS, default="linspace", help="respacing for --steps (default linspace)")
+    s.add_argument("--spacing", choices=SPACINGS, help="DDIM respacing for --steps (default linspace)")
     s.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 1,2,3")
     noise = s.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, help="noise seed (default 0)")
     noise.add_argument("--noise", metavar="Z.npy", help="starting noise (N, C, H, W) for the N labels")
-    s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; <= 1 means none "
-                   "(default 4.0 eager, the plan's scale with --plan)")
-    s.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS, default="first3",
-                   help="guide the first three channels (official DiT) or all (diffusers)")
+    s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the family's "
+                   "for eager runs, 4.0 DiT / 0.4 U-ViT in its form; the plan's scale with --plan)")
+    s.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS,
+                   help="guidance form: first three channels (official DiT), all (diffusers) or uvit "
+                        "(cond + s·(cond − uncond)); default: the model family's")
     p.add_argument("--out", required=True, help="OUT.npy (latents) or OUT.png (grid, 1- or 3-channel models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
@@ -76,18 +78,20 @@ def main(argv=None):
         if args.schedule and args.steps is not None:
             raise BlockcacheError("give --schedule or --steps, not both")
         from .models import load_model
-        from .reference import DEFAULT_GUIDANCE_SCALE, sample
+        from .reference import sample
 
         model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                            **model_overrides(args))
+        family = family_of(model.config)
         schedule = (Schedule.load(args.schedule) if args.schedule
-                    else Schedule.full(model.unit_names, DEFAULT_STEPS if args.steps is None else args.steps, args.spacing, model=args.model))
+                    else Schedule.full(model.unit_names, DEFAULT_STEPS if args.steps is None else args.steps,
+                                       args.spacing, model=args.model, sampler=family.samplers[0]))
         c, size = model.in_channels, model.config["input_size"]
         if args.out.lower().endswith(".png") and c not in (1, 3):
             raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")
         if noise is None:
             noise = initial_noise((len(labels), c, size, size), seed)
-        scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+        scale = family.guidance_scale if args.guidance_scale is None else args.guidance_scale
         out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,
                      progress=not args.quiet)
         what = f"eager {args.model}, {schedule.num_steps} steps ({schedule.source or 'schedule'}), guidance {scale}"

@@ -174,10 +174,14 @@ def guided_eps(eps_cond, eps_uncond, scale: float, channels: str = "first3"):
     return cat([guided[:, :k], eps_cond[:, k:]], 1)
 
 
+def neutral_guidance_scale(channels: str) -> float:
+    """The scale at which guidance returns the conditional prediction: 1 in DiT's form, 0 in U-ViT's."""
+    return 0.0 if channels == "uvit" else 1.0
+
+
 def guidance_needed(scale: float, channels: str) -> bool:
-    """Whether `scale` changes the prediction (so the doubled batch must run): DiT's form is the
-    conditional prediction at scale 1, U-ViT's at scale 0."""
-    return scale != 0 if channels == "uvit" else scale != 1
+    """Whether `scale` changes the prediction (so the doubled batch must run)."""
+    return scale != neutral_guidance_scale(channels)
 
 
 def _torch_cat(parts, dim):

@@ -184,7 +184,7 @@ class Schedule:
         lines.append(f"# one row per sampling step (first = noisiest); '{COMPUTE}' compute, '{REUSE}' reuse")
         lines.append("steps:")
         for i in range(self.num_steps):
-            note = f"step {i}" + (f", t={timesteps[i]}" if timesteps is not None else "")
+            note = f"step {i}" + (f", t={timesteps[i]:.6g}" if timesteps is not None else "")
             lines.append(f'- "{self.row_string(i)}"  # {note}')
         return "\n".join(lines) + "\n"
 

@@ -22,6 +22,7 @@ class Family:
     defaults: dict  # constructor arguments of the family's reference model (official names)
     samplers: tuple[str, ...]  # solvers for the family's noise schedule (the first is the default)
     guidance: str  # guidance form: "first3" (DiT), "uvit" (cond + s·(cond − uncond), all channels)
+    guidance_scale: float  # the published demo / sampling setting in that form
     extra_tokens: int  # tokens beside the patches (U-ViT: label and time)
 
     def unit_names(self, config: dict) -> tuple[str, ...]:
@@ -37,12 +38,12 @@ class Family:
 # The official DiT constructor's defaults (DiT-XL/2 at 256 px).
 DIT = Family("dit", dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                          mlp_ratio=4.0, num_classes=1000, learn_sigma=True),
-             samplers=("ddim",), guidance="first3", extra_tokens=0)
+             samplers=("ddim",), guidance="first3", guidance_scale=4.0, extra_tokens=0)
 # U-ViT-H/2 for ImageNet 256 latents (baofff/U-ViT configs/imagenet256_uvit_huge.py): 1001 classes
 # (1000 is the null class), no qkv bias, no time MLP, no final conv.
 UVIT = Family("uvit", dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                            mlp_ratio=4.0, num_classes=1001, qkv_bias=False, mlp_time_embed=False, conv=False),
-              samplers=("dpm-solver-2",), guidance="uvit", extra_tokens=2)
+              samplers=("dpm-solver-2",), guidance="uvit", guidance_scale=0.4, extra_tokens=2)
 FAMILIES = {f.name: f for f in (DIT, UVIT)}
 
 SIZES = {"xl": (28, 1152, 16), "l": (24, 1024, 16), "b": (12, 768, 12), "s": (12, 384, 6)}
