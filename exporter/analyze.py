@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
 
-from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, check_labels, seeded_batch
+from .reference import Denoiser, check_labels, check_schedule, seeded_batch
 
 
 class ChangeRecorder:
@@ -40,11 +39,11 @@ class ChangeRecorder:
 
 
 @torch.no_grad()
-def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: float | None = None,
                    progress: bool = False) -> np.ndarray:
     """(steps, units) float64 change statistics for `schedule`'s sampler (its compute rows are ignored:
     the analysis always computes everything)."""
-    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    check_schedule(model, schedule)
     labels = check_labels(labels, model.num_classes)
     seeds = [int(s) for s in seeds]
     if not seeds or any(s < 0 for s in seeds):
@@ -52,7 +51,10 @@ def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: 
     x, y = seeded_batch(model, labels, seeds)
     denoiser = Denoiser(model, schedule, guidance_scale)
     recorder = ChangeRecorder(model.unit_names, schedule.num_steps)
-    for s in tqdm(range(len(denoiser)), desc="analyze", disable=not progress, leave=False):
+
+    def policy(s):
         recorder.step = s
-        x = denoiser(s, x, y, recorder)
+        return recorder
+
+    denoiser.run(x, y, policy, progress, desc="analyze")
     return recorder.change

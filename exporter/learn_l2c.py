@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
-from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, seeded_batch
+from .reference import Denoiser, seeded_batch
 
 # dit-digits DDIM-20: 1.24x ideal speedup at 46 dB PSNR to full compute (README); L2C used 1e-6…5e-6 for DiT.
 DEFAULT_LAMBDA = 1e-6
@@ -78,7 +78,7 @@ def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> t
 
 
 def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = DEFAULT_LAMBDA,
-                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, epochs: int = 20, lr: float = 0.05,
+                 guidance_scale: float | None = None, epochs: int = 20, lr: float = 0.05,
                  batch_size: int = 64, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, dict]:
     """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
     `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels."""

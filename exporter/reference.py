@@ -19,7 +19,7 @@ from schedules.zoo import check_sampler, family_of
 
 from .trace import DenoisingStep
 
-DEFAULT_GUIDANCE_SCALE = 4.0  # DiT's demo setting; 1.5 is the paper's FID setting
+DEFAULT_GUIDANCE_SCALE = 4.0  # DiT's demo setting (its family default); 1.5 is the paper's FID setting
 
 
 def check_labels(labels, num_classes: int) -> np.ndarray:
@@ -82,11 +82,13 @@ class Denoiser:
     (CFG, network with the `unit` policy, solver update), with the per-step constants made once.
     `x_carry` is the input of evaluation `carry_source[s]` (needed where `has_carry`: DPM-Solver-2's
     intermediate evaluations); `sample` shows the bookkeeping. `guidance_channels` defaults to the
-    model family's guidance form."""
+    model family's guidance form, `guidance_scale` to its published setting."""
 
-    def __init__(self, model, schedule: Schedule, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    def __init__(self, model, schedule: Schedule, guidance_scale: float | None = None,
                  guidance_channels: str | None = None):
-        channels = guidance_channels or family_of(model.config).guidance
+        family = family_of(model.config)
+        channels = guidance_channels or family.guidance
+        guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
         self.step = DenoisingStep(model, guidance=guidance_needed(guidance_scale, channels), guidance_channels=channels)
         self.scale = torch.tensor([guidance_scale], dtype=torch.float32)
         sampler = schedule.make_sampler()
@@ -105,10 +107,10 @@ class Denoiser:
         c = self.c[s] if x_carry is not None else None
         return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit, c, x_carry)
 
-    def run(self, x, y, policy=lambda s: None, progress: bool = False):
+    def run(self, x, y, policy=lambda s: None, progress: bool = False, desc: str = "sampling"):
         """All evaluations from `x`; `policy(s)` gives evaluation s's unit policy (None: compute)."""
         inputs = {}
-        for s in tqdm(range(len(self)), desc="sampling", disable=not progress, leave=False):
+        for s in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False):
             inputs[s] = x
             x = self(s, x, y, policy(s), inputs[self.carry_source[s]] if self.has_carry else None)
             inputs = {k: v for k, v in inputs.items() if k >= self.carry_source[s]}  # keep only what a carry needs
@@ -131,7 +133,7 @@ def check_schedule(model, schedule: Schedule) -> None:
 
 
 @torch.no_grad()
-def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float | None = None,
            guidance_channels: str | None = None, progress: bool = False) -> np.ndarray:
     """Final latents (N, C, H, W) for `labels` from `noise`, following `schedule` evaluation by evaluation."""
     check_schedule(model, schedule)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
 
-from .reference import DEFAULT_GUIDANCE_SCALE, Denoiser, check_labels, seeded_batch
+from .reference import Denoiser, check_labels, check_schedule, seeded_batch
 
 
 class _Student:
@@ -43,15 +43,17 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     """Run the student from x; per step the distillation MSE (an Adam step per step when training)."""
     denoiser = Denoiser(model, schedule, guidance_scale)
     student = _Student({u: j for j, u in enumerate(schedule.unit_names)})
-    errors = []
+    errors, inputs = [], {}
     for s in range(len(denoiser)):
         student.row = schedule.compute[s]
         student.params = params.get(s, {})
+        inputs[s] = x
+        carry = inputs[denoiser.carry_source[s]] if denoiser.has_carry else None  # DPM-Solver-2
         with torch.no_grad():
-            teacher = denoiser(s, x, y)
+            teacher = denoiser(s, x, y, None, carry)
         trains = optimizer is not None and bool(student.params)
         with torch.set_grad_enabled(trains):
-            out = denoiser(s, x, y, student)
+            out = denoiser(s, x, y, student, carry)
             loss = torch.mean((out - teacher) ** 2)
         if trains:
             optimizer.zero_grad(set_to_none=True)
@@ -62,7 +64,7 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     return errors
 
 
-def distillation_error(model, schedule: Schedule, labels, seeds, guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> float:
+def distillation_error(model, schedule: Schedule, labels, seeds, guidance_scale: float | None = None) -> float:
     """Mean per-step MSE between the schedule's run (with its scale-shift) and the uncached model on
     the run's own latents, over the (label, seed) pairs."""
     params = {}
@@ -72,10 +74,10 @@ def distillation_error(model, schedule: Schedule, labels, seeds, guidance_scale:
     return float(np.mean(_unroll(model.eval(), schedule, params, x, y, guidance_scale)))
 
 
-def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scale: float | None = None,
                       epochs: int = 10, lr: float = 1e-3, progress: bool = False) -> tuple[Schedule, list[float]]:
     """(the schedule with learned scale-shift for every reused (step, unit), mean error per epoch)."""
-    schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
+    check_schedule(model, schedule)
     if epochs < 1 or not np.isfinite(lr) or lr <= 0:
         raise BlockcacheError("epochs must be positive and the learning rate a positive number")
     if schedule.compute.all():

@@ -18,6 +18,7 @@ from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import SPACINGS
+from schedules.zoo import family_of
 
 
 
@@ -31,12 +32,13 @@ def build_parser():
         add_model_args(p)
         add_weights_args(p)
         if sampler:
-            p.add_argument("--steps", type=int, required=True, help="sampling steps")
-            p.add_argument("--spacing", choices=SPACINGS, default="linspace",
-                           help="timestep respacing (default linspace)")
+            p.add_argument("--steps", type=int, required=True,
+                           help="model evaluations (DDIM steps; twice the solver steps for dpm-solver-2)")
+            p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep respacing (default linspace)")
         p.add_argument("--labels", help=f"comma-separated class labels {what} (default: 10 spread over the classes)")
         p.add_argument("--seeds", default=seeds, help=f"comma-separated noise seeds {what} (default {seeds})")
-        p.add_argument("--guidance-scale", type=float, default=4.0, help="CFG scale; <= 1 means none (default 4)")
+        p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the family's, 4 for DiT, 0.4 "
+                       "for U-ViT in its form)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
 
@@ -78,9 +80,19 @@ def _writable(path: str, suffixes: tuple, flag: str) -> str:
     return path
 
 
-def _check_scale(value: float) -> None:
-    if not math.isfinite(value) or value < 0:
+def _check_scale(value: float | None) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
         raise BlockcacheError(f"--guidance-scale must be a finite non-negative number, got {value}")
+
+
+def _load(args):
+    """The model, its default sampler and the guidance scale (--guidance-scale or the family's)."""
+    from .models import load_model
+
+    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
+                       **model_overrides(args))
+    family = family_of(model.config)
+    return model, family.samplers[0], family.guidance_scale if args.guidance_scale is None else args.guidance_scale
 
 
 def _default_labels(num_classes: int) -> list[int]:
@@ -95,7 +107,6 @@ def _learn_l2c(args) -> int:
     from schedules.schedule import Schedule
 
     from .learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
-    from .models import load_model
 
     out = _writable(args.output, (".yaml", ".yml"), "-o")
     router = _writable(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
@@ -109,8 +120,10 @@ def _learn_l2c(args) -> int:
     if not math.isfinite(args.lam) or args.lam < 0:
         raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
     seeds = parse_labels(args.seeds, "--seeds")
-    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
-                       **model_overrides(args))
+    model, sampler, args.guidance_scale = _load(args)
+    if sampler != "ddim":
+        raise BlockcacheError(f"learn-l2c learns routers for DDIM sampling; {args.model} samples with {sampler} "
+                              "(import the published routers with import-l2c)")
     schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
     if args.data == "digits":
         from .digits import load_digits_images
@@ -129,7 +142,7 @@ def _learn_l2c(args) -> int:
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
                                    epochs=args.epochs, lr=args.lr, progress=not args.quiet)
     learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold,
-                                spacing=args.spacing, model=args.model, every_step=True,
+                                spacing=schedule.sampler["spacing"], model=args.model, every_step=True,
                                 source=f"learn-l2c lambda={args.lam:g} threshold={args.threshold:g} data={args.data}")
     with atomic_output(router, ".pt") as tmp:
         torch.save(router_state(logits), tmp)
@@ -144,7 +157,7 @@ def _learn_l2c(args) -> int:
 def _scale_shift(args) -> int:
     from schedules.schedule import Schedule
 
-    from .models import load_model
+    from .reference import check_schedule
     from .scale_shift import distillation_error, learn_scale_shift
 
     out = _writable(args.output, (".yaml", ".yml"), "-o")
@@ -157,9 +170,8 @@ def _scale_shift(args) -> int:
         raise BlockcacheError(f"--held-out-seed must be non-negative, got {args.held_out_seed}")
     seeds = parse_labels(args.seeds, "--seeds")
     schedule = Schedule.load(args.schedule)
-    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
-                       **model_overrides(args))
-    schedule.check_units(model.unit_names, args.model)
+    model, _, args.guidance_scale = _load(args)
+    check_schedule(model, schedule)
     labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     if args.held_out_seed in seeds:
         raise BlockcacheError(f"--held-out-seed {args.held_out_seed} is one of the training seeds")
@@ -180,17 +192,15 @@ def _analyze(args) -> int:
     from schedules.schedule import Schedule
 
     from .analyze import measure_change
-    from .models import load_model
 
     _writable(args.output, (".npz",), "-o")
     if args.png:
         _writable(args.png, (".png",), "--png")
     _check_scale(args.guidance_scale)
     seeds = parse_labels(args.seeds, "--seeds")
-    model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
-                       **model_overrides(args))
+    model, sampler, args.guidance_scale = _load(args)
     labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
-    schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
+    schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model, sampler=sampler)
     change = measure_change(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
                             progress=not args.quiet)
     save_change(args.output, change=change, unit_names=model.unit_names,

@@ -164,3 +164,26 @@ def test_cli_round_trip(tmp_path, router_dir):
     r = run_cli("exporter.sample_cli", "--plan", tmp_path / "plan", "--labels", "1,2", "--out", tmp_path / "z.npy")
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "z.npy").shape == (2, 4, 8, 8)
+
+
+def test_schedule_makers_on_uvit(tmp_path):
+    """analyze → derive → scale-shift → export on DPM-Solver-2 evaluations; the plan (with its
+    scale-shift inputs and the solver's carry) equals the eager reference."""
+    flags = ["--model", "uvit-h2", *NARROW_FLAGS, "--random-init"]
+    steps = [("analyze", *flags, "--steps", "8", "-o", tmp_path / "c.npz", "--quiet"),
+             ("derive", tmp_path / "c.npz", "--target-speedup", "1.3", "-o", tmp_path / "d.yaml"),
+             ("scale-shift", *flags, "--schedule", tmp_path / "d.yaml", "--epochs", "2", "-o", tmp_path / "s.yaml",
+              "--quiet")]
+    for args in steps:
+        r = run_cli("exporter.schedule_cli", *args)
+        assert r.returncode == 0, r.stderr
+    schedule = Schedule.load(tmp_path / "s.yaml")
+    assert schedule.sampler["name"] == "dpm-solver-2" and schedule.scale_shift and not schedule.compute.all()
+    model = load_model("uvit-h2", random_init=True, **NARROW)
+    export_plan(model, schedule, str(tmp_path / "plan"), batch_size=2, guidance_scale=0.4)
+    noise = initial_noise((2, 4, 8, 8), 1)
+    want = sample(model, schedule, LABELS, noise, guidance_scale=0.4)
+    got = Sampler(str(tmp_path / "plan"), backend="onnxruntime", device="cpu")(LABELS, noise=noise)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    r = run_cli("exporter.schedule_cli", "learn-l2c", *flags, "--steps", "8", "-o", tmp_path / "l.yaml")
+    assert r.returncode == 2 and "import-l2c" in assert_one_line_error(r.stderr)
