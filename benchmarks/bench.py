@@ -168,6 +168,9 @@ def build_cases(cfg: BenchConfig, units, config: dict) -> list[Case]:
     fulls, pairs = {}, []
     for spec in cfg.schedules:
         name, schedule = resolve_schedule(spec, units, cfg.steps, cfg.spacing)
+        if schedule.sampler["name"] != "ddim":  # its eager and compiled loops and fewer-steps runs are DDIM's
+            raise BlockcacheError(f"schedule {spec!r} is a {schedule.sampler['name']} schedule: blockcache-bench "
+                                  "compares DDIM schedules only (sample and time other plans with runtime.Sampler)")
         if schedule.compute.all():
             raise BlockcacheError(f"schedule {spec!r} computes every unit at every step: nothing to compare")
         if any(c.name == name for c, _ in pairs):
