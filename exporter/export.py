@@ -47,10 +47,14 @@ def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
 def latent_slots(carry_source) -> list[tuple[int, int, int]]:
     """Per evaluation, the latent buffers (input, carry, output): the output goes to the lowest buffer
     holding neither the input nor the carry. DDIM ping-pongs between two buffers; DPM-Solver-2 needs
-    three, since its intermediate evaluation reads the solver step's starting latent too."""
+    three, since its intermediate evaluation reads the solver step's starting latent too. Only the
+    current and the previous evaluation's inputs are kept, so a carry may reach back one evaluation."""
     holds, slots = {}, []  # evaluation → buffer holding its input
     holds[0] = 0
     for s, src in enumerate(carry_source):
+        if not s - 1 <= int(src) <= s:
+            raise BlockcacheError(f"evaluation {s} carries the input of evaluation {src}: only the current or "
+                                  "previous one is kept")
         live = {holds[s], holds[int(src)]}
         out = min(set(range(len(live) + 1)) - live)
         slots.append((holds[s], holds[int(src)], out))
@@ -58,17 +62,19 @@ def latent_slots(carry_source) -> list[tuple[int, int, int]]:
     return slots
 
 
-def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float = 4.0,
+def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float | None = None,
                 guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
                 progress: bool = False) -> dict:
     """Write a plan for `model` + `schedule` to `out_dir` and return its manifest.
 
     `guidance` (default: whether the scale changes the prediction) bakes the doubled CFG batch into
     the graphs; the scale stays an input, so a plan made with guidance can be sampled at any scale.
-    `guidance_channels` defaults to the model family's guidance form."""
+    `guidance_scale` and `guidance_channels` default to the model family's (DiT 4.0 on the first
+    three channels, U-ViT 0.4 in its own form)."""
     check_schedule(model, schedule)
     family = family_of(model.config)
     guidance_channels = guidance_channels or family.guidance
+    guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
     if precision not in PRECISIONS:
         raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:

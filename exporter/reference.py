@@ -107,13 +107,19 @@ class Denoiser:
         c = self.c[s] if x_carry is not None else None
         return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit, c, x_carry)
 
+    def carry(self, inputs: dict, s: int, x):
+        """Record `x` as evaluation s's input in `inputs` and return s's carried latent (None without a
+        carry term); inputs no later evaluation carries are dropped."""
+        inputs[s] = x
+        for k in [k for k in inputs if k < self.carry_source[s]]:
+            del inputs[k]
+        return inputs[self.carry_source[s]] if self.has_carry else None
+
     def run(self, x, y, policy=lambda s: None, progress: bool = False, desc: str = "sampling"):
         """All evaluations from `x`; `policy(s)` gives evaluation s's unit policy (None: compute)."""
         inputs = {}
         for s in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False):
-            inputs[s] = x
-            x = self(s, x, y, policy(s), inputs[self.carry_source[s]] if self.has_carry else None)
-            inputs = {k: v for k, v in inputs.items() if k >= self.carry_source[s]}  # keep only what a carry needs
+            x = self(s, x, y, policy(s), self.carry(inputs, s, x))
         return x
 
 
@@ -126,10 +132,16 @@ def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_schedule(model, schedule: Schedule) -> None:
-    """Refuse, in one line, a schedule made for other units or another solver than `model` has."""
+    """Refuse, in one line, a schedule made for other units, another solver or (scale-shift) another
+    width than `model` has."""
     name = getattr(model, "name", None) or "the model"
     schedule.check_units(model.unit_names, name)
     check_sampler(model.config, schedule.sampler["name"], name)
+    width = model.config["hidden_size"]  # every unit's output has the model's width
+    for (step, unit), (scale, _) in schedule.scale_shift.items():
+        if scale.shape != (width,):
+            raise BlockcacheError(f"scale-shift vectors have {scale.shape[0]} channels but {name}'s units have "
+                                  f"{width} (learned for another model?)")
 
 
 @torch.no_grad()

@@ -47,8 +47,7 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     for s in range(len(denoiser)):
         student.row = schedule.compute[s]
         student.params = params.get(s, {})
-        inputs[s] = x
-        carry = inputs[denoiser.carry_source[s]] if denoiser.has_carry else None  # DPM-Solver-2
+        carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)
         trains = optimizer is not None and bool(student.params)

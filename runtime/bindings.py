@@ -6,7 +6,8 @@ the same bookkeeping whatever executes the graphs, so it lives here, without any
 - `io` arena: the latents (DDIM ping-pongs: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`;
   DPM-Solver-2 rotates three, as the manifest's per-step `latents` say), the labels, the
   guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
-  loop needs no host writes; with Block Caching, also `step.{s}.scale.<unit>|shift.<unit>`) and one
+  loop needs no host writes; `step.{s}.c` for DPM-Solver-2; with Block Caching, also
+  `step.{s}.scale.<unit>|shift.<unit>`) and one
   cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
   `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`).
 - `weights` arena: one slot per weight that an engine takes as an *input*; every engine binds the

@@ -85,7 +85,10 @@ def step_adjustments(plan_dir: str, manifest: dict) -> list[dict]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    path = os.path.join(plan_dir, manifest["scale_shift"]["file"])
+    name = manifest["scale_shift"].get("file")
+    if not isinstance(name, str) or os.path.basename(name) != name or name not in manifest["files"]:
+        raise BlockcacheError(f"plan manifest names a scale-shift file {name!r} that is not one of its files")
+    path = os.path.join(plan_dir, name)
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError) as e:

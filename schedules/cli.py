@@ -140,10 +140,11 @@ def write_schedule(schedule: Schedule, path: str) -> None:
 
 
 def format_stats(s: dict) -> str:
-    lines = [f"steps {s['steps']} ({s['sampler']['name']}, {s['sampler']['spacing']}), units {s['units']}, "
+    step = "step" if s["sampler"]["name"] == "ddim" else "evaluation"  # DPM-Solver-2: two rows per solver step
+    lines = [f"{step}s {s['steps']} ({s['sampler']['name']}, {s['sampler']['spacing']}), units {s['units']}, "
              f"distinct rows {s['distinct_rows']}",
              f"units reused: {s['skipped_share']:.1%} overall, {s['skipped_share_in_cached_steps']:.1%} in the "
-             f"{s['cached_steps']} cached steps",
+             f"{s['cached_steps']} cached {step}s",
              "by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in s["skipped_share_by_kind"].items())]
     if "ideal_speedup" in s:
         lines.append(f"MACs per image: full {s['macs_per_image_full'] / 1e9:.2f} G, scheduled "

@@ -111,6 +111,8 @@ def import_l2c(path, unit_names, steps: int, *, threshold: float | None = None, 
     if sampler == "dpm-solver-2":
         if every_step:
             raise BlockcacheError("--every-step is for DDIM routers made by learn-l2c")
+        if spacing not in (None, "time-uniform"):
+            raise BlockcacheError(f"sampler dpm-solver-2 has no spacing {spacing!r} (its spacings: time-uniform)")
         return schedule_from_uvit_l2c(logits, unit_names, steps, threshold=threshold, model=model, source=source)
     return schedule_from_l2c(logits, unit_names, steps, threshold=threshold, spacing=spacing or "linspace",
                              model=model, every_step=every_step, source=source + (" every-step" if every_step else ""))

@@ -141,7 +141,8 @@ def default_spacing(name: str) -> str:
 
 def make_sampler(name: str, steps: int, spacing: str | None = None):
     """The sampler `name` with `steps` model evaluations (DDIM: steps; DPM-Solver-2: twice its solver steps)."""
-    spacing = spacing or default_spacing(name)
+    spacing = spacing or default_spacing(name)  # (default_spacing also refuses an unknown name)
+    default_spacing(name)
     if spacing not in SAMPLER_SPACINGS[name]:
         raise BlockcacheError(f"sampler {name} has no spacing {spacing!r} (its spacings: "
                               f"{', '.join(SAMPLER_SPACINGS[name])})")
@@ -180,8 +181,9 @@ def neutral_guidance_scale(channels: str) -> float:
 
 
 def guidance_needed(scale: float, channels: str) -> bool:
-    """Whether `scale` changes the prediction (so the doubled batch must run)."""
-    return scale != neutral_guidance_scale(channels)
+    """Whether the doubled batch must run: in DiT's form a scale <= 1 means no guidance (blockcache's
+    convention, the conditional prediction); in U-ViT's any scale but 0 guides."""
+    return scale != 0 if channels == "uvit" else scale > 1
 
 
 def _torch_cat(parts, dim):

@@ -127,3 +127,21 @@ def test_cli_round_trip_and_bad_inputs(tmp_path):
         r = run_cli("exporter.schedule_cli", *args)
         assert r.returncode == 2
         assert_one_line_error(r.stderr)
+
+
+def test_scale_shift_of_another_width_is_refused(tmp_path):
+    """Vectors learned for another model (same unit names, other width) are refused in one line by the
+    reference and the exporter, before anything is written."""
+    from exporter.export import export_plan
+
+    model = tiny_model()
+    _, schedule = corrected(model)
+    wide = tiny_model(hidden_size=128)
+    wrong = Schedule(schedule.unit_names, schedule.compute, schedule.sampler,
+                     scale_shift={k: (np.zeros(128), np.zeros(128)) for k in schedule.scale_shift})
+    for run in (lambda: sample(model, wrong, [1], initial_noise((1, 4, 8, 8), 0)),
+                lambda: export_plan(model, wrong, str(tmp_path / "plan"))):
+        with pytest.raises(BlockcacheError, match="128 channels"):
+            run()
+    assert not (tmp_path / "plan").exists()
+    sample(wide, wrong, [1], initial_noise((1, 4, 8, 8), 0))  # the right model takes them

@@ -157,7 +157,7 @@ def test_cli_round_trip(tmp_path, router_dir):
                 "-o", tmp_path / "l2c.yaml")
     assert r.returncode == 0, r.stderr
     r = run_cli("schedules.cli", "stats", tmp_path / "l2c.yaml")
-    assert r.returncode == 0 and "in the 9 cached steps" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "in the 9 cached evaluations" in r.stdout, r.stdout + r.stderr
     r = run_cli("exporter.export_cli", "--model", "uvit-h2", *NARROW_FLAGS, "--random-init", "--schedule",
                 tmp_path / "l2c.yaml", "--out", tmp_path / "plan", "--verify", "--quiet", timeout=600)
     assert r.returncode == 0, r.stderr
@@ -187,3 +187,23 @@ def test_schedule_makers_on_uvit(tmp_path):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     r = run_cli("exporter.schedule_cli", "learn-l2c", *flags, "--steps", "8", "-o", tmp_path / "l.yaml")
     assert r.returncode == 2 and "import-l2c" in assert_one_line_error(r.stderr)
+
+
+@pytest.mark.parametrize("model_name, scale", [("dit-s2", 0.5), ("uvit-h2", 0.0)])
+def test_unguided_scales_agree_between_plan_and_reference(model_name, scale, tmp_path):
+    """DiT's form: a scale <= 1 means no guidance (the conditional prediction), in the plan and in the
+    eager reference alike; U-ViT's form: scale 0."""
+    from conftest import TINY
+
+    model = (load_model("uvit-h2", random_init=True, **NARROW) if model_name == "uvit-h2"
+             else load_model("dit-s2", random_init=True, **TINY))
+    sampler = "dpm-solver-2" if model_name == "uvit-h2" else "ddim"
+    schedule = Schedule.uniform(model.unit_names, 4, 2, sampler=sampler)
+    export_plan(model, schedule, str(tmp_path / "plan"), batch_size=2)  # guided plan (family default scale)
+    noise = initial_noise((2, 4, 8, 8), 0)
+    want = sample(model, schedule, LABELS[:1] * 2, noise, guidance_scale=scale)
+    got = Sampler(str(tmp_path / "plan"), backend="onnxruntime", device="cpu")(LABELS[:1] * 2, noise=noise,
+                                                                               guidance_scale=scale)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    guided = sample(model, schedule, LABELS[:1] * 2, noise)
+    assert np.abs(guided - want).max() > 1e-4 * np.abs(want).max()

@@ -16,12 +16,14 @@ makes every parameter a view of the plan's single weights copy:
   several times slower) and no second copy exists. A dtype other than the stored one (e.g. bf16 from
   an fp32 plan) casts each weight once at load into a tensor of its own and the buffer is freed. All
   variants run the same module, so the weights exist once whatever the number of variants.
-- Steps: each step runs `DenoisingStep.denoise` (CFG, network, DDIM update, as the eager reference
-  and the traced graphs do) with a unit policy built at load for its variant: units in `computes`
-  run (and those in `writes` are copied into their cache buffer), units in `reads` return their cache
-  buffer (corrected by the step's Block Caching scale/shift where the plan has one). Cache buffers, the latent, labels, guidance scale and every step's timestep, a and b are
-  device tensors allocated once at load.
-- Optionally (`compile=`), each DiT block runs through one `torch.compile`d function shared by all
+- Steps: each step runs `DenoisingStep.denoise` (CFG, network, solver update with DPM-Solver-2's
+  carry term, as the eager reference and the traced graphs do) with a unit policy built at load for
+  its variant: units in `computes` run (and those in `writes` are copied into their cache buffer),
+  units in `reads` return their cache buffer (corrected by the step's Block Caching scale/shift
+  where the plan has one). Cache buffers, the latent, labels, guidance scale and every step's
+  timestep, a, b (and c) are device tensors allocated once at load; the latents follow the
+  manifest's per-step (input, carry, output) buffers.
+- Optionally (`compile=`, DiT plans only), each DiT block runs through one `torch.compile`d function shared by all
   blocks and variants (at most four graphs: attention and MLP each computed or read).
 - CUDA: the whole sampling loop (every step of the schedule) is captured as one CUDA graph at load,
   after a warm-up run on a side stream (shapes and the schedule are static); a call copies noise,
@@ -328,12 +330,13 @@ class TorchBackend:
             self.policies.append(_UnitPolicy(computes, {u: self.cache[u] for u in reads},
                                              {u: self.cache[u] for u in writes}))
         self.steps = []
+        for s, step in enumerate(manifest["steps"]):
+            if not 0 <= step["variant"] < len(self.policies):
+                raise BlockcacheError(f"plan step {s} names variant {step['variant']}, which does not exist")
         adjustments = step_adjustments(self.plan_dir, manifest)
         latents = step_latents(manifest)
         time_dtype = getattr(torch, inputs["timestep"]["dtype"])  # int64 (DDIM) or float32 (DPM-Solver)
         for s, step in enumerate(manifest["steps"]):
-            if not 0 <= step["variant"] < len(self.policies):
-                raise BlockcacheError(f"plan step {s} names variant {step['variant']}, which does not exist")
             policy = self.policies[step["variant"]]
             if adjustments[s]:  # a policy of its own: the step's scale/shift, made on the device once
                 adjust = {u: tuple(torch.from_numpy(v).to(device=dev, dtype=self.dtype) for v in pair)
