@@ -194,6 +194,29 @@ def test_scale_shift_vectors_are_step_constants(tiny, tmp_path):
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
+def test_dpm_solver_plan_binds_three_latents(tmp_path):
+    """A U-ViT DPM-Solver-2 plan: the binding plan rotates three latent buffers (input, carry, output
+    per evaluation) and binds `c` as a step constant; the replayed engines reproduce ONNX Runtime."""
+    from exporter.models import load_model
+
+    model = load_model("uvit-h2", random_init=True, hidden_size=32, num_heads=2, input_size=8)
+    compute = np.ones((8, len(model.unit_names)), bool)
+    compute[2::2, 1::3] = False
+    schedule = Schedule(model.unit_names, compute, {"name": "dpm-solver-2", "steps": 8, "spacing": "time-uniform"})
+    path = str(tmp_path / "plan")
+    export_with_engines(model, schedule, path, EngineSettings(precision="fp32", min_weight_bytes=SMALL),
+                        builder=fake_builder(), version="10.test", batch_size=2, guidance_scale=0.4)
+    manifest = load_manifest(path)
+    plan = plan_bindings(manifest)
+    assert {n for n in plan.io.slots if n.startswith("x.")} == {"x.0", "x.1", "x.2"}
+    assert plan.steps[1]["x_carry"] == ("io", "x.0") and plan.steps[1]["x"] == ("io", "x.1")
+    assert "step.1.c" in plan.constants
+    x = noise()
+    want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
+    got = replay(path, manifest, x, np.array(LABELS, np.int64), 0.4)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
 def test_arena_pack_and_bfloat16():
     arena = Arena.pack([("a", [3], "float32"), ("b", [2, 2], "bfloat16"), ("c", [], "int64")])
     assert [s.offset for s in arena.slots.values()] == [0, 256, 512] and arena.nbytes == 768
