@@ -96,7 +96,8 @@ def run(args) -> int:
                                   model=args.model, every_step=args.every_step, sampler=sampler)
         write_schedule(schedule, args.output)
         s = stats(config, schedule)
-        print(f"wrote {args.output}: {s['steps']} steps, {s['distinct_rows']} distinct rows, "
+        rows = "steps" if schedule.sampler["name"] == "ddim" else "evaluations"
+        print(f"wrote {args.output}: {s['steps']} {rows}, {s['distinct_rows']} distinct rows, "
               f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.2f}x")
         return 0
     schedule = Schedule.load(args.schedule)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 from exporter.export import export_plan, latent_slots
 from exporter.models import load_model
 from exporter.reference import sample
@@ -50,6 +50,14 @@ def test_router_import_matches_the_files_logits(router_dir, nfe):
     assert schedule.sampler == {"name": "dpm-solver-2", "steps": nfe, "spacing": "time-uniform"}
     assert schedule.compute[1::2].all()  # every intermediate evaluation computes everything
     assert not schedule.compute.all()
+
+
+@pytest.mark.parametrize("nfe", [20, 50])
+def test_committed_presets_are_the_imports(router_dir, nfe):
+    preset = Schedule.load(REPO / "schedules" / "presets" / f"uvit-h2-l2c-dpm{nfe}.yaml")
+    np.testing.assert_array_equal(preset.compute, published_schedule(router_dir / f"dpm{nfe}_router.pth", nfe,
+                                                                     preset.unit_names))
+    assert preset.sampler["name"] == "dpm-solver-2" and preset.model == "uvit-h2"
 
 
 def test_latent_slots_never_overwrite_a_live_latent():
