@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from runtime import manifest as mf
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
-from schedules.sampling import guidance_needed
+from schedules.sampling import guidance_needed, neutral_guidance_scale
 from schedules.zoo import family_of, num_labels
 
 from .reference import check_schedule, model_timesteps
@@ -70,11 +70,13 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     `guidance` (default: whether the scale changes the prediction) bakes the doubled CFG batch into
     the graphs; the scale stays an input, so a plan made with guidance can be sampled at any scale.
     `guidance_scale` and `guidance_channels` default to the model family's (DiT 4.0 on the first
-    three channels, U-ViT 0.4 in its own form)."""
+    three channels, U-ViT 0.4 in its own form); with `guidance=False` the scale defaults to the
+    form's neutral one (the conditional prediction)."""
     check_schedule(model, schedule)
     family = family_of(model.config)
-    guidance_channels = guidance_channels or family.guidance
-    guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
+    if guidance is False and guidance_scale is None:
+        guidance_scale = neutral_guidance_scale(guidance_channels or family.guidance)
+    guidance_scale, guidance_channels = family.guidance_settings(guidance_scale, guidance_channels)
     if precision not in PRECISIONS:
         raise BlockcacheError(f"precision {precision!r} is not supported (available: {', '.join(PRECISIONS)})")
     if not isinstance(batch_size, int) or batch_size < 1:

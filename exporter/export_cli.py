@@ -8,9 +8,8 @@ import time
 
 from schedules.errors import BlockcacheError, cli_main
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides
-from schedules.sampling import GUIDANCE_CHANNELS, neutral_guidance_scale
+from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.schedule import Schedule
-from schedules.zoo import family_of
 
 
 def build_parser() -> ArgumentParser:
@@ -58,11 +57,9 @@ def main(argv=None):
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     start = time.perf_counter()
-    family = family_of(model.config)
-    channels = args.guidance_channels or family.guidance
-    scale = family.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    options = dict(batch_size=args.batch_size, guidance_scale=neutral_guidance_scale(channels) if args.no_guidance
-                   else scale, guidance_channels=channels, progress=not args.quiet)
+    options = dict(batch_size=args.batch_size, guidance_scale=args.guidance_scale,
+                   guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
+                   progress=not args.quiet)
     if settings is None:
         manifest = export_plan(model, schedule, args.out, precision=args.precision, **options)
     else:

@@ -15,11 +15,11 @@ from tqdm.auto import tqdm
 
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import guidance_needed, initial_noise
-from schedules.zoo import check_sampler, family_of
+from schedules.zoo import DIT, check_sampler, family_of
 
 from .trace import DenoisingStep
 
-DEFAULT_GUIDANCE_SCALE = 4.0  # DiT's demo setting (its family default); 1.5 is the paper's FID setting
+DEFAULT_GUIDANCE_SCALE = DIT.guidance_scale  # DiT's demo setting, 4; 1.5 is the paper's FID setting
 
 
 def check_labels(labels, num_classes: int) -> np.ndarray:
@@ -86,9 +86,7 @@ class Denoiser:
 
     def __init__(self, model, schedule: Schedule, guidance_scale: float | None = None,
                  guidance_channels: str | None = None):
-        family = family_of(model.config)
-        channels = guidance_channels or family.guidance
-        guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
+        guidance_scale, channels = family_of(model.config).guidance_settings(guidance_scale, guidance_channels)
         self.step = DenoisingStep(model, guidance=guidance_needed(guidance_scale, channels), guidance_channels=channels)
         self.scale = torch.tensor([guidance_scale], dtype=torch.float32)
         sampler = schedule.make_sampler()

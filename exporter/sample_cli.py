@@ -91,7 +91,7 @@ def main(argv=None):
             raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")
         if noise is None:
             noise = initial_noise((len(labels), c, size, size), seed)
-        scale = family.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        scale, _ = family.guidance_settings(args.guidance_scale)
         out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,
                      progress=not args.quiet)
         what = f"eager {args.model}, {schedule.num_steps} steps ({schedule.source or 'schedule'}), guidance {scale}"

@@ -92,7 +92,7 @@ def _load(args):
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     family = family_of(model.config)
-    return model, family.samplers[0], family.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    return model, family.samplers[0], family.guidance_settings(args.guidance_scale)[0]
 
 
 def _default_labels(num_classes: int) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from schedules.errors import BlockcacheError
-from schedules.sampling import guidance_needed, initial_noise
+from schedules.sampling import guidance_needed, initial_noise, neutral_guidance_scale
 
 from .backends import make_backend
 from .manifest import load_manifest
@@ -55,8 +55,8 @@ class Sampler:
         scale = guidance["scale"] if guidance_scale is None else float(guidance_scale)
         if not guidance["enabled"] and guidance_needed(scale, guidance["channels"]):
             raise BlockcacheError("this plan was exported without guidance; re-export with --guidance-scale")
-        if guidance["enabled"] and guidance["channels"] != "uvit" and scale <= 1:
-            scale = 1.0  # eps = cond: the same as no guidance (the doubled batch still runs)
+        if guidance["enabled"] and not guidance_needed(scale, guidance["channels"]):
+            scale = neutral_guidance_scale(guidance["channels"])  # eps = cond (the doubled batch still runs)
         out = []
         b = self.batch_size
         for start in range(0, n, b):

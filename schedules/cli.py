@@ -96,8 +96,7 @@ def run(args) -> int:
                                   model=args.model, every_step=args.every_step, sampler=sampler)
         write_schedule(schedule, args.output)
         s = stats(config, schedule)
-        rows = "steps" if schedule.sampler["name"] == "ddim" else "evaluations"
-        print(f"wrote {args.output}: {s['steps']} {rows}, {s['distinct_rows']} distinct rows, "
+        print(f"wrote {args.output}: {s['steps']} {row_word(schedule.sampler)}s, {s['distinct_rows']} distinct rows, "
               f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.2f}x")
         return 0
     schedule = Schedule.load(args.schedule)
@@ -140,8 +139,13 @@ def write_schedule(schedule: Schedule, path: str) -> None:
         raise BlockcacheError(f"cannot write {path}: {e.strerror}") from None
 
 
+def row_word(sampler: dict) -> str:
+    """What a schedule row is called: a DDIM step, or a model evaluation (DPM-Solver-2 makes two per step)."""
+    return "step" if sampler["name"] == "ddim" else "evaluation"
+
+
 def format_stats(s: dict) -> str:
-    step = "step" if s["sampler"]["name"] == "ddim" else "evaluation"  # DPM-Solver-2: two rows per solver step
+    step = row_word(s["sampler"])
     lines = [f"{step}s {s['steps']} ({s['sampler']['name']}, {s['sampler']['spacing']}), units {s['units']}, "
              f"distinct rows {s['distinct_rows']}",
              f"units reused: {s['skipped_share']:.1%} overall, {s['skipped_share_in_cached_steps']:.1%} in the "

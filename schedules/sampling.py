@@ -141,8 +141,8 @@ def default_spacing(name: str) -> str:
 
 def make_sampler(name: str, steps: int, spacing: str | None = None):
     """The sampler `name` with `steps` model evaluations (DDIM: steps; DPM-Solver-2: twice its solver steps)."""
-    spacing = spacing or default_spacing(name)
-    default_spacing(name)  # refuses an unknown name given with a spacing
+    default = default_spacing(name)  # refuses an unknown name
+    spacing = spacing or default
     if spacing not in SAMPLER_SPACINGS[name]:
         raise BlockcacheError(f"sampler {name} has no spacing {spacing!r} (its spacings: "
                               f"{', '.join(SAMPLER_SPACINGS[name])})")

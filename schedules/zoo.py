@@ -25,6 +25,10 @@ class Family:
     guidance_scale: float  # the published demo / sampling setting in that form
     extra_tokens: int  # tokens beside the patches (U-ViT: label and time)
 
+    def guidance_settings(self, scale: float | None = None, channels: str | None = None) -> tuple[float, str]:
+        """(scale, form): the given ones, or the family's published defaults where None."""
+        return (self.guidance_scale if scale is None else scale), (channels or self.guidance)
+
     def unit_names(self, config: dict) -> tuple[str, ...]:
         """Cacheable units in execution order: each block's attention, then its MLP."""
         if self.name == "dit":

@@ -108,7 +108,7 @@ def make(seed=0, **overrides):
     branch, the label and the time token matter)."""
     model = randomize_(UViT(**{**SMALL, **overrides}), seed).eval()
     norms = [p for name, p in model.named_parameters() if name.endswith("norm1.weight")]
-    assert all(0.5 < float(p.mean()) < 1.5 for p in norms)
+    assert all(0.5 < float(p.detach().mean()) < 1.5 for p in norms)
     return model
 
 
