@@ -29,28 +29,29 @@ import json
 import os
 import time
 
+from runtime.plan.names import PRECISIONS
 from schedules.errors import BlockcacheError, cli_main, one_line
 from schedules.options import ArgumentParser, parse_numbers
 
-from .bench import (BenchConfig, derive, json_default, markdown, resolve_device, run_benchmark, split_list,
-                    write_results)
+from .bench import BenchConfig, derive, json_default, markdown, run_benchmark, torch_device, write_results
+from .bench.cli import split_list
 
 XL = dict(model="dit-xl2", overrides={}, batch_size=8)
 SMALL = dict(model="dit-s2", overrides=dict(depth=28, hidden_size=64, num_heads=4, input_size=8), batch_size=2)
 LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 SCHEDULES = {50: "l2c50", 20: "l2c20"}
-PRECISIONS = ("bf16", "fp16")
+SUITE_PRECISIONS = ("bf16", "fp16")  # what the suite measures by default
 TARGETS = {"efficiency_gpu": 0.95, "efficiency_cpu": 0.9, "vs_eager_branches": 3.0, "xl_l2c50_h100_s": 0.25}
 
 
-def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precisions=PRECISIONS, repeats=None,
+def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precisions=SUITE_PRECISIONS, repeats=None,
                  warmup=None, compile_full: bool = True, compile_mode: str = "max-autotune", plans_dir=None,
                  threads=None, progress: bool = True, methods=None, fewer_steps: bool = True) -> BenchConfig:
     size = SMALL if small else XL
     bad = [s for s in steps if s not in SCHEDULES]
     if bad or not steps:
         raise BlockcacheError(f"--steps must be some of {', '.join(map(str, SCHEDULES))}, got {bad or 'nothing'}")
-    bad = [p for p in precisions if p not in ("fp32",) + PRECISIONS]
+    bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise BlockcacheError(f"--precision must be some of fp32, bf16, fp16, got {bad or 'nothing'}")
     if methods is None:
@@ -238,9 +239,9 @@ def main(argv=None):
                        progress=not args.quiet, fewer_steps=not args.no_fewer_steps,
                        methods=split_list(args.methods) if args.methods else None)
     cfg.check()
-    device = resolve_device(args.device)
+    device = torch_device(args.device)
     size = "small" if args.small else "xl"
-    parts = "" if (set(steps), set(precisions)) == ({50, 20}, set(PRECISIONS)) else \
+    parts = "" if (set(steps), set(precisions)) == ({50, 20}, set(SUITE_PRECISIONS)) else \
         "-" + "-".join([f"ddim{s}" for s in steps] + list(precisions))
     tag = args.tag or f"suite-{size}-{device.replace(':', '')}{parts}"
     os.makedirs(args.out, exist_ok=True)

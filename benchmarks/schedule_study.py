@@ -67,11 +67,11 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     import torch
 
     from benchmarks import digits_metric as dm
-    from exporter.analyze import measure_change
-    from exporter.learn_l2c import learn_router, router_logits, trajectory_inputs
+    from exporter.makers.analyze import measure_change
+    from exporter.makers.learn_l2c import learn_router, router_logits, trajectory_inputs
+    from exporter.makers.scale_shift import learn_scale_shift
     from exporter.models import load_model
     from exporter.reference import DEFAULT_GUIDANCE_SCALE, sample
-    from exporter.scale_shift import learn_scale_shift
     from schedules import Schedule
     from schedules.blockcaching import search_delta
     from schedules.cost import ideal_speedup, search_speedup

@@ -34,21 +34,20 @@ are built without TF32 unless asked (EngineSettings.tf32).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from runtime import manifest as mf
 from runtime.backends.tensorrt import import_tensorrt
-from schedules.errors import BlockcacheError, one_line
+from runtime.plan import Plan, names
+from runtime.plan.manifest import Engine
+from runtime.plan.files import plan_corrections, read_weights, write_manifest
+from schedules.errors import BlockcacheError, ParameterError, one_line
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-ONNX_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp16"}  # which ONNX plan each is built from
 MIN_WEIGHT_BYTES = 16 * 1024
 # Operands TensorRT wants as build-time constants (ONNX op, input index): never made engine inputs.
 CONSTANT_OPERANDS = {("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2)}
@@ -65,22 +64,22 @@ class EngineSettings:
     min_weight_bytes: int = MIN_WEIGHT_BYTES
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise BlockcacheError(f"precision {self.precision!r} is not supported by the tensorrt backend "
-                                  f"(available: {', '.join(PRECISIONS)})")
+        if self.precision not in names.PRECISIONS:
+            raise ParameterError("precision", f"{{name}} {self.precision!r} is not supported by the tensorrt "
+                                 f"backend (available: {', '.join(names.PRECISIONS)})")
         if self.workspace is not None and (not isinstance(self.workspace, int) or self.workspace <= 0):
-            raise BlockcacheError(f"--workspace must be a positive size, got {self.workspace!r}")
+            raise ParameterError("workspace", f"{{name}} must be a positive size, got {self.workspace!r}")
         if self.opt_level is not None and self.opt_level not in OPT_LEVELS:
-            raise BlockcacheError(f"--opt-level must be 0…5, got {self.opt_level}")
+            raise ParameterError("opt_level", f"{{name}} must be 0…5, got {self.opt_level}")
         if self.timing_cache is not None:
             if os.path.isdir(self.timing_cache):
-                raise BlockcacheError(f"--timing-cache {self.timing_cache} is a folder; give a file path")
+                raise ParameterError("timing_cache", f"{{name}} {self.timing_cache} is a folder; give a file path")
             if not os.path.isdir(os.path.dirname(os.path.abspath(self.timing_cache))):
-                raise BlockcacheError(f"--timing-cache {self.timing_cache}: its folder does not exist")
+                raise ParameterError("timing_cache", f"{{name}} {self.timing_cache}: its folder does not exist")
 
     @property
     def onnx_precision(self) -> str:
-        return ONNX_PRECISION[self.precision]
+        return names.ENGINE_SOURCE[self.precision]
 
 
 def parse_size(text: str | None) -> int | None:
@@ -93,9 +92,9 @@ def parse_size(text: str | None) -> int | None:
     try:
         value = float(s[: len(s) - len(unit)])
     except ValueError:
-        raise BlockcacheError(f"--workspace {text!r} is not a size (e.g. 4G, 512M)") from None
+        raise ParameterError("workspace", f"{{name}} {text!r} is not a size (e.g. 4G, 512M)") from None
     if not np.isfinite(value) or value <= 0:
-        raise BlockcacheError(f"--workspace must be a positive size, got {text!r}")
+        raise ParameterError("workspace", f"{{name}} must be a positive size, got {text!r}")
     return int(value * units[unit])
 
 
@@ -306,26 +305,28 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     import onnx
     from tqdm.auto import tqdm
 
+    from runtime.bindings import plan_bindings
+
     if manifest.get("precision") != settings.onnx_precision:
         raise BlockcacheError(f"{settings.precision} engines are built from a {settings.onnx_precision} plan; "
                               f"this plan is {manifest.get('precision')}")
+    plan = Plan.parse(manifest, plan_dir)
     builder = builder or build_engine_bytes
     version = version or tensorrt_version()
-    blob = np.fromfile(os.path.join(plan_dir, manifest["weights"]["file"]), dtype=np.uint8)
-    stored = set(manifest["weights"]["tensors"])
+    blob = read_weights(plan)
     work = tempfile.mkdtemp(dir=plan_dir, prefix=".engines-")
     engines = []
     try:
         cache = settings.timing_cache or os.path.join(work, "timing.cache")
-        for k, v in enumerate(tqdm(manifest["variants"], desc="engines", disable=not progress, leave=False)):
-            model = onnx.load(os.path.join(plan_dir, v["file"]), load_external_data=False)
+        for k, v in enumerate(tqdm(plan.variants, desc="engines", disable=not progress, leave=False)):
+            model = onnx.load(plan.path(v.file), load_external_data=False)
             model, weight_inputs, baked = prepare_graph(model, blob, min_weight_bytes=settings.min_weight_bytes,
-                                                        weights=stored, precision=settings.precision)
+                                                        weights=set(plan.weights.tensors), precision=settings.precision)
             path = os.path.join(work, f"variant_{k}.trt.onnx")
             onnx.save(model, path)
             start = time.perf_counter()
             data = builder(path, settings, cache)
-            name = f"engine_{k}.plan"
+            name = names.engine_file(k)
             with open(os.path.join(work, name), "wb") as f:
                 f.write(data)
             engines.append({"variant": k, "file": name, **graph_io(model), "weight_inputs": weight_inputs,
@@ -338,19 +339,13 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
             "settings": {k: v for k, v in asdict(settings).items() if k != "timing_cache"},
             "engines": engines,
         }
-        from runtime.bindings import plan_bindings
-
-        weights = plan_bindings(new, adjustments=mf.step_adjustments(plan_dir, manifest)).weights  # checks the engines agree with each other and the plan
-        new["tensorrt"]["weights_bytes"] = weights.nbytes
-        new["files"] = dict(manifest["files"])
-        for e in engines:
-            new["files"][e["file"]] = mf.file_entry(os.path.join(work, e["file"]))
+        # the engines must agree with each other and with the plan before they are moved in
+        with_engines = replace(plan, engines=tuple(Engine.parse(e) for e in engines))
+        bindings = plan_bindings(with_engines, corrections=plan_corrections(plan))
+        new["tensorrt"]["weights_bytes"] = bindings.weights.nbytes
         for e in engines:
             os.replace(os.path.join(work, e["file"]), os.path.join(plan_dir, e["file"]))
-        tmp_manifest = os.path.join(work, mf.MANIFEST)
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(new, f, indent=1)
-        os.replace(tmp_manifest, os.path.join(plan_dir, mf.MANIFEST))
+        new = write_manifest(plan_dir, new)
     except BaseException:
         for e in engines:  # engines moved in before a failure are not listed anywhere: remove them
             path = os.path.join(plan_dir, e["file"])
@@ -365,18 +360,10 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
 def export_with_engines(model, schedule, out_dir: str, settings: EngineSettings, *, builder=None,
                         version: str | None = None, progress: bool = False, **export_kwargs) -> dict:
     """export_plan + build_engines, with `out_dir` replaced only when both succeed."""
-    from .export import _check_destination, _replace_dir, export_plan
+    from .export import export_plan
 
-    _check_destination(out_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.trt-")
-    try:
-        inner = os.path.join(stage, "plan")
-        manifest = export_plan(model, schedule, inner, precision=settings.onnx_precision, progress=progress,
-                               **export_kwargs)
-        manifest = build_engines(inner, manifest, settings, builder=builder, version=version, progress=progress)
-        _replace_dir(inner, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return manifest
+    def add_engines(folder: str, manifest: dict) -> dict:
+        return build_engines(folder, manifest, settings, builder=builder, version=version, progress=progress)
+
+    return export_plan(model, schedule, out_dir, precision=settings.onnx_precision, progress=progress,
+                       finish=add_engines, **export_kwargs)

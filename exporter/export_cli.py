@@ -6,7 +6,8 @@ import math
 import sys
 import time
 
-from schedules.errors import BlockcacheError, cli_main
+from runtime.plan import names
+from schedules.errors import BlockcacheError, ParameterError, cli_main
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides
 from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.schedule import Schedule
@@ -42,15 +43,23 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-@cli_main
+# Library parameters → this CLI's flags, for one-line errors that name what the user typed.
+FLAGS = {"out_dir": "--out", "batch_size": "--batch-size", "precision": "--precision", "workspace": "--workspace",
+         "timing_cache": "--timing-cache", "opt_level": "--opt-level", "guidance_scale": "--guidance-scale"}
+
+
+@cli_main(flags=FLAGS)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     settings = engine_settings(args)  # fails at once, in one line, where TensorRT is missing
-    from .export import PRECISIONS, export_plan
+    from runtime.plan import load_plan
+
+    from .export import export_plan
     from .models import load_model
 
-    if settings is None and args.precision not in PRECISIONS:
-        raise BlockcacheError(f"precision {args.precision!r} is not supported (available: {', '.join(PRECISIONS)})")
+    if settings is None and args.precision not in names.STORED_PRECISIONS:
+        raise ParameterError("precision", f"{{name}} {args.precision!r} is not supported (available: "
+                             f"{', '.join(names.STORED_PRECISIONS)})")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     schedule = Schedule.load(args.schedule)
@@ -72,7 +81,7 @@ def main(argv=None):
         from .verify import DEFAULT_TOLERANCE, verify_plan, verify_summary
 
         tolerance = args.tolerance or DEFAULT_TOLERANCE[manifest["precision"]]
-        print(verify_summary(verify_plan(model, args.out, manifest, tolerance)))
+        print(verify_summary(verify_plan(model, load_plan(args.out, verify=False), tolerance)))
     return 0
 
 
@@ -101,7 +110,7 @@ def summary(out: str, manifest: dict, seconds: float) -> str:
     graphs = sum(v["graph_bytes"] for v in manifest["variants"])
     macs = manifest["macs_per_image"]
     text = (f"wrote {out} in {seconds:.1f} s: {len(manifest['steps'])} steps, {len(manifest['variants'])} variants "
-            f"(graphs {graphs / 1e6:.2f} MB, weights {files['weights.bin']['size'] / 1e6:.1f} MB stored once), "
+            f"(graphs {graphs / 1e6:.2f} MB, weights {files[names.WEIGHTS]['size'] / 1e6:.1f} MB stored once), "
             f"MACs/image {macs['scheduled'] / 1e9:.3g} G of {macs['full'] / 1e9:.3g} G full, "
             f"ideal speedup {macs['ideal_speedup']:.2f}x")
     trt = manifest.get("tensorrt")

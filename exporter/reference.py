@@ -1,10 +1,11 @@
 """The eager cached reference: any schedule run on the PyTorch model with blockcache's caching
-semantics (DESIGN.md), one Python branch per unit, as the papers' code runs. Every compiled backend
-is checked against it.
+semantics (docs/ARCHITECTURE.md, "Caching semantics"), one Python branch per unit, as the papers'
+code runs. Every compiled backend is checked against it.
 
 Semantics: a reused unit returns the raw branch output (before gate and residual) from the last step
-that computed it; everything else runs with the current step's inputs. With guidance the network
-runs on [x; x] with labels [y; null] and the cache holds the doubled batch.
+that computed it, corrected by Block Caching's scale-shift where the schedule has one; everything
+else runs with the current step's inputs. With guidance the network runs on [x; x] with labels
+[y; null] and the cache holds the doubled batch.
 """
 
 from __future__ import annotations
@@ -13,55 +14,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.nn.step import DenoisingStep
+from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import guidance_needed, initial_noise
+from schedules.sampling import check_labels, check_noise, guidance_needed, initial_noise, model_timesteps
 from schedules.zoo import DIT, check_sampler, family_of
-
-from .trace import DenoisingStep
 
 DEFAULT_GUIDANCE_SCALE = DIT.guidance_scale  # DiT's demo setting, 4; 1.5 is the paper's FID setting
 
 
-def check_labels(labels, num_classes: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise BlockcacheError("class labels must be a non-empty list of integers")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise BlockcacheError(f"class label {int(bad[0])} is out of range 0…{num_classes - 1}")
-    return labels.astype(np.int64)
-
-
-def check_noise(noise, shape) -> np.ndarray:
-    noise = np.asarray(noise)
-    if noise.shape != tuple(shape):
-        raise BlockcacheError(f"noise has shape {noise.shape} but {tuple(shape)} is needed (N, C, H, W) for N labels")
-    if not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
-        raise BlockcacheError("noise must be finite floating-point values")
-    return noise.astype(np.float32)
-
-
-class UnitCache:
-    """The `unit(name, fn)` policy for one step: compute and remember, or return the remembered value,
-    corrected by the step's Block Caching scale-shift where the schedule has one."""
-
-    def __init__(self, unit_names):
-        self.index = {u: j for j, u in enumerate(unit_names)}
-        self.values: dict[str, torch.Tensor] = {}
-        self.compute_row = None
-        self.adjust: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, name, fn):
-        if self.compute_row[self.index[name]]:
-            self.values[name] = fn()
-        value = self.values[name]
-        if name in self.adjust:
-            scale, shift = self.adjust[name]
-            return value * (1 + scale) + shift
-        return value
-
-
-def step_adjustments(schedule: Schedule, device="cpu", dtype=torch.float32) -> list[dict]:
+def correction_tensors(schedule: Schedule, device="cpu", dtype=torch.float32) -> list[dict]:
     """Per step, {unit: (scale, shift)}: the schedule's scale-shift as tensors made once on the model's
     device and dtype, so that sampling moves nothing per step."""
     out = [{} for _ in range(schedule.num_steps)]
@@ -70,28 +32,28 @@ def step_adjustments(schedule: Schedule, device="cpu", dtype=torch.float32) -> l
     return out
 
 
-def model_timesteps(sampler) -> np.ndarray:
-    """What the model is called with at each evaluation: DDIM's integer timesteps as int64, a
-    continuous-time solver's fractional ones (t·1000) as float32."""
-    t = np.asarray(sampler.timesteps)
-    return t.astype(np.float32) if np.issubdtype(t.dtype, np.floating) else t.astype(np.int64)
+def guided_step(model, guidance_scale: float | None = None, guidance_channels: str | None = None):
+    """(the `DenoisingStep` of `model` with guidance where the scale needs it, the scale): scale and
+    form default to the model family's published ones."""
+    guidance_scale, channels = family_of(model.config).guidance_settings(guidance_scale, guidance_channels)
+    return DenoisingStep(model, guidance_needed(guidance_scale, channels), channels), guidance_scale
 
 
 class Denoiser:
-    """Evaluation s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, unit, x_carry)`
-    (CFG, network with the `unit` policy, solver update), with the per-step constants made once.
-    `x_carry` is the input of evaluation `carry_source[s]` (needed where `has_carry`: DPM-Solver-2's
-    intermediate evaluations); `sample` shows the bookkeeping. `guidance_channels` defaults to the
-    model family's guidance form, `guidance_scale` to its published setting."""
+    """Evaluation s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, policy, x_carry)`
+    (CFG, network with the unit `policy`, solver update), with the per-step constants made once on
+    `device`. `x_carry` is the input of evaluation `carry_source[s]` (needed where `has_carry`:
+    DPM-Solver-2's intermediate evaluations); `run` shows the bookkeeping. `guidance_channels` defaults
+    to the model family's guidance form, `guidance_scale` to its published setting."""
 
     def __init__(self, model, schedule: Schedule, guidance_scale: float | None = None,
-                 guidance_channels: str | None = None):
-        guidance_scale, channels = family_of(model.config).guidance_settings(guidance_scale, guidance_channels)
-        self.step = DenoisingStep(model, guidance=guidance_needed(guidance_scale, channels), guidance_channels=channels)
-        self.scale = torch.tensor([guidance_scale], dtype=torch.float32)
+                 guidance_channels: str | None = None, device="cpu"):
+        self.step, guidance_scale = guided_step(model, guidance_scale, guidance_channels)
+        self.denoise = self.step.denoise  # what runs one evaluation (a caller may put a compiled one here)
+        self.scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
         sampler = schedule.make_sampler()
-        self.timesteps = [torch.from_numpy(t.reshape(1)) for t in model_timesteps(sampler)]
-        self.a, self.b, self.c = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1)
+        self.timesteps = [torch.from_numpy(t.reshape(1)).to(device) for t in model_timesteps(sampler)]
+        self.a, self.b, self.c = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1).to(device)
                                   for v in (*sampler.coefficients(), sampler.carry_coefficients()))
         self.carry_source = [int(k) for k in sampler.carry_source]
         self.has_carry = bool(np.any(sampler.carry_coefficients()))
@@ -99,11 +61,11 @@ class Denoiser:
     def __len__(self):
         return len(self.timesteps)
 
-    def __call__(self, s: int, x, y, unit=None, x_carry=None):
+    def __call__(self, s: int, x, y, policy=None, x_carry=None):
         if self.has_carry and self.carry_source[s] != s and x_carry is None:
             raise BlockcacheError(f"evaluation {s} needs the latent of evaluation {self.carry_source[s]}")
         c = self.c[s] if x_carry is not None else None
-        return self.step.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, unit, c, x_carry)
+        return self.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, policy or COMPUTE, c, x_carry)
 
     def carry(self, inputs: dict, s: int, x):
         """Record `x` as evaluation s's input in `inputs` and return s's carried latent (None without a
@@ -119,6 +81,14 @@ class Denoiser:
         for s in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False):
             x = self(s, x, y, policy(s), self.carry(inputs, s, x))
         return x
+
+
+def schedule_policy(schedule: Schedule, corrections: list[dict] | None = None):
+    """`policy(s)` for `Denoiser.run`: evaluation s of `schedule` under blockcache's caching semantics,
+    one cache carried across the evaluations (`corrections`: `correction_tensors(schedule)`)."""
+    cache = {}
+    corrections = correction_tensors(schedule) if corrections is None else corrections
+    return lambda s: CachePolicy(cache, schedule.reused(s), corrections=corrections[s])
 
 
 def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +120,5 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float | 
     labels = check_labels(labels, model.num_classes)
     c, size = model.in_channels, model.config["input_size"]
     x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
-    y = torch.from_numpy(labels)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
-    cache = UnitCache(schedule.unit_names)
-    adjustments = step_adjustments(schedule)
-
-    def policy(s):
-        cache.compute_row, cache.adjust = schedule.compute[s], adjustments[s]
-        return cache
-
-    return denoiser.run(x, y, policy, progress).numpy()
+    return denoiser.run(x, torch.from_numpy(labels), schedule_policy(schedule), progress).numpy()

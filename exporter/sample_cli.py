@@ -52,7 +52,11 @@ def _load_noise(path: str) -> np.ndarray:
         raise BlockcacheError(f"cannot read noise {path}: {' '.join(str(e).split())[:160]}") from None
 
 
-@cli_main
+# Library parameters → this CLI's flags, for one-line errors that name what the user typed.
+FLAGS = {"backend": "--backend", "device": "--device", "guidance_scale": "--guidance-scale"}
+
+
+@cli_main(flags=FLAGS)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     labels = parse_labels(args.labels)

@@ -17,14 +17,16 @@ from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
-from schedules.sampling import SPACINGS
+from schedules.sampling import SPACINGS, check_labels
 from schedules.zoo import family_of
 
 
-
 def build_parser():
-    parser = schedule_cli.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here
+    return schedule_cli.build_parser(add_model_commands)
+
+
+def add_model_commands(sub) -> None:
+    """The subcommands that run a model, added to `blockcache-schedule`'s subparsers."""
 
     def runs_model(name, help, what, sampler=True, seeds="0,1"):
         """A subcommand that samples the model: weights, sampler, the conditions it samples."""
@@ -48,7 +50,7 @@ def build_parser():
 
     p = runs_model("learn-l2c", "learn a Learning-to-Cache router (runs the model; only the router trains)",
                    "for trajectories")
-    # = learn_l2c.DEFAULT_LAMBDA, written out so that building the parser does not import torch
+    # = makers.learn_l2c.DEFAULT_LAMBDA, written out so that building the parser does not import torch
     p.add_argument("--lambda", dest="lam", type=float, default=1e-6,
                    help="weight of Σ scores per step: larger reuses more (default 1e-6)")
     p.add_argument("--threshold", type=float, default=0.5, help="compute a unit iff its score > θ (default 0.5)")
@@ -67,7 +69,6 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--held-out-seed", type=int, default=1000, help="seed for the reported held-out error (default 1000)")
     p.add_argument("-o", "--output", required=True, help="corrected schedule YAML (tensors beside it)")
-    return parser
 
 
 def _writable(path: str, suffixes: tuple, flag: str) -> str:
@@ -106,7 +107,7 @@ def _learn_l2c(args) -> int:
     from schedules.l2c import schedule_from_l2c
     from schedules.schedule import Schedule
 
-    from .learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
+    from .makers.learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
 
     out = _writable(args.output, (".yaml", ".yml"), "-o")
     router = _writable(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
@@ -135,8 +136,6 @@ def _learn_l2c(args) -> int:
         xs, y = image_inputs(schedule, images[picked], labels[picked], seeds[0])
     else:
         labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
-        from .reference import check_labels
-
         xs, y = trajectory_inputs(model, schedule, check_labels(labels, model.num_classes), seeds,
                                   args.guidance_scale)
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
@@ -157,8 +156,8 @@ def _learn_l2c(args) -> int:
 def _scale_shift(args) -> int:
     from schedules.schedule import Schedule
 
+    from .makers.scale_shift import distillation_error, learn_scale_shift
     from .reference import check_schedule
-    from .scale_shift import distillation_error, learn_scale_shift
 
     out = _writable(args.output, (".yaml", ".yml"), "-o")
     _check_scale(args.guidance_scale)
@@ -191,7 +190,7 @@ def _analyze(args) -> int:
     from schedules.plot import change_heatmap
     from schedules.schedule import Schedule
 
-    from .analyze import measure_change
+    from .makers.analyze import measure_change
 
     _writable(args.output, (".npz",), "-o")
     if args.png:

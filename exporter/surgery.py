@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .trace import IR_VERSION, UNIT_PREFIX
+from runtime.plan import names
 
-CACHE_PREFIX = "cache."
-SCALE_PREFIX, SHIFT_PREFIX = "scale.", "shift."
+from .trace import IR_VERSION
 
 
 def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
@@ -25,7 +24,8 @@ def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
     into one blob.
 
     Returns (blob bytes, {name: {offset, length, shape, dtype}}); the initializers keep their names
-    and point to `weights.bin` at those offsets, so every variant graph refers to one stored copy."""
+    and point to the plan's weights file at those offsets, so every variant graph refers to one
+    stored copy."""
     import onnx
     from onnx import external_data_helper
 
@@ -40,7 +40,7 @@ def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
         chunks.append(data)
         index[tensor.name] = {"offset": offset, "length": len(data), "shape": list(tensor.dims),
                               "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name}
-        external_data_helper.set_external_data(tensor, "weights.bin", offset=offset, length=len(data))
+        external_data_helper.set_external_data(tensor, names.WEIGHTS, offset=offset, length=len(data))
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
         offset += len(data)
@@ -73,26 +73,28 @@ def parameter_sources(master, state_dict) -> dict[str, dict]:
 def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: set[str] = frozenset()):
     """The variant graph (onnx ModelProto) computing the units marked True in `compute`, reading the
     others from `cache.<unit>` inputs (corrected by `scale.<u>`/`shift.<u>` inputs for u in `adjust`),
-    and exposing `unit.<u>` for u in `outputs`."""
+    and exposing `unit.<u>` for u in `outputs` (runtime/plan/names.py)."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(master)
     tensors = graph.tensors()
-    keep = {"x_next"} | {UNIT_PREFIX + u for u in outputs}
+    keep = {names.X_NEXT} | {names.unit_output(u) for u in outputs}
     for unit, computed in compute.items():
         if computed:
             continue
-        tensor = tensors[UNIT_PREFIX + unit]
+        tensor = tensors[names.unit_output(unit)]
         tensor.inputs.clear()  # detach from its producer: the unit's subgraph becomes dead
         if unit not in adjust:
-            tensor.name = CACHE_PREFIX + unit
+            tensor.name = names.cache_input(unit)
             graph.inputs.append(tensor)
             continue
-        # The consumers keep reading `tensor`, now the corrected value v + v·scale + shift.
-        cache = gs.Variable(CACHE_PREFIX + unit, tensor.dtype, tensor.shape)
+        # The consumers keep reading `tensor`, now the corrected value v + v·scale + shift
+        # (runtime.nn.units.correct in graph form).
+        cache = gs.Variable(names.cache_input(unit), tensor.dtype, tensor.shape)
         channels = [tensor.shape[-1]]
-        scale = gs.Variable(SCALE_PREFIX + unit, tensor.dtype, channels)
-        shift = gs.Variable(SHIFT_PREFIX + unit, tensor.dtype, channels)
+        scale_name, shift_name = names.correction_inputs(unit)
+        scale = gs.Variable(scale_name, tensor.dtype, channels)
+        shift = gs.Variable(shift_name, tensor.dtype, channels)
         scaled = gs.Variable(f"adjust.{unit}.scaled", tensor.dtype, tensor.shape)
         plus = gs.Variable(f"adjust.{unit}.plus", tensor.dtype, tensor.shape)
         tensor.name = f"adjust.{unit}.out"

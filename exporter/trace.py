@@ -1,106 +1,116 @@
 """Trace one denoising step of a model into the ONNX *master graph*, once.
 
-The traced step contains everything a step does, so that the runtime issues exactly one graph
-execution per step: classifier-free guidance (the doubled batch [x; x] with labels [y; null]), the
-network, the guidance combination and the solver update `x_next = a·x + b·eps` (DDIM), or
-`a·x + b·eps + c·x_carry` for a second-order single-step solver, whose intermediate evaluation also
-needs the latent its solver step started from (`x_carry`). The step's timestep (an integer for DDIM,
-fractional for DPM-Solver), a, b, c and guidance scale are small graph inputs, so steps with the same
-computed units share a graph.
+The traced step contains everything a step does (runtime/nn/step.py), so that the runtime issues
+exactly one graph execution per step: classifier-free guidance, the network, the guidance combination
+and the solver update. The step's timestep (an integer for DDIM, fractional for DPM-Solver), a, b, c
+and guidance scale are small graph inputs, so steps with the same computed units share a graph.
 
 Every cacheable unit's raw output is also a named graph output `unit.<name>`: graph surgery later
 detaches exactly these tensors from their producers to make cache reads (exporter/surgery.py).
+
+    traced = trace_step(model, plan_settings(model, schedule, batch_size=8)[0])   # exporter/export.py
+    export_plan(model, schedule, "plans/a", batch_size=8, traced=traced)   # reuse one trace for many plans
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from schedules.sampling import guided_eps
+from runtime.nn.step import DenoisingStep
+from runtime.nn.units import CachePolicy
+from runtime.plan import names
 
-UNIT_PREFIX = "unit."
-STEP_INPUTS = ("x", "y", "timestep", "a", "b", "guidance_scale")
-CARRY_INPUTS = ("c", "x_carry")  # only in graphs of samplers with a carry term
 OPSET = 20  # tanh-GELU as one op (20), LayerNormalization as one op (17)
 IR_VERSION = 10  # onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.31 rejects
 
 
-class DenoisingStep(torch.nn.Module):
-    """One sampling step: (x, y, timestep, a, b, guidance_scale[, c, x_carry]) → (x_next, unit outputs…).
+@dataclass(frozen=True)
+class StepSettings:
+    """What a master graph is traced for; two exports with equal settings (and weights) can share one."""
+    batch_size: int
+    guidance: bool  # the doubled CFG batch is in the graph
+    guidance_channels: str = "first3"
+    carry: bool = False  # x_carry and c inputs (solvers with a carry term)
+    fractional_time: bool = False  # a float32 timestep (continuous-time solvers)
+    precision: str = "fp32"  # the model's stored precision: fp32 or fp16
 
-    `denoise` is the step itself with a `unit(name, fn)` policy; the eager reference and `--verify`
-    call it with their caching policies, `forward` (what is traced) with one that records every unit."""
 
-    def __init__(self, model, guidance: bool, guidance_channels: str = "first3"):
+@dataclass(frozen=True)
+class TracedStep:
+    proto: object  # onnx.ModelProto: inputs `step_inputs(carry)`, outputs `x_next` and `unit.<u>` in unit order
+    settings: StepSettings
+    weights_digest: str  # of the traced model's config and weights (`weights_digest`)
+
+
+def weights_digest(model) -> str:
+    """A digest of `model`'s config and every weight (names, dtypes, bytes): equal digests, same network."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(model.config, sort_keys=True).encode())
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(value.dtype).encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _RecordingStep(torch.nn.Module):
+    """What is traced: the denoising step, every unit's fresh value recorded as an extra output."""
+
+    def __init__(self, model, settings: StepSettings):
         super().__init__()
-        self.model = model
-        self.guidance = guidance
-        self.guidance_channels = guidance_channels
-
-    def denoise(self, x, y, timestep, a, b, guidance_scale, unit=None, c=None, x_carry=None):
-        channels = self.model.in_channels
-        if self.guidance:
-            x_in = torch.cat([x, x])
-            y_in = torch.cat([y, torch.full_like(y, self.model.null_class)])
-        else:
-            x_in, y_in = x, y
-        t = timestep.expand(x_in.shape[0])
-        dtype = self.model.pos_embed.dtype  # fp16/bf16 models: the update and its inputs stay fp32
-        eps = self.model(x_in.to(dtype), t, y_in, unit=unit)[:, :channels].float()
-        if self.guidance:
-            n = x.shape[0]
-            eps = guided_eps(eps[:n], eps[n:], guidance_scale, self.guidance_channels)
-        if x_carry is None:
-            return a * x + b * eps
-        return a * x + b * eps + c * x_carry
+        self.model = model  # a submodule named "model": the exporter's name scopes read model.blocks.3.attn …
+        self.step = DenoisingStep(model, settings.guidance, settings.guidance_channels)
 
     def forward(self, x, y, timestep, a, b, guidance_scale, c=None, x_carry=None):
-        units = []
-
-        def record(name, fn):
-            value = fn()
-            units.append(value)
-            return value
-
-        return (self.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry), *units)
+        record = CachePolicy({})
+        x_next = self.step.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry)
+        return (x_next, *(record.cache[u] for u in self.model.unit_names))
 
 
-def step_inputs(carry: bool) -> tuple[str, ...]:
-    return STEP_INPUTS + (CARRY_INPUTS if carry else ())
+def example_inputs(model, settings: StepSettings):
+    c, size, n = model.in_channels, model.config["input_size"], settings.batch_size
+    x = torch.zeros(n, c, size, size)
+    timestep = torch.zeros(1, dtype=torch.float32 if settings.fractional_time else torch.int64)
+    inputs = (x, torch.zeros(n, dtype=torch.int64), timestep, torch.ones(1), torch.ones(1), torch.ones(1))
+    return inputs + ((torch.ones(1), torch.zeros_like(x)) if settings.carry else ())
 
 
-def example_inputs(model, batch_size: int, carry: bool = False, fractional_time: bool = False):
-    c, size = model.in_channels, model.config["input_size"]
-    x = torch.zeros(batch_size, c, size, size)
-    timestep = torch.zeros(1, dtype=torch.float32 if fractional_time else torch.int64)
-    inputs = (x, torch.zeros(batch_size, dtype=torch.int64), timestep, torch.ones(1), torch.ones(1), torch.ones(1))
-    return inputs + ((torch.ones(1), torch.zeros_like(x)) if carry else ())
+def at_precision(model, precision: str):
+    """`model` at a plan's stored precision: fp16 is a half-precision copy (norms, guidance and the
+    update still run in fp32), fp32 the model itself."""
+    if precision == "fp16" and model.pos_embed.dtype != torch.float16:
+        import copy
+
+        return copy.deepcopy(model).half()
+    return model
 
 
-def trace_master(model, batch_size: int, guidance: bool, guidance_channels: str = "first3", carry: bool = False,
-                 fractional_time: bool = False):
-    """The master step graph as an onnx ModelProto: inputs `step_inputs(carry)`, outputs `x_next` and
-    `unit.<name>` for every unit, in the model's unit order. `fractional_time`: a float32 timestep."""
+def trace_step(model, settings: StepSettings) -> TracedStep:
+    """The master step graph of `model` for `settings` (the model is taken at `settings.precision`)."""
     import onnx
 
-    step = DenoisingStep(model.eval(), guidance, guidance_channels)
-    names = ["x_next"] + [UNIT_PREFIX + u for u in model.unit_names]
+    model = at_precision(model, settings.precision)
+    step = _RecordingStep(model.eval(), settings)
+    output_names = [names.X_NEXT] + [names.unit_output(u) for u in model.unit_names]
     # The exporter is chatty (progress lines, warnings about optional packages): keep the CLI clean.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(step, example_inputs(model, batch_size, carry, fractional_time),
-                                    input_names=list(step_inputs(carry)),
-                                    output_names=names, opset_version=OPSET, dynamo=True, external_data=False,
+        program = torch.onnx.export(step, example_inputs(model, settings),
+                                    input_names=list(names.step_inputs(settings.carry)),
+                                    output_names=output_names, opset_version=OPSET, dynamo=True, external_data=False,
                                     optimize=True, verbose=False)
     proto = program.model_proto
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)  # in-memory check (weights inline here)
-    return proto
+    return TracedStep(proto, settings, weights_digest(model))
 
 
 @contextlib.contextmanager

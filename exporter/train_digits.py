@@ -89,8 +89,10 @@ def train(steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH_SIZE, seed
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from runtime.nn.build import build_model
+    from schedules.zoo import model_config
+
     from .digits import load_digits_images
-    from .models import build_model, model_config
 
     # Subnormal numbers are flushed to zero (a few Adam moments get there: softmax makes the key
     # biases' gradients ~0). The shipped weights were trained this way, so a rerun needs it to match

@@ -17,9 +17,9 @@ Every slot starts on a 256-byte boundary: TensorRT requires it of every address 
 `IExecutionContext.setTensorAddress` (NvInferRuntime.h), and an arena is one `cudaMalloc` (itself
 256-byte aligned), so the address of a tensor is `base + slot.offset`.
 
-The engines' I/O comes from the manifest: `manifest["tensorrt"]["engines"][k]["inputs"|"outputs"]`
-for a plan with engines; without engines it is derived from the variants (what ONNX Runtime binds),
-which lets the plan be checked end to end on a CPU (tests/test_tensorrt.py).
+The engines' I/O comes from the plan's TensorRT engines (`Plan.engines`); for a plan without engines
+it is derived from the variants (what ONNX Runtime binds), which lets the plan be checked end to end
+on a CPU (tests/test_tensorrt.py). Everything here is plain data: no file is read.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import numpy as np
 
 from schedules.errors import BlockcacheError
 
+from .plan import Plan, names
+from .plan.manifest import Engine, TensorSpec
+
 ALIGNMENT = 256
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
-STEP_CONSTANTS = ("timestep", "a", "b", "c")  # c: solvers with a carry term (DPM-Solver-2)
-ADJUST_PREFIXES = ("scale.", "shift.")  # Block Caching scale-shift vectors: per step constants too
-CALL_INPUTS = ("x", "y", "guidance_scale")  # written by the host on every call
 
 
 def itemsize(dtype: str) -> int:
@@ -125,136 +125,133 @@ class BindingPlan:
         return buffer
 
 
-def engine_io(manifest: dict) -> list[dict]:
-    """Each engine's {"inputs", "outputs", "weight_inputs"}: from the manifest's TensorRT engines, or
-    derived from the variants for a plan without engines (weights then live inside the graphs)."""
-    trt = manifest.get("tensorrt")
-    if trt:
-        return trt["engines"]
-    step_inputs = manifest["inputs"]
-    x = step_inputs["x"]
+def engine_io(plan: Plan) -> tuple[Engine, ...]:
+    """Each engine's inputs, outputs and weight inputs: the plan's TensorRT engines, or derived from the
+    variants for a plan without engines (weights then live inside the graphs)."""
+    if plan.engines:
+        return plan.engines
+    x = plan.inputs[names.X]
     out = []  # (inputs include x_carry and c for solvers with a carry)
-    for v in manifest["variants"]:
-        inputs = dict(step_inputs)
-        inputs.update({"cache." + u: manifest["buffers"]["cache." + u] for u in v["reads"]})
-        for u in v.get("adjusts", ()):
-            cache = manifest["buffers"]["cache." + u]
-            inputs.update({p + u: {"shape": cache["shape"][-1:], "dtype": cache["dtype"]} for p in ADJUST_PREFIXES})
-        outputs = {"x_next": {"shape": x["shape"], "dtype": x["dtype"]}}
-        outputs.update({"unit." + u: manifest["buffers"]["cache." + u] for u in v["writes"]})
-        out.append({"inputs": inputs, "outputs": outputs, "weight_inputs": []})
-    return out
+    for v in plan.variants:
+        inputs = dict(plan.inputs)
+        inputs.update({names.cache_input(u): plan.cache[u] for u in v.reads})
+        for u in v.adjusts:
+            vector = TensorSpec(plan.cache[u].shape[-1:], plan.cache[u].dtype)
+            inputs.update({name: vector for name in names.correction_inputs(u)})
+        outputs = {names.X_NEXT: x}
+        outputs.update({names.unit_output(u): plan.cache[u] for u in v.writes})
+        out.append(Engine(v.file, inputs, outputs, ()))
+    return tuple(out)
 
 
-def plan_bindings(manifest: dict, engines: list[dict] | None = None, adjustments: list[dict] | None = None
-                  ) -> BindingPlan:
-    """The binding plan of `manifest`'s steps over `engines` (default: engine_io(manifest)).
-    `adjustments`: per step {unit: (scale, shift)} (runtime.manifest.step_adjustments), needed by a
-    plan with Block Caching scale-shift."""
-    from .manifest import step_latents
-
-    engines = engine_io(manifest) if engines is None else engines
-    latents = step_latents(manifest)
-    if manifest.get("scale_shift") and adjustments is None:
+def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = None) -> BindingPlan:
+    """The binding plan of `plan`'s steps over `engines` (default: engine_io(plan)). `corrections`: per
+    step {unit: (scale, shift)} (runtime.plan.files.plan_corrections), needed by a plan with Block
+    Caching scale-shift."""
+    engines = engine_io(plan) if engines is None else engines
+    if plan.scale_shift_file and corrections is None:
         raise BlockcacheError("this plan has Block Caching scale-shift: its binding plan needs the per-step vectors")
-    steps = manifest["steps"]
-    if len(engines) != len(manifest["variants"]):
-        raise BlockcacheError(f"plan has {len(manifest['variants'])} variants but {len(engines)} engines")
+    if len(engines) != len(plan.variants):
+        raise BlockcacheError(f"plan has {len(plan.variants)} variants but {len(engines)} engines")
     io_specs: dict[str, tuple] = {}
     weight_specs: dict[str, tuple] = {}
 
     def declare(specs, slot, spec, owner):
-        shape, dtype = list(spec["shape"]), spec["dtype"]
+        shape, dtype = list(spec.shape), spec.dtype
         if slot in specs and specs[slot] != (shape, dtype):
             raise BlockcacheError(f"{owner}: tensor for {slot} is {dtype}{shape} but another engine has "
                                   f"{specs[slot][1]}{specs[slot][0]}")
         specs[slot] = (shape, dtype)
 
     bound = []
-    for s, step in enumerate(steps):
-        k = step["variant"]
+    for s, step in enumerate(plan.steps):
+        k = step.variant
         eng = engines[k]
         owner = f"engine {k}"
-        weights = set(eng.get("weight_inputs", ()))
+        weights = set(eng.weight_inputs)
         table = {}
-        for direction in ("inputs", "outputs"):
-            for name, spec in eng[direction].items():
+        for direction, tensors in (("inputs", eng.inputs), ("outputs", eng.outputs)):
+            for name, spec in tensors.items():
                 if name in weights:
                     declare(weight_specs, name, spec, owner)
                     table[name] = ("weights", name)
                     continue
-                if name in ("x", "x_carry", "x_next"):  # the step's (input, carry, output) latent buffers
-                    slot = f"x.{latents[s][('x', 'x_carry', 'x_next').index(name)]}"
-                elif name in STEP_CONSTANTS or name.startswith(ADJUST_PREFIXES):
+                if name in names.LATENTS:  # the step's (input, carry, output) latent buffers
+                    slot = f"x.{step.latents[names.LATENTS.index(name)]}"
+                elif name in names.STEP_CONSTANTS or name.startswith(names.CORRECTION_PREFIXES):
                     slot = f"step.{s}.{name}"
-                elif name in CALL_INPUTS:
+                elif name in names.CALL_INPUTS:
                     slot = name
-                elif name.startswith("cache.") and direction == "inputs":
+                elif name.startswith(names.CACHE_PREFIX) and direction == "inputs":
                     slot = name
-                elif name.startswith("unit.") and direction == "outputs":
-                    slot = "cache." + name[len("unit."):]
+                elif name.startswith(names.UNIT_PREFIX) and direction == "outputs":
+                    slot = names.cache_input(name[len(names.UNIT_PREFIX):])
                 else:
                     raise BlockcacheError(f"{owner} has a tensor {name!r} that no plan buffer matches")
                 declare(io_specs, "x.0" if slot.startswith("x.") else slot, spec, owner)
                 table[name] = ("io", slot)
-        missing = {"x", "x_next"} - table.keys()
+        missing = {names.X, names.X_NEXT} - table.keys()
         if missing:
             raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
         bound.append(table)
 
-    count = 1 + max(max(slot) for slot in latents)
+    count = plan.num_latents
     for k in range(count):
         io_specs[f"x.{k}"] = io_specs["x.0"]
     # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
-    order = [f"x.{k}" for k in range(count)] + [n for n in CALL_INPUTS if n in io_specs and n != "x"]
-    order += sorted(n for n in io_specs if n.startswith("cache."))
+    order = [f"x.{k}" for k in range(count)] + [n for n in names.CALL_INPUTS if n in io_specs and n != names.X]
+    order += sorted(n for n in io_specs if n.startswith(names.CACHE_PREFIX))
     order += [n for n in io_specs if n.startswith("step.")]
     io = Arena.pack((n, *io_specs[n]) for n in order)
     weights = Arena.pack((n, *weight_specs[n]) for n in sorted(weight_specs))
     constants = {}
-    for s, step in enumerate(steps):
-        for name in STEP_CONSTANTS:
+    for s, step in enumerate(plan.steps):
+        for name in names.STEP_CONSTANTS:
             slot = f"step.{s}.{name}"
             if slot in io.slots:
                 spec = io.slots[slot]
-                constants[slot] = np.full(spec.shape, step[name], dtype=host_dtype(spec.dtype))
-        for unit, pair in (adjustments[s] if adjustments else {}).items():
-            for prefix, value in zip(ADJUST_PREFIXES, pair):
-                slot = f"step.{s}.{prefix}{unit}"
+                constants[slot] = np.full(spec.shape, getattr(step, name), dtype=host_dtype(spec.dtype))
+        for unit, pair in (corrections[s] if corrections else {}).items():
+            for input_name, value in zip(names.correction_inputs(unit), pair):
+                slot = f"step.{s}.{input_name}"
                 if slot in io.slots:
                     constants[slot] = convert(value, io.slots[slot].dtype)
-    return BindingPlan(io=io, weights=weights, step_engine=[s["variant"] for s in steps], steps=bound,
-                       constants=constants, output=f"x.{latents[-1][2]}", input=f"x.{latents[0][0]}")
+    return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in plan.steps], steps=bound,
+                       constants=constants, output=f"x.{plan.steps[-1].latents[2]}",
+                       input=f"x.{plan.steps[0].latents[0]}")
 
 
-def pack_weights(blob: np.ndarray, tensors: dict, arena: Arena) -> np.ndarray:
-    """Host bytes of the weights arena from the plan's `weights.bin` (`blob`, uint8) and its index
-    (`manifest["weights"]["tensors"]`), converting dtypes where the engines want another one."""
+def pack_weights(blob: np.ndarray, plan: Plan, arena: Arena) -> np.ndarray:
+    """Host bytes of the weights arena from the plan's weights file (`blob`, uint8, read_weights),
+    converting dtypes where the engines want another one."""
+    from .plan.files import stored_array
+
     buffer = np.zeros(arena.nbytes, np.uint8)
     for name, slot in arena.slots.items():
-        if name not in tensors:
-            raise BlockcacheError(f"engine weight input {name!r} is not in the plan's weights.bin")
-        t = tensors[name]
-        src = blob[t["offset"]: t["offset"] + t["length"]].view(host_dtype(t["dtype"]))
-        if t["dtype"] == "bfloat16":
+        if name not in plan.weights.tensors:
+            raise BlockcacheError(f"engine weight input {name!r} is not in the plan's weights file")
+        stored = plan.weights.tensors[name]
+        src = stored_array(blob, plan, name)
+        if stored.dtype == "bfloat16":
             if slot.dtype != "bfloat16":
                 raise BlockcacheError(f"weight {name}: cannot convert bfloat16 to {slot.dtype}")
             value = src
         else:
             value = convert(src, slot.dtype)
-        if list(t["shape"]) != list(slot.shape):
-            raise BlockcacheError(f"weight {name}: engine wants shape {list(slot.shape)}, weights.bin has {t['shape']}")
+        if tuple(stored.shape) != tuple(slot.shape):
+            raise BlockcacheError(f"weight {name}: engine wants shape {list(slot.shape)}, the plan stores "
+                                  f"{list(stored.shape)}")
         arena.view(buffer, name)[...] = value.reshape(slot.shape)
     return buffer
 
 
-def check_engine_io(expected: dict, actual: dict, where: str) -> None:
+def check_engine_io(expected: Engine, actual: dict, where: str) -> None:
     """Compare an engine's I/O as TensorRT reports it ({name: {"mode", "shape", "dtype"}}) with what the
     manifest says; one line naming the first difference. An input the engine lacks is allowed (a
     builder may drop an input nothing reads, e.g. the guidance scale of a plan without guidance); the
     runtime then binds only the tensors the engine has."""
-    want = {n: ("input", list(s["shape"]), s["dtype"]) for n, s in expected["inputs"].items()}
-    want.update({n: ("output", list(s["shape"]), s["dtype"]) for n, s in expected["outputs"].items()})
+    want = {n: ("input", list(s.shape), s.dtype) for n, s in expected.inputs.items()}
+    want.update({n: ("output", list(s.shape), s.dtype) for n, s in expected.outputs.items()})
     got = {n: (a["mode"], list(a["shape"]), a["dtype"]) for n, a in actual.items()}
     for name in sorted(want.keys() | got.keys()):
         if name not in got and want[name][0] == "input":

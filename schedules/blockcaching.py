@@ -1,7 +1,7 @@
 """Block Caching schedules (Wimbauer et al., CVPR 2024) from measured per-unit change.
 
 `change[s, u]` is unit u's relative L1 change between steps s−1 and s (step 0 has none: NaN), as
-`exporter.analyze` measures it. The rule: after computing a unit at step a, keep reusing it while
+`exporter.makers.analyze` measures it. The rule: after computing a unit at step a, keep reusing it while
 the change accumulated since a stays ≤ δ; at the step where it would exceed δ, recompute and restart
 the sum. A larger δ never recomputes more often (the greedy rule makes the fewest recomputations
 that keep every gap's sum ≤ δ), so MACs fall monotonically with δ and a budget is met by bisection.

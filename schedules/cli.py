@@ -13,7 +13,9 @@ from .schedule import Schedule
 from .zoo import CONFIGS, check_sampler, family_of, model_config, unit_names
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(add_commands=None) -> ArgumentParser:
+    """The parser of `blockcache-schedule`; `add_commands(subparsers)` adds more subcommands (the
+    exporter adds those that run a model)."""
     parser = ArgumentParser(prog="blockcache-schedule", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
@@ -54,6 +56,8 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("show", help="text view and optional heatmap PNG")
     p.add_argument("schedule")
     p.add_argument("--png", metavar="P", help="write a step × unit heatmap")
+    if add_commands is not None:
+        add_commands(sub)
     return parser
 
 

@@ -3,6 +3,9 @@
 Every package of blockcache raises `BlockcacheError` (or a subclass) for bad input; the console
 scripts wrap their `main` in `cli_main` so that a user sees `error: <one line>` and exit status 2,
 never a traceback. Programming errors still raise normally, so bugs stay visible in tests.
+
+Library functions name their own parameters in errors (`ParameterError`); a CLI tells `cli_main` which
+of its flags sets which parameter, and the user reads the flag instead.
 """
 
 from __future__ import annotations
@@ -15,17 +18,35 @@ class BlockcacheError(Exception):
     """A problem with the user's input (file, argument, schedule, plan). The message is one line."""
 
 
+class ParameterError(BlockcacheError):
+    """A bad value of the named parameter of a library function. `message` writes the parameter as
+    `{name}`: the library's text shows the parameter name, a CLI's (`render`) its flag."""
+
+    def __init__(self, parameter: str, message: str):
+        self.parameter, self.template = parameter, message
+        super().__init__(message.format(name=parameter))
+
+    def render(self, flags: dict[str, str]) -> str:
+        return self.template.format(name=flags.get(self.parameter, self.parameter))
+
+
 def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def cli_main(main):
-    """Decorate a console-script entry point: user errors become one line on stderr and exit 2."""
+def cli_main(main=None, *, flags: dict[str, str] | None = None):
+    """Decorate a console-script entry point: user errors become one line on stderr and exit 2.
+    `flags` maps library parameter names to the CLI's flags (`{"out_dir": "--out"}`); use as `@cli_main`
+    or `@cli_main(flags=…)`."""
+    if main is None:
+        return functools.partial(cli_main, flags=flags)
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
+        except ParameterError as e:
+            print(f"error: {one_line(e.render(flags or {}))}", file=sys.stderr)
         except BlockcacheError as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:

@@ -197,3 +197,31 @@ def initial_noise(shape, seed: int) -> np.ndarray:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise BlockcacheError(f"seed must be a non-negative integer, got {seed!r}")
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def check_labels(labels, num_classes: int) -> np.ndarray:
+    """Class labels of a sampling call as int64, each in 0…num_classes − 1 (one-line errors)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise BlockcacheError("class labels must be a non-empty list of integers")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise BlockcacheError(f"class label {int(bad[0])} is out of range 0…{num_classes - 1}")
+    return labels.astype(np.int64)
+
+
+def check_noise(noise, shape) -> np.ndarray:
+    """Starting noise of a sampling call as float32 of exactly `shape` (N, C, H, W), finite."""
+    noise = np.asarray(noise)
+    if noise.shape != tuple(shape):
+        raise BlockcacheError(f"noise has shape {noise.shape} but {tuple(shape)} is needed (N, C, H, W) for N labels")
+    if not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
+        raise BlockcacheError("noise must be finite floating-point values")
+    return noise.astype(np.float32)
+
+
+def model_timesteps(sampler) -> np.ndarray:
+    """What the model is called with at each evaluation: DDIM's integer timesteps as int64, a
+    continuous-time solver's fractional ones (t·1000) as float32."""
+    t = np.asarray(sampler.timesteps)
+    return t.astype(np.float32) if np.issubdtype(t.dtype, np.floating) else t.astype(np.int64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
-from exporter.analyze import ChangeRecorder, measure_change
+from exporter.makers.analyze import ChangeRecorder, measure_change
 from schedules import BlockcacheError, Schedule
 from schedules.blockcaching import delta_rows, search_delta
 from schedules.change import load_change, save_change

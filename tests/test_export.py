@@ -15,7 +15,7 @@ from exporter.export import export_plan, group_variants
 from exporter.models import load_model
 from exporter.reference import sample
 from exporter.surgery import unit_of_nodes
-from exporter.trace import trace_master
+from exporter.trace import StepSettings, trace_step
 from runtime import Sampler
 from schedules import BlockcacheError, Schedule
 from schedules.l2c import import_l2c
@@ -89,7 +89,7 @@ def test_variants_pruned_and_liveness(tmp_path):
     assert variants[1]["reads"] == ["blocks.0.attn", "blocks.0.mlp"]
     assert variants[2]["reads"] == ["blocks.0.attn", "blocks.0.mlp", "blocks.3.attn"]
 
-    owner = unit_of_nodes(trace_master(model, 1, True), u)
+    owner = unit_of_nodes(trace_step(model, StepSettings(batch_size=1, guidance=True)).proto, u)
     assert set(owner.values()) == set(u)  # every unit has operators in the master graph
     for v in variants:
         graph = onnx.load(str(tmp_path / "plan" / v["file"]), load_external_data=False)

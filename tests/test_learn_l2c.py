@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
-from exporter.learn_l2c import learn_router, router_logits, trajectory_inputs
+from exporter.makers.learn_l2c import learn_router, router_logits, trajectory_inputs
 from schedules import Schedule
 from schedules.l2c import import_l2c, schedule_from_l2c
 
@@ -24,7 +24,7 @@ def setup():
 
 def test_trajectory_inputs_follow_the_sampler(setup):
     """The inputs are the full-compute trajectory from the seeded noise: each is the previous step's output."""
-    from exporter.trace import DenoisingStep
+    from runtime.nn.step import DenoisingStep
     from schedules.sampling import initial_noise
 
     model, schedule, xs, y = setup
@@ -59,7 +59,7 @@ def test_router_file_layout_matches_import(tmp_path, setup):
     by_index = router_logits(logits)
     np.testing.assert_array_equal(by_index[STEPS - 1], logits[0])
     np.testing.assert_array_equal(by_index[0], logits[STEPS - 1])
-    from exporter.learn_l2c import router_state
+    from exporter.makers.learn_l2c import router_state
 
     torch.save(router_state(logits), tmp_path / "r.pt")
     imported = import_l2c(tmp_path / "r.pt", model.unit_names, STEPS, threshold=0.5, every_step=True)
@@ -110,7 +110,7 @@ def test_cli_bad_inputs_one_line(extra, tmp_path):
 
 
 def test_cli_default_lambda_is_the_learners():
-    from exporter.learn_l2c import DEFAULT_LAMBDA
+    from exporter.makers.learn_l2c import DEFAULT_LAMBDA
     from exporter.schedule_cli import build_parser
 
     args = build_parser().parse_args(["learn-l2c", "--model", "dit-digits", "--steps", "4", "-o", "x.yaml"])

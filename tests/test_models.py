@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, tiny_model
-from exporter.models import DiT, load_model
+from exporter.models import load_model
+from runtime.nn.dit import DiT
 from schedules.errors import BlockcacheError
 from schedules.zoo import CONFIGS, model_config, unit_names
 
@@ -199,7 +200,7 @@ def test_unit_callback_sees_units_in_order_and_identity_callback_is_exact():
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([500, 500]), torch.tensor([0, 1])
     with torch.no_grad():
-        plain, via_unit = model(x, t, y), model(x, t, y, unit=unit)
+        plain, via_unit = model(x, t, y), model(x, t, y, policy=unit)
     assert seen == list(model.unit_names)
     assert torch.equal(plain, via_unit)
 

@@ -8,8 +8,8 @@ import torch
 
 from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
 from exporter.reference import sample
-from exporter.scale_shift import distillation_error, learn_scale_shift
-from exporter.trace import DenoisingStep
+from exporter.makers.scale_shift import distillation_error, learn_scale_shift
+from runtime.nn.step import DenoisingStep
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
@@ -95,7 +95,7 @@ def test_plan_applies_scale_shift_like_the_reference(backend, tmp_path):
     from exporter.export import export_plan
     from exporter.verify import verify_plan
     from runtime import Sampler
-    from runtime.manifest import load_manifest
+    from runtime.plan import load_plan
 
     model = tiny_model()
     plain, schedule = partly_corrected(model)
@@ -107,7 +107,7 @@ def test_plan_applies_scale_shift_like_the_reference(backend, tmp_path):
     want = sample(model, schedule, labels, noise)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(want - sample(model, plain, labels, noise)).max() > 1e-3  # the correction matters
-    verify_plan(model, str(tmp_path / "plan"), load_manifest(str(tmp_path / "plan")), 1e-4)
+    verify_plan(model, load_plan(str(tmp_path / "plan")), 1e-4)
 
 
 def test_cli_round_trip_and_bad_inputs(tmp_path):

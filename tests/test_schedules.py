@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, TINY_FLAGS
-from exporter.models import DiT
+from runtime.nn.dit import DiT
 from schedules import cli
 from schedules.cost import stats
 from schedules.errors import BlockcacheError

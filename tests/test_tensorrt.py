@@ -24,7 +24,9 @@ from exporter.engines import (EngineSettings, build_engines, config_kwargs, expo
 from exporter.export import export_plan
 from runtime import Sampler
 from runtime.bindings import (ALIGNMENT, Arena, check_engine_io, pack_weights, plan_bindings, to_bfloat16)
-from runtime.manifest import load_manifest, step_adjustments
+from runtime.plan import Plan, load_manifest, load_plan
+from runtime.plan.files import plan_corrections
+from runtime.plan.manifest import Engine
 from schedules import BlockcacheError, Schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,9 +72,10 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
     engines = manifest["tensorrt"]["engines"]
     if retype_to is not None:  # run fp16 engines' graphs in fp32 (ORT's CPU has few fp16 kernels)
         engines = json.loads(json.dumps(engines).replace('"float16"', '"float32"'))
-    plan = plan_bindings(manifest, engines, step_adjustments(plan_dir, manifest))
+    parsed = Plan.parse(manifest, plan_dir)
+    plan = plan_bindings(parsed, [Engine.parse(e) for e in engines], plan_corrections(parsed))
     blob = np.fromfile(os.path.join(plan_dir, "weights.bin"), dtype=np.uint8)
-    arenas = {"io": plan.initial_io(), "weights": pack_weights(blob, manifest["weights"]["tensors"], plan.weights)}
+    arenas = {"io": plan.initial_io(), "weights": pack_weights(blob, parsed, plan.weights)}
     sessions = []
     for e in manifest["tensorrt"]["engines"]:
         model = onnx.load(os.path.join(plan_dir, e["file"]))
@@ -97,7 +100,7 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
 
 def test_binding_plan_layout(plans):
     manifest = load_manifest(str(plans["fp32"]))
-    plan = plan_bindings(manifest)
+    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])))
     steps = manifest["steps"]
     # every slot 256-byte aligned, no two overlapping, inside the arena
     for arena in (plan.io, plan.weights):
@@ -134,7 +137,7 @@ def test_binding_plan_without_engines_matches_variants(plans):
     """A plan's ORT view (no engines) binds the same buffers the ONNX Runtime backend binds."""
     manifest = load_manifest(str(plans["fp32"]))
     del manifest["tensorrt"]
-    plan = plan_bindings(manifest)
+    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])))
     assert plan.weights.nbytes == 0
     for s, step in enumerate(manifest["steps"]):
         v = manifest["variants"][step["variant"]]
@@ -149,14 +152,14 @@ def test_binding_plan_rejects_inconsistent_engines(plans):
     name = next(n for n in engines[1]["inputs"] if n.startswith("cache."))
     engines[1]["inputs"][name]["dtype"] = "float16"
     with pytest.raises(BlockcacheError, match="another engine"):
-        plan_bindings(manifest, engines)
+        plan_bindings(Plan.parse(manifest, str(plans["fp32"])), [Engine.parse(e) for e in engines])
     engines = json.loads(json.dumps(manifest["tensorrt"]["engines"]))
     engines[0]["inputs"]["mystery"] = {"shape": [1], "dtype": "float32"}
     with pytest.raises(BlockcacheError, match="mystery"):
-        plan_bindings(manifest, engines)
-    expected = manifest["tensorrt"]["engines"][0]
-    actual = {n: {"mode": "input", **s} for n, s in expected["inputs"].items()}
-    actual.update({n: {"mode": "output", **s} for n, s in expected["outputs"].items()})
+        plan_bindings(Plan.parse(manifest, str(plans["fp32"])), [Engine.parse(e) for e in engines])
+    expected = Engine.parse(manifest["tensorrt"]["engines"][0])
+    actual = {n: {"mode": "input", "shape": list(s.shape), "dtype": s.dtype} for n, s in expected.inputs.items()}
+    actual.update({n: {"mode": "output", "shape": list(s.shape), "dtype": s.dtype} for n, s in expected.outputs.items()})
     check_engine_io(expected, actual, "engine_0.plan")
     del actual["guidance_scale"]  # an unused input the builder dropped: fine
     check_engine_io(expected, actual, "engine_0.plan")
@@ -180,8 +183,8 @@ def test_scale_shift_vectors_are_step_constants(tiny, tmp_path):
                         version="10.test", batch_size=2, guidance_scale=4.0)
     manifest = load_manifest(path)
     with pytest.raises(BlockcacheError, match="scale-shift"):
-        plan_bindings(manifest)
-    plan = plan_bindings(manifest, adjustments=step_adjustments(path, manifest))
+        plan_bindings(load_plan(path))
+    plan = plan_bindings(load_plan(path), corrections=plan_corrections(load_plan(path)))
     buffer = plan.initial_io()
     unit = manifest["variants"][1]["adjusts"][0]
     for s in range(schedule.num_steps):
@@ -207,7 +210,7 @@ def test_dpm_solver_plan_binds_three_latents(tmp_path):
     export_with_engines(model, schedule, path, EngineSettings(precision="fp32", min_weight_bytes=SMALL),
                         builder=fake_builder(), version="10.test", batch_size=2, guidance_scale=0.4)
     manifest = load_manifest(path)
-    plan = plan_bindings(manifest)
+    plan = plan_bindings(load_plan(path))
     assert {n for n in plan.io.slots if n.startswith("x.")} == {"x.0", "x.1", "x.2"}
     assert plan.steps[1]["x_carry"] == ("io", "x.0") and plan.steps[1]["x"] == ("io", "x.1")
     assert "step.1.c" in plan.constants
@@ -282,9 +285,9 @@ def test_bf16_engine_graphs(plans):
         assert e["inputs"]["x"]["dtype"] == "float32" and e["outputs"]["x_next"]["dtype"] == "float32"
         assert any(v.type.tensor_type.elem_type == bf16 for v in model.graph.input)
     # weights converted from the fp16 weights.bin on packing
-    plan = plan_bindings(manifest)
+    plan = plan_bindings(Plan.parse(manifest, str(plans["bf16"])))
     blob = np.fromfile(plans["bf16"] / "weights.bin", dtype=np.uint8)
-    packed = pack_weights(blob, manifest["weights"]["tensors"], plan.weights)
+    packed = pack_weights(blob, Plan.parse(manifest, str(plans["bf16"])), plan.weights)
     name = next(iter(plan.weights.slots))
     t = manifest["weights"]["tensors"][name]
     fp16 = blob[t["offset"]: t["offset"] + t["length"]].view(np.float16).reshape(t["shape"])
@@ -373,7 +376,7 @@ def test_build_settings(tmp_path):
             parse_size(bad)
     with pytest.raises(BlockcacheError, match="int8"):
         EngineSettings(precision="int8")
-    with pytest.raises(BlockcacheError, match="opt-level"):
+    with pytest.raises(BlockcacheError, match="opt_level"):  # the library names its parameter; the CLI its flag
         EngineSettings(opt_level=9)
     with pytest.raises(BlockcacheError, match="folder"):
         EngineSettings(timing_cache=str(tmp_path))
@@ -459,7 +462,7 @@ def test_tensorrt_backend_refuses_plan_without_engines(tmp_path, tiny):
 
     export_plan(tiny, Schedule.full(tiny.unit_names, 2), str(tmp_path / "p"))
     with pytest.raises(BlockcacheError, match="no TensorRT engines"):
-        TensorRTBackend(str(tmp_path / "p"), load_manifest(str(tmp_path / "p")))
+        TensorRTBackend(load_plan(str(tmp_path / "p")))
 
 
 # ---------------------------------------------------------------------------------------------------

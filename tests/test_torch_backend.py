@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench import shared_trace
-from exporter.export import export_plan
+from exporter.export import export_plan, plan_settings
 from exporter.models import load_model
 from exporter.reference import sample
 from runtime import Sampler
 from runtime.backends.torch import TOLERANCE, TorchBackend
-from runtime.manifest import load_manifest
+from exporter.trace import trace_step
+from runtime.plan import Plan, load_manifest, load_plan
 from schedules import BlockcacheError, Schedule
 from schedules.l2c import import_l2c
 
@@ -28,8 +28,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 NARROW = dict(depth=28, hidden_size=64, num_heads=4, input_size=8)
 TINY = dict(depth=2, hidden_size=64, num_heads=4, input_size=8)
 LABELS = [3, 997, 0]  # three labels on a batch-2 plan: the sampler batches and pads
-TRACES: dict = {}  # one trace of each model for all of this module's plans (benchmarks.bench.shared_trace)
+TRACES: dict = {}  # one trace of each model and step settings for all of this module's plans
 CUDA = torch.cuda.is_available()
+
+
+def traced(model, schedule, **options):
+    """The step graph of `model` for an export with `options`, traced once per settings (export_plan(traced=…))."""
+    settings, _ = plan_settings(model, schedule, **options)
+    key = (id(model), settings)
+    if key not in TRACES:
+        TRACES[key] = trace_step(model, settings)
+    return TRACES[key]
 
 
 def rel_error(got, want) -> float:
@@ -63,8 +72,8 @@ def plan_dir(narrow, tmp_path_factory, request):
                 schedule = Schedule.uniform(units, 10, 3)
             else:
                 schedule = import_l2c(request.getfixturevalue("router_dir") / "DDIM20_router.pt", units, 20)
-            with shared_trace(TRACES):
-                export_plan(narrow, schedule, str(root / kind), batch_size=2, guidance_scale=4.0)
+            export_plan(narrow, schedule, str(root / kind), batch_size=2, guidance_scale=4.0,
+                        traced=traced(narrow, schedule, batch_size=2, guidance_scale=4.0))
             made[kind] = (str(root / kind), schedule)
         return made[kind]
 
@@ -97,7 +106,7 @@ def test_weights_exist_once(plan_dir):
     path, schedule = plan_dir("uniform")
     manifest = load_manifest(path)
     assert len(manifest["variants"]) == 2
-    backend = TorchBackend(path, manifest, "cpu")
+    backend = TorchBackend(Plan.parse(manifest, path), "cpu")
     params = list(backend.model.parameters())
     assert not any(p.is_meta for p in params)
     # every parameter is a view of one buffer: the plan's weights.bin read once, nothing copied
@@ -113,7 +122,7 @@ def test_weights_exist_once(plan_dir):
     backend.run(x, np.array([1, 2]), 4.0)
     assert {u: b.data_ptr() for u, b in backend.cache.items()} == ptrs
 
-    bf16 = TorchBackend(path, manifest, "cpu", dtype="bf16")  # one cast copy at half the size
+    bf16 = TorchBackend(Plan.parse(manifest, path), "cpu", dtype="bf16")  # one cast copy at half the size
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert 0.45 * size <= bf16.weight_bytes() <= 0.55 * size
 
@@ -123,7 +132,7 @@ def test_precision_override(precision, narrow, noise, plan_dir):
     """An fp32 plan run in bf16/fp16 equals the eager model at that precision (same kernels on CPU)
     and stays within the documented tolerance of the fp32 reference."""
     path, schedule = plan_dir("uniform")
-    backend = TorchBackend(path, load_manifest(path), "cpu", dtype=precision)
+    backend = TorchBackend(load_plan(path), "cpu", dtype=precision)
     assert backend.precision == precision
     got = backend.run(noise[:2], np.array(LABELS[:2]), 4.0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -137,8 +146,8 @@ def test_fp16_plan(tmp_path):
     """A plan exported in fp16 runs in fp16 by default, like the eager half model and ORT."""
     model = load_model("dit-s2", random_init=True, seed=3, **TINY)
     schedule = Schedule.uniform(model.unit_names, 8, 2)
-    with shared_trace(TRACES):
-        export_plan(model, schedule, str(tmp_path / "p16"), batch_size=2, precision="fp16")
+    export_plan(model, schedule, str(tmp_path / "p16"), batch_size=2, precision="fp16",
+                traced=traced(model, schedule, batch_size=2, precision="fp16"))
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((2, 4, 8, 8)).astype(np.float32), [5, 9]
     sampler = Sampler(str(tmp_path / "p16"), backend="torch", device="cpu")
@@ -157,8 +166,8 @@ def test_compiled_blocks_run_the_same_variants(narrow, noise, plan_dir):
     compiler backend keeps the test fast); results equal the plain backend's."""
     path, _ = plan_dir("uniform")
     manifest = load_manifest(path)
-    plain = TorchBackend(path, manifest, "cpu").run(noise[:2], np.array(LABELS[:2]), 4.0)
-    compiled = TorchBackend(path, manifest, "cpu", compile="default", compile_backend="eager")
+    plain = TorchBackend(Plan.parse(manifest, path), "cpu").run(noise[:2], np.array(LABELS[:2]), 4.0)
+    compiled = TorchBackend(Plan.parse(manifest, path), "cpu", compile="default", compile_backend="eager")
     assert compiled.compile == "default"
     np.testing.assert_array_equal(compiled.run(noise[:2], np.array(LABELS[:2]), 4.0), plain)
 
@@ -167,16 +176,16 @@ def test_bad_plans_and_options(plan_dir, tmp_path):
     path, _ = plan_dir("uniform")
     manifest = load_manifest(path)
     with pytest.raises(BlockcacheError, match="precision"):
-        TorchBackend(path, manifest, "cpu", dtype="int8")
+        TorchBackend(Plan.parse(manifest, path), "cpu", dtype="int8")
     with pytest.raises(BlockcacheError, match="device"):
-        TorchBackend(path, manifest, "tpu")
+        TorchBackend(Plan.parse(manifest, path), "tpu")
     if not CUDA:
         with pytest.raises(BlockcacheError, match="no CUDA GPU"):
-            TorchBackend(path, manifest, "cuda")
+            TorchBackend(Plan.parse(manifest, path), "cuda")
     with pytest.raises(BlockcacheError, match="re-export"):
-        TorchBackend(path, {**manifest, "weights": {**manifest["weights"], "parameters": {}}}, "cpu")
+        TorchBackend(Plan.parse({**manifest, "weights": {**manifest["weights"], "parameters": {}}}, path), "cpu")
 
-    backend = TorchBackend(path, manifest, "cpu")
+    backend = TorchBackend(Plan.parse(manifest, path), "cpu")
     with pytest.raises(BlockcacheError, match="exactly"):
         backend.run(np.zeros((3, 4, 8, 8), np.float32), np.zeros(3, np.int64), 4.0)
 
@@ -186,13 +195,13 @@ def test_bad_plans_and_options(plan_dir, tmp_path):
     data = (short / "weights.bin").read_bytes()
     (short / "weights.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(BlockcacheError, match="too short"):
-        TorchBackend(str(short), load_manifest(str(short), verify=False), "cpu")
+        TorchBackend(load_plan(str(short), verify=False), "cpu")
 
     # a variant that claims to read a unit without a cache buffer
     broken = json.loads(json.dumps(manifest))
     broken["buffers"] = {}
     with pytest.raises(BlockcacheError, match="cache buffer"):
-        TorchBackend(path, broken, "cpu")
+        TorchBackend(Plan.parse(broken, path), "cpu")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -200,13 +209,13 @@ def test_bad_plans_and_options(plan_dir, tmp_path):
 def test_cuda_graph_matches_eager(kind, narrow, noise, plan_dir):
     """On CUDA the whole loop is one CUDA graph; its output follows the static inputs call by call."""
     path, schedule = plan_dir(kind)
-    backend = TorchBackend(path, load_manifest(path), "cuda")
+    backend = TorchBackend(load_plan(path), "cuda")
     assert backend.cuda_graph, backend.graph_error
     for labels, x in ((LABELS[:2], noise[:2]), (LABELS[1:], noise[1:])):  # new static inputs each call
         got = backend.run(x, np.array(labels), 4.0)
         want = sample(narrow, schedule, labels, x, guidance_scale=4.0)
         assert rel_error(got, want) <= 1e-5  # captured with TF32 off (exact_fp32)
-    bf16 = TorchBackend(path, load_manifest(path), "cuda", dtype="bf16")
+    bf16 = TorchBackend(load_plan(path), "cuda", dtype="bf16")
     assert bf16.cuda_graph, bf16.graph_error
     got = bf16.run(noise[:2], np.array(LABELS[:2]), 4.0)
     assert rel_error(got, sample(narrow, schedule, LABELS[:2], noise[:2], guidance_scale=4.0)) <= TOLERANCE["bf16"]
@@ -215,7 +224,7 @@ def test_cuda_graph_matches_eager(kind, narrow, noise, plan_dir):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_graph_with_inductor_blocks(narrow, noise, plan_dir):
     path, schedule = plan_dir("uniform")
-    backend = TorchBackend(path, load_manifest(path), "cuda", dtype="bf16", compile="max-autotune-no-cudagraphs")
+    backend = TorchBackend(load_plan(path), "cuda", dtype="bf16", compile="max-autotune-no-cudagraphs")
     assert backend.cuda_graph, backend.graph_error
     got = backend.run(noise[:2], np.array(LABELS[:2]), 4.0)
     assert rel_error(got, sample(narrow, schedule, LABELS[:2], noise[:2], guidance_scale=4.0)) <= TOLERANCE["bf16"]

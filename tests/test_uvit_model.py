@@ -1,4 +1,4 @@
-"""exporter.uvit against an independent functional U-ViT written here from the facts of
+"""runtime.nn.uvit against an independent functional U-ViT written here from the facts of
 baofff/U-ViT `libs/uvit.py` (token order, long skips, key layout), on random-everywhere weights."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter.models import randomize_
-from exporter.uvit import UViT
+from runtime.nn.uvit import UViT
 from schedules.errors import BlockcacheError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -166,7 +166,7 @@ def test_unit_names_and_order():
     x, t, y = inputs(model.config)
     with torch.no_grad():
         plain = model(x, t, y)
-        recorded = model(x, t, y, unit=unit)
+        recorded = model(x, t, y, policy=unit)
     assert tuple(seen) == model.unit_names == (
         "in_blocks.0.attn", "in_blocks.0.mlp", "in_blocks.1.attn", "in_blocks.1.mlp",
         "mid_block.attn", "mid_block.mlp",
@@ -192,7 +192,7 @@ def test_replaced_unit_flows_through_the_long_skip():
         return torch.zeros_like(value) if name == "in_blocks.0.mlp" else value
 
     with torch.no_grad():
-        got = model(x, t, y, unit=policy)
+        got = model(x, t, y, policy=policy)
         want = functional_uvit(sd, cfg, x, t, y, zero={"in_blocks.0.mlp"})
         wrong_skip = functional_uvit(sd, cfg, x, t, y, zero={"in_blocks.0.mlp"}, skip_before_zero=True)
         plain = model(x, t, y)

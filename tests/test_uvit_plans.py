@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run_cli
-from exporter.export import export_plan, latent_slots
+from exporter.export import export_plan, latent_buffers
 from exporter.models import load_model
 from exporter.reference import sample
 from exporter.verify import verify_plan
 from runtime import Sampler
-from runtime.manifest import load_manifest
+from runtime.plan import load_plan
 from schedules import BlockcacheError, Schedule
 from schedules.l2c import import_l2c
 from schedules.safeload import safe_torch_load
@@ -60,14 +60,14 @@ def test_committed_presets_are_the_imports(router_dir, nfe):
     assert preset.sampler["name"] == "dpm-solver-2" and preset.model == "uvit-h2"
 
 
-def test_latent_slots_never_overwrite_a_live_latent():
+def test_latent_buffers_never_overwrite_a_live_latent():
     for source in (np.arange(7), [0, 0, 2, 2, 4, 4, 6, 6]):
         holder = {0: 0}  # evaluation → buffer holding its input, replayed independently
-        for s, (latent, carry, out) in enumerate(latent_slots(source)):
+        for s, (latent, carry, out) in enumerate(latent_buffers(source)):
             assert latent == holder[s] and carry == holder[int(source[s])]
             assert out not in (latent, carry)
             holder[s + 1] = out
-        assert max(max(slot) for slot in latent_slots(source)) < 3
+        assert max(max(slot) for slot in latent_buffers(source)) < 3
 
 
 def schedules_for(model, router_dir=None):
@@ -102,7 +102,7 @@ def test_plan_matches_eager_reference(uvit, kind, tmp_path, request):
         full = sample(uvit, Schedule.full(uvit.unit_names, 20, sampler="dpm-solver-2"), LABELS, noise,
                       guidance_scale=0.4)
         assert np.abs(full - want).max() > 1e-6  # the cache really is read
-    verify_plan(uvit, path, load_manifest(path), 1e-4)
+    verify_plan(uvit, load_plan(path), 1e-4)
 
 
 def test_reference_follows_the_solver_by_hand(uvit):

@@ -15,13 +15,13 @@ loop touches resident on the device, one graph execution per step.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from schedules.errors import BlockcacheError, one_line
+from schedules.errors import BlockcacheError, ParameterError, one_line
 
-from ..manifest import step_adjustments, step_latents
+from ..plan import Plan, names
+from ..plan.files import plan_corrections, read_weights, stored_array
+from .base import Backend, device_index, resolve_device
 
 
 def _ort():
@@ -48,94 +48,96 @@ def cuda_available() -> bool:
         ort.set_default_logger_severity(2)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    OPTIONS = ("threads",)
 
-    def __init__(self, plan_dir: str, manifest: dict, device: str = "auto", threads: int | None = None):
+    def __init__(self, plan: Plan, device: str = "auto", threads: int | None = None):
+        """`threads`: intra-op threads per session (default: ONNX Runtime's choice)."""
         ort = _ort()
-        if device == "auto":
-            device = "cuda" if cuda_available() else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise BlockcacheError(f"unknown device {device!r} (expected auto, cpu or cuda)")
-        if device == "cuda" and not cuda_available():
-            raise BlockcacheError("device cuda requested but ONNX Runtime sees no usable CUDA GPU")
-        self.device = device
-        self.manifest = manifest
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        super().__init__(plan, resolve_device(device, cuda_available))
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ParameterError("threads", f"{{name}} must be a positive integer, got {threads!r}")
+        kind, index = ("cuda" if self.device.startswith("cuda") else "cpu"), device_index(self.device)
+        providers = ([("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"] if kind == "cuda"
+                     else ["CPUExecutionProvider"])
 
         def on_device(array):
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), kind, index)
 
         def empty(spec):
-            return ort.OrtValue.ortvalue_from_shape_and_type(spec["shape"], np.dtype(spec["dtype"]), device, 0)
+            return ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), np.dtype(spec.dtype), kind, index)
 
         # Weights: read once, one OrtValue each, shared by every session.
-        blob = np.fromfile(os.path.join(plan_dir, manifest["weights"]["file"]), dtype=np.uint8)
+        blob = read_weights(plan)
         self._host_weights = blob  # on CPU the OrtValues alias this memory: keep it alive
-        self.weights = {}
-        for name, t in manifest["weights"]["tensors"].items():
-            array = blob[t["offset"]: t["offset"] + t["length"]].view(np.dtype(t["dtype"])).reshape(t["shape"])
-            self.weights[name] = on_device(array)
+        self.weights = {name: on_device(stored_array(blob, plan, name)) for name in plan.weights.tensors}
 
         self.sessions = []
-        for v in manifest["variants"]:
+        for v in plan.variants:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.add_session_config_entry("session.disable_prepacking", "1")
-            if device == "cpu":
+            if kind == "cpu":
                 # A per-session arena keeps each session's peak activations reserved: with 11 variants
                 # that was 1.73x the memory of a 1-variant plan; without it, activations are freed per run.
                 options.enable_cpu_mem_arena = False
                 options.enable_mem_pattern = False
             if threads:
                 options.intra_op_num_threads = threads
-            for name in v["weights"]:
+            for name in v.weights:
                 options.add_initializer(name, self.weights[name])
             try:
-                self.sessions.append(ort.InferenceSession(os.path.join(plan_dir, v["file"]), options, providers=providers))
+                self.sessions.append(ort.InferenceSession(plan.path(v.file), options, providers=providers))
             except Exception as e:  # ORT raises its own exception types; report them in one line
-                raise BlockcacheError(f"ONNX Runtime cannot load {v['file']}: {one_line(e)[:300]}") from None
+                raise BlockcacheError(f"ONNX Runtime cannot load {v.file}: {one_line(e)[:300]}") from None
 
-        inputs = manifest["inputs"]
-        self.latents = step_latents(manifest)
-        self.x = [empty(inputs["x"]) for _ in range(1 + max(max(slot) for slot in self.latents))]
-        self.y = empty(inputs["y"])
-        self.guidance_scale = empty(inputs["guidance_scale"])
-        self.cache = {name: empty(spec) for name, spec in manifest["buffers"].items()}
-        solver = [name for name in ("timestep", "a", "b", "c") if name in inputs]  # c: solvers with a carry
-        self.constants = [{name: on_device(np.array([s[name]], np.dtype(inputs[name]["dtype"]))) for name in solver}
-                          for s in manifest["steps"]]
+        inputs = plan.inputs
+        self.x = [empty(inputs[names.X]) for _ in range(plan.num_latents)]
+        self.y = empty(inputs[names.Y])
+        self.guidance_scale = empty(inputs[names.GUIDANCE_SCALE])
+        self.cache = {unit: empty(spec) for unit, spec in plan.cache.items()}
+        constants = [name for name in names.STEP_CONSTANTS if name in inputs]
+        self.constants = [{name: on_device(np.array([getattr(step, name)], np.dtype(inputs[name].dtype)))
+                           for name in constants} for step in plan.steps]
         # Block Caching scale/shift vectors, per step and corrected unit, in the cache's dtype.
-        for constants, adjust in zip(self.constants, step_adjustments(plan_dir, manifest)):
-            for unit, (scale, shift) in adjust.items():
-                dtype = np.dtype(manifest["buffers"]["cache." + unit]["dtype"])
-                constants["scale." + unit] = on_device(scale.astype(dtype))
-                constants["shift." + unit] = on_device(shift.astype(dtype))
-        self.bindings = [self._bind(s, step) for s, step in enumerate(manifest["steps"])]
+        for step_constants, corrections in zip(self.constants, plan_corrections(plan)):
+            for unit, pair in corrections.items():
+                dtype = np.dtype(plan.cache[unit].dtype)
+                for name, value in zip(names.correction_inputs(unit), pair):
+                    step_constants[name] = on_device(value.astype(dtype))
+        self.bindings = [self._bind(s, step) for s, step in enumerate(plan.steps)]
 
-    def _bind(self, s: int, step: dict):
-        variant = self.manifest["variants"][step["variant"]]
-        binding = self.sessions[step["variant"]].io_binding()
-        latent, carry, out = self.latents[s]
-        binding.bind_ortvalue_input("x", self.x[latent])
-        if "x_carry" in self.manifest["inputs"]:
-            binding.bind_ortvalue_input("x_carry", self.x[carry])
-        binding.bind_ortvalue_input("y", self.y)
-        binding.bind_ortvalue_input("guidance_scale", self.guidance_scale)
+    def _bind(self, s: int, step):
+        variant = self.plan.variants[step.variant]
+        binding = self.sessions[step.variant].io_binding()
+        latent, carry, out = step.latents
+        binding.bind_ortvalue_input(names.X, self.x[latent])
+        if self.plan.has_carry:
+            binding.bind_ortvalue_input(names.X_CARRY, self.x[carry])
+        binding.bind_ortvalue_input(names.Y, self.y)
+        binding.bind_ortvalue_input(names.GUIDANCE_SCALE, self.guidance_scale)
         for name, value in self.constants[s].items():
             binding.bind_ortvalue_input(name, value)
-        for unit in variant["reads"]:
-            binding.bind_ortvalue_input("cache." + unit, self.cache["cache." + unit])
-        binding.bind_ortvalue_output("x_next", self.x[out])
-        for unit in variant["writes"]:
-            binding.bind_ortvalue_output("unit." + unit, self.cache["cache." + unit])
+        for unit in variant.reads:
+            binding.bind_ortvalue_input(names.cache_input(unit), self.cache[unit])
+        binding.bind_ortvalue_output(names.X_NEXT, self.x[out])
+        for unit in variant.writes:
+            binding.bind_ortvalue_output(names.unit_output(unit), self.cache[unit])
         return binding
 
-    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        self.x[self.latents[0][0]].update_inplace(np.ascontiguousarray(x, dtype=np.float32))
-        self.y.update_inplace(np.ascontiguousarray(y, dtype=np.int64))
+    def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        steps = self.plan.steps
+        self.x[steps[0].latents[0]].update_inplace(x)
+        self.y.update_inplace(y)
         self.guidance_scale.update_inplace(np.array([guidance_scale], np.float32))
-        for s, binding in enumerate(self.bindings):
-            self.sessions[self.manifest["steps"][s]["variant"]].run_with_iobinding(binding)
+        try:
+            for step, binding in zip(steps, self.bindings):
+                self.sessions[step.variant].run_with_iobinding(binding)
+        except Exception as e:  # ORT's own exception types (e.g. out of memory): one line
+            raise BlockcacheError(f"ONNX Runtime failed while sampling: {one_line(e)[:300]}") from None
         # On CPU numpy() aliases the resident buffer, which the next call overwrites: copy it out.
-        return self.x[self.latents[-1][2]].numpy().copy()
+        return self.x[steps[-1].latents[2]].numpy().copy()
+
+    def close(self) -> None:
+        self.bindings, self.sessions, self.weights, self.cache, self.x = [], [], {}, {}, []

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
 import numpy as np
 
-from schedules.errors import BlockcacheError, one_line
+from schedules.errors import BlockcacheError, ParameterError, one_line
 
 from ..bindings import check_engine_io, host_dtype, pack_weights, plan_bindings
-from ..manifest import step_adjustments
+from ..plan import Plan
+from ..plan.files import plan_corrections, read_weights
+from .base import Backend
 
 log = logging.getLogger("blockcache")
 
@@ -127,30 +128,29 @@ class _Cuda:
         self._rt.destroy_stream(self.stream)
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
+    OPTIONS = ("cuda_graph",)
 
-    def __init__(self, plan_dir: str, manifest: dict, device: str = "auto", cuda_graph: bool = True):
-        if device not in ("auto", "cuda"):
-            raise BlockcacheError(f"the tensorrt backend runs on a CUDA GPU, not on {device!r} "
-                                  "(use --backend onnxruntime for the CPU)")
-        info = manifest.get("tensorrt")
-        if not info:
-            raise BlockcacheError(f"plan {plan_dir} has no TensorRT engines: export it with "
-                                  "blockcache-export --backend tensorrt")
+    def __init__(self, plan: Plan, device: str = "auto", cuda_graph: bool = True):
+        if device not in ("auto", "cuda", "cuda:0"):
+            raise ParameterError("device", f"the tensorrt backend runs on a CUDA GPU, the current one (cuda; choose "
+                                 f"it with CUDA_VISIBLE_DEVICES), not on {{name}} {device!r} (the onnxruntime "
+                                 "backend runs on the CPU)")
+        if not plan.engines:
+            raise BlockcacheError(f"plan {plan.directory} has no TensorRT engines: export it with the tensorrt "
+                                  "backend (blockcache-export --backend tensorrt)")
         trt = import_tensorrt()
-        if info.get("built_with") != trt.__version__:
-            raise BlockcacheError(f"the plan's engines were built with TensorRT {info.get('built_with')}, this is "
-                                  f"{trt.__version__}: re-export the plan with --backend tensorrt")
-        self.device = "cuda"
-        self.manifest = manifest
-        self.plan = plan_bindings(manifest, adjustments=step_adjustments(plan_dir, manifest))
-        blob = np.fromfile(os.path.join(plan_dir, manifest["weights"]["file"]), dtype=np.uint8)
-        host_weights = pack_weights(blob, manifest["weights"]["tensors"], self.plan.weights)
-        del blob
+        built_with = (plan.tensorrt or {}).get("built_with")
+        if built_with != trt.__version__:
+            raise BlockcacheError(f"the plan's engines were built with TensorRT {built_with}, this is "
+                                  f"{trt.__version__}: re-export the plan with the tensorrt backend")
         self._cuda = None
+        super().__init__(plan, "cuda")
+        self.bindings = plan_bindings(plan, corrections=plan_corrections(plan))
+        host_weights = pack_weights(read_weights(plan), plan, self.bindings.weights)
         try:
-            self._setup(trt, plan_dir, info, host_weights, cuda_graph)
+            self._setup(trt, host_weights, cuda_graph)
         except BaseException as e:
             self.close()
             if isinstance(e, BlockcacheError) or not isinstance(e, Exception):
@@ -158,23 +158,23 @@ class TensorRTBackend:
             # polygraphy / TensorRT / CUDA errors (no GPU, out of memory, …): one line
             raise BlockcacheError(f"TensorRT backend could not start: {one_line(e)[:300]}") from None
 
-    def _setup(self, trt, plan_dir, info, host_weights, cuda_graph):
+    def _setup(self, trt, host_weights, cuda_graph):
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = self._runtime = trt.Runtime(self._logger)  # kept alive as long as its engines
         self.engines, self._tensors = [], []
-        for entry in info["engines"]:
-            with open(os.path.join(plan_dir, entry["file"]), "rb") as f:
+        for entry in self.plan.engines:
+            with open(self.plan.path(entry.file), "rb") as f:
                 engine = runtime.deserialize_cuda_engine(f.read())
             if engine is None:
-                raise BlockcacheError(f"TensorRT cannot load {entry['file']} (built for another GPU?): re-export "
-                                      "the plan with --backend tensorrt on this machine")
+                raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
+                                      "the plan with the tensorrt backend on this machine")
             io = self._engine_io(trt, engine)
-            check_engine_io(entry, io, entry["file"])
+            check_engine_io(entry, io, entry.file)
             self.engines.append(engine)
             self._tensors.append(set(io))
 
         cuda = self._cuda = _Cuda()
-        plan = self.plan
+        plan = self.bindings
         self._base = {"io": cuda.alloc(plan.io.nbytes), "weights": cuda.alloc(plan.weights.nbytes)}
         cuda.upload(self._base["weights"], host_weights)
         self._io_host = plan.initial_io()  # step constants, uploaded once
@@ -195,7 +195,7 @@ class TensorRTBackend:
             self.contexts.append(ctx)
         cuda.sync()
         self.memory = {"weights": plan.weights.nbytes, "io": plan.io.nbytes, "scratch": scratch,
-                       "engine_files": sum(os.path.getsize(os.path.join(plan_dir, e["file"])) for e in info["engines"])}
+                       "engine_files": sum(self.plan.files[e.file].size for e in self.plan.engines)}
 
         # Warm-up: every context enqueues once outside capture (TensorRT does one-time work on the
         # first enqueue); then the whole loop is recorded as one graph.
@@ -226,20 +226,20 @@ class TensorRTBackend:
                 raise BlockcacheError(f"TensorRT failed to enqueue step {s}")
 
     def _write(self, slot: str, value: np.ndarray) -> None:
-        view = self.plan.io.view(self._io_host, slot)
+        view = self.bindings.io.view(self._io_host, slot)
         view[...] = value.reshape(view.shape)
-        self._cuda.upload(self._base["io"] + self.plan.io.slots[slot].offset, np.ascontiguousarray(view))
+        self._cuda.upload(self._base["io"] + self.bindings.io.slots[slot].offset, np.ascontiguousarray(view))
 
-    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        self._write(self.plan.input, np.asarray(x, np.float32))
-        self._write("y", np.asarray(y, np.int64))
-        if "guidance_scale" in self.plan.io.slots:
+    def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        self._write(self.bindings.input, x)
+        self._write("y", y)
+        if "guidance_scale" in self.bindings.io.slots:
             self._write("guidance_scale", np.array([guidance_scale], np.float32))
         if self.cuda_graph:
             self._cuda.launch()
         else:
             self._enqueue_all()
-        slot = self.plan.io.slots[self.plan.output]
+        slot = self.bindings.io.slots[self.bindings.output]
         out = np.empty(slot.shape, host_dtype(slot.dtype))
         self._cuda.download(out, self._base["io"] + slot.offset)
         self._cuda.sync()

@@ -13,13 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from runtime.nn.units import UnitPolicy
 from schedules import BlockcacheError, Schedule
+from schedules.sampling import check_labels
 
-from .reference import Denoiser, check_labels, check_schedule, seeded_batch
+from ..reference import Denoiser, check_schedule, seeded_batch
 
 
-class ChangeRecorder:
-    """The `unit(name, fn)` policy that computes every unit and accumulates its per-image change."""
+class ChangeRecorder(UnitPolicy):
+    """The unit policy that computes every unit and accumulates its per-image change (set `step` to
+    the evaluation being run)."""
 
     def __init__(self, unit_names, num_steps: int):
         self.index = {u: j for j, u in enumerate(unit_names)}
@@ -27,8 +30,7 @@ class ChangeRecorder:
         self.previous: dict[str, torch.Tensor] = {}
         self.step = 0
 
-    def __call__(self, name, fn):
-        value = fn()
+    def computed(self, name, value):
         current = value.detach().float().flatten(1)
         before = self.previous.get(name)
         if before is not None:

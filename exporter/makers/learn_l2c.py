@@ -27,33 +27,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.nn.units import CachePolicy, UnitPolicy
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
-from .reference import Denoiser, seeded_batch
+from ..reference import Denoiser, seeded_batch
 
 # dit-digits DDIM-20: 1.24x ideal speedup at 46 dB PSNR to full compute (README); L2C used 1e-6…5e-6 for DiT.
 DEFAULT_LAMBDA = 1e-6
 
 
-class _Record:
-    def __init__(self):
-        self.values = {}
-
-    def __call__(self, name, fn):
-        self.values[name] = fn()
-        return self.values[name]
-
-
-class _Blend:
+class _Blend(UnitPolicy):
     """`cache·(1 − β) + fresh·β` per unit, β one row of the router's scores."""
 
     def __init__(self, index, cache, beta):
         self.index, self.cache, self.beta = index, cache, beta
 
-    def __call__(self, name, fn):
+    def computed(self, name, value):
         b = self.beta[self.index[name]]
-        return self.cache[name] * (1 - b) + fn() * b
+        return self.cache[name] * (1 - b) + value * b
 
 
 def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +98,11 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
                 sl = slice(start, start + batch_size)
                 x_prev, x_now, yb = xs[s - 1][sl], xs[s][sl], y[sl]
                 with torch.no_grad():
-                    record = _Record()
+                    record = CachePolicy({})  # every unit computed and kept
                     denoiser(s - 1, x_prev, yb, record)
                     teacher = denoiser(s, x_now, yb)
                 beta = torch.sigmoid(logits[s])
-                student = denoiser(s, x_now, yb, _Blend(index, record.values, beta))
+                student = denoiser(s, x_now, yb, _Blend(index, record.cache, beta))
                 mse = torch.mean((student - teacher) ** 2)
                 loss = mse + lam * beta.sum()
                 opt.zero_grad(set_to_none=True)

@@ -6,10 +6,11 @@ tokens ([label, time, patches]); the blocks form a U: the outputs of the first d
 fed, last in first out, to the last depth/2 blocks through long skips (`skip_linear` on the
 concatenation), with one middle block between them.
 
-Unit convention (as in `exporter.models`): every cacheable unit, a block's raw attention or MLP
-branch output before its residual add (U-ViT has no gates), is evaluated through `unit(name, fn)`.
-Units are named `in_blocks.{i}.attn|mlp`, `mid_block.attn|mlp`, `out_blocks.{i}.attn|mlp` and run in
-that order. Without a `unit` callback the forward pass is exactly the official one.
+Unit convention (as in runtime/nn/dit.py): every cacheable unit, a block's raw attention or MLP
+branch output before its residual add (U-ViT has no gates), is evaluated through the unit policy
+(runtime/nn/units.py). Units are named `in_blocks.{i}.attn|mlp`, `mid_block.attn|mlp`,
+`out_blocks.{i}.attn|mlp` and run in that order. Without a policy the forward pass is exactly the
+official one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch.nn as nn
 from schedules.errors import BlockcacheError
 from schedules.zoo import unit_names
 
-from .models import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, _compute
+from .layers import Attention, LayerNorm, Mlp, PatchEmbed, timestep_embedding, unpatchify
+from .units import COMPUTE
 
 # Label and time tokens precede the patch tokens (the official `extras` for class-conditional models).
 EXTRAS = 2
@@ -37,14 +39,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none")  # U-ViT uses exact GELU
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
 
-    def forward(self, x, skip=None, unit=None, prefix="block"):
-        unit = unit or _compute
+    def forward(self, x, skip=None, policy=COMPUTE, prefix="block"):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         # Bind the current x as a default argument: the MLP branch must see x after the attention add.
-        attn = unit(f"{prefix}.attn", lambda h=x: self.attn(self.norm1(h)))
+        attn = policy(f"{prefix}.attn", lambda h=x: self.attn(self.norm1(h)))
         x = x + attn
-        mlp = unit(f"{prefix}.mlp", lambda h=x: self.mlp(self.norm2(h)))
+        mlp = policy(f"{prefix}.mlp", lambda h=x: self.mlp(self.norm2(h)))
         return x + mlp
 
 
@@ -93,34 +94,24 @@ class UViT(nn.Module):
     def unit_names(self) -> tuple[str, ...]:
         return unit_names(self.config)
 
-    def unpatchify(self, x):
-        """(N, T, p²·C) → (N, C, H, W), per-patch order (p1, p2, C). The grid size comes from the
-        config, not from a traced shape."""
-        c, p, h = self.out_channels, self.patch_size, self.grid_size
-        x = x.reshape(x.shape[0], h, h, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, h * p)
-
-    def forward(self, x, t, y, unit=None):
+    def forward(self, x, t, y, policy=COMPUTE):
         """x: (N, C, H, W) latents; t: (N,) timesteps (fractional allowed); y: (N,) labels
-        (`null_class` = unconditional).
-
-        `unit(name, fn)`, if given, is called for every cacheable unit in order and returns its value.
-        """
+        (`null_class` = unconditional). `policy(name, compute)` is asked for every cacheable unit in
+        order (runtime/nn/units.py)."""
         x = self.patch_embed(x)
-        t_freq = TimestepEmbedder.timestep_embedding(t, self.hidden_size).to(self.pos_embed.dtype)
+        t_freq = timestep_embedding(t, self.hidden_size).to(self.pos_embed.dtype)
         time_token = self.time_embed(t_freq).unsqueeze(1)
         label_token = self.label_emb(y).unsqueeze(1)
         x = torch.cat([label_token, time_token, x], dim=1) + self.pos_embed
 
         skips = []
         for i, block in enumerate(self.in_blocks):
-            x = block(x, unit=unit, prefix=f"in_blocks.{i}")
+            x = block(x, policy=policy, prefix=f"in_blocks.{i}")
             skips.append(x)
-        x = self.mid_block(x, unit=unit, prefix="mid_block")
+        x = self.mid_block(x, policy=policy, prefix="mid_block")
         for i, block in enumerate(self.out_blocks):
-            x = block(x, skips.pop(), unit=unit, prefix=f"out_blocks.{i}")
+            x = block(x, skips.pop(), policy=policy, prefix=f"out_blocks.{i}")
 
         x = self.decoder_pred(self.norm(x))
-        x = self.unpatchify(x[:, EXTRAS:, :])
+        x = unpatchify(x[:, EXTRAS:, :], self.out_channels, self.patch_size, self.grid_size)
         return self.final_layer(x)

@@ -17,40 +17,31 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from runtime.nn.units import CachePolicy
 from schedules import BlockcacheError, Schedule
+from schedules.sampling import check_labels
 
-from .reference import Denoiser, check_labels, check_schedule, seeded_batch
+from ..reference import Denoiser, check_schedule, seeded_batch
 
 
-class _Student:
-    """Compute (and remember, detached) or reuse-and-correct, for one step."""
+class _Student(CachePolicy):
+    """One step of the cached run with the corrections being learned: fresh values are kept detached
+    (the model is frozen; each step's loss trains that step's corrections)."""
 
-    def __init__(self, index):
-        self.index, self.values, self.row, self.params = index, {}, None, {}
-
-    def __call__(self, name, fn):
-        if self.row[self.index[name]]:
-            self.values[name] = fn().detach()
-            return self.values[name]
-        value = self.values[name]
-        if name in self.params:
-            scale, shift = self.params[name]
-            return value * (1 + scale) + shift
-        return value
+    def computed(self, name, value):
+        return super().computed(name, value.detach())
 
 
 def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, optimizer=None) -> list[float]:
     """Run the student from x; per step the distillation MSE (an Adam step per step when training)."""
     denoiser = Denoiser(model, schedule, guidance_scale)
-    student = _Student({u: j for j, u in enumerate(schedule.unit_names)})
-    errors, inputs = [], {}
+    cache, errors, inputs = {}, [], {}
     for s in range(len(denoiser)):
-        student.row = schedule.compute[s]
-        student.params = params.get(s, {})
+        student = _Student(cache, schedule.reused(s), corrections=params.get(s, {}))
         carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)
-        trains = optimizer is not None and bool(student.params)
+        trains = optimizer is not None and bool(student.corrections)
         with torch.set_grad_enabled(trains):
             out = denoiser(s, x, y, student, carry)
             loss = torch.mean((out - teacher) ** 2)

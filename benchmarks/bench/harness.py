@@ -1,0 +1,294 @@
+"""The benchmark harness: every (precision, method, case) of a `BenchConfig` measured, with fidelity
+against eager fp32 full compute and speedups derived (see the package docstring)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from schedules.errors import BlockcacheError, one_line
+from schedules.sampling import initial_noise
+from schedules.schedule import Schedule
+
+from .cases import build_cases
+from .config import FIDELITY_REFERENCE, PLAN_METHODS, BenchConfig
+from .memory import MemoryMonitor
+from .plans import PlanStore
+from .report import method_label
+from .runners import BackendRunner, EagerRunner, block_compile_mode, compiled_step, plan_precision
+
+
+def torch_device(device: str) -> str:
+    """`device` resolved for PyTorch (auto: cuda where PyTorch sees a GPU)."""
+    import torch
+
+    from runtime.backends.base import resolve_device
+
+    return resolve_device(device, torch.cuda.is_available)
+
+
+def default_labels(num_classes: int, n: int) -> list[int]:
+    if num_classes <= 10:
+        return [i % num_classes for i in range(n)]
+    demo = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+    return [(demo[i % len(demo)] + 7 * (i // len(demo))) % num_classes for i in range(n)]
+
+
+def is_digits(model) -> bool:
+    return getattr(model, "name", None) == "dit-digits" and model.in_channels == 1 and \
+        model.config["input_size"] % 8 == 0
+
+
+def fidelity(run: np.ndarray, ref: np.ndarray, digits: bool, labels) -> dict:
+    run64, ref64 = run.astype(np.float64), ref.astype(np.float64)
+    if digits:
+        from benchmarks import digits_metric as dm
+
+        out = {"psnr_db": dm.psnr(run, ref), "relative_error": dm.relative_error(run, ref)}
+        out["class_accuracy"] = dm.class_accuracy(run, labels)
+        out["digits_fd"] = dm.frechet_distance(run) if len(run) >= 2 else None
+        return out
+    mse = float(np.mean((run64 - ref64) ** 2))
+    data_range = float(ref64.max() - ref64.min())
+    psnr = float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+    rel = float(np.linalg.norm(run64 - ref64) / np.linalg.norm(ref64))
+    return {"psnr_db": psnr, "relative_error": rel}
+
+
+def _time_calls(runner, noise, labels, cfg: BenchConfig, monitor: MemoryMonitor):
+    """(latents of the first call, its seconds, timed seconds); memory is watched during warm-up only
+    (the timed calls repeat the same work, and a polling thread would disturb them)."""
+    with monitor:
+        start = time.perf_counter()
+        output = runner(noise, labels)  # first (warm-up) call: its latents are the ones compared
+        first = time.perf_counter() - start
+        for _ in range(cfg.warmup - 1):
+            runner(noise, labels)
+    times = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        runner(noise, labels)
+        times.append(time.perf_counter() - start)
+    return output, first, times
+
+
+def run_benchmark(cfg: BenchConfig, model=None, on_row=None) -> dict:
+    """Run the benchmark described by `cfg` and return the results dict (see `write_results`).
+    `on_row(results)` is called after every measured row, e.g. to save partial results of a long run."""
+    cfg.check()
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, model, on_row)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def reference_latents(model, schedule: Schedule, cfg: BenchConfig, device: str, noise, labels) -> np.ndarray:
+    """Eager fp32 full compute on the device, with TF32 off (a true fp32 reference on GPUs)."""
+    if device == "cpu":
+        return EagerRunner(model, schedule, cfg, device)(noise, labels)
+    from runtime.nn.precision import exact_fp32
+
+    with exact_fp32():
+        return EagerRunner(copy.deepcopy(model).to(device), schedule, cfg, device)(noise, labels)
+
+
+def _run(cfg: BenchConfig, model, on_row=None) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from exporter.models import load_model
+    from schedules.cost import schedule_macs
+
+    device = torch_device(cfg.device)
+    if model is None:
+        model = load_model(cfg.model, cfg.checkpoint, random_init=cfg.random_init, seed=cfg.init_seed,
+                           **cfg.overrides)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()  # the fp32 master copy; the caller's model is not touched
+    model.eval()
+    units, config = model.unit_names, model.config
+    cases = build_cases(cfg, units, config)
+    labels_list = cfg.labels if cfg.labels is not None else default_labels(model.num_classes, cfg.batch_size)
+    if any(not 0 <= int(v) < model.num_classes for v in labels_list):
+        raise BlockcacheError(f"labels must be in 0…{model.num_classes - 1}")
+    labels = np.asarray(labels_list, dtype=np.int64)
+    noise = initial_noise((cfg.batch_size, model.in_channels, config["input_size"], config["input_size"]), cfg.seed)
+    digits = is_digits(model)
+
+    results = {
+        "benchmark": "blockcache-bench", "version": 1, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(device), "device": device,
+        "model": {"name": getattr(model, "name", cfg.model), "config": dict(config),
+                  "weights": cfg.checkpoint or ("random" if cfg.random_init else "embedded"),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "batch_size": cfg.batch_size, "labels": labels.tolist(), "noise_seed": cfg.seed,
+        "guidance_scale": cfg.guidance_scale, "guidance": cfg.guidance_scale > 1,
+        "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": torch.get_num_threads() if device == "cpu" else None,
+        "compile_mode": cfg.compile_mode if "compile" in cfg.methods else None,
+        "fidelity_reference": FIDELITY_REFERENCE,
+        "psnr_data_range": "2 (digit images in [-1, 1])" if digits else "max - min of the reference latents",
+        "schedules": {}, "rows": [], "notes": [],
+    }
+    for c in cases:
+        full, scheduled = schedule_macs(config, c.schedule)
+        group = next(g for g in cases if g.name == c.group)
+        group_full = schedule_macs(config, group.schedule)[0]
+        results["schedules"][c.name] = {
+            "role": c.role, "compared_with": c.group, "steps": c.schedule.num_steps,
+            "spacing": c.schedule.sampler["spacing"], "source": c.schedule.source,
+            "macs_per_image": scheduled, "ideal_speedup": group_full / scheduled,
+            "distinct_variants": len({row.tobytes() for row in c.schedule.compute}),
+        }
+
+    work = [(p, m, c) for p in cfg.precisions for m in cfg.methods for c in cases
+            if not (m == "compile" and c.role == "cached")]
+    bar = tqdm(total=len(work) + len([c for c in cases if c.role == "full"]), desc="bench",
+               disable=not cfg.progress)
+    store = PlanStore(cfg.plans_dir, model, cfg)
+    start = time.perf_counter()
+    try:
+        references = {}
+        for c in cases:
+            if c.role == "full":
+                bar.set_postfix_str(f"reference {c.name}")
+                references[c.name] = reference_latents(model, c.schedule, cfg, device, noise, labels)
+                bar.update()
+        compiled = {}
+        for precision, method, case in work:
+            bar.set_postfix_str(f"{precision} {method} {case.name}")
+            row = {"precision": precision, "method": method, "label": method_label(method, case.role),
+                   "schedule": case.name, "role": case.role, "status": "ok"}
+            for key in [k for k in compiled if k != (method, precision)]:
+                del compiled[key]  # only the current method's model stays resident: fair memory figures
+            try:
+                row.update(_measure(method, precision, case, cfg, model, device, store, compiled, noise, labels))
+            except Skip as e:
+                row.update(status="skipped", reason=str(e))
+            except Exception as e:  # one failing configuration must not lose the others: record it
+                row.update(status="error", reason=f"{type(e).__name__}: {one_line(e)[:300]}")
+            if row["status"] == "ok":
+                row.update(fidelity(row.pop("output"), references[case.group], digits, labels))
+            row.pop("output", None)
+            row["elapsed_s"] = time.perf_counter() - start  # since the harness started: where a run spends its time
+            results["rows"].append(row)
+            bar.update()
+            if on_row is not None:
+                results["export_seconds"] = dict(store.export_seconds)
+                on_row(results)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+        store.close()
+    results["export_seconds"] = store.export_seconds
+    derive(results)
+    return results
+
+
+class Skip(Exception):
+    """A method that does not apply to this precision or machine (recorded, not an error)."""
+
+
+def _measure(method, precision, case, cfg, model, device, store, compiled, noise, labels) -> dict:
+    from runtime.nn.precision import torch_dtype
+
+    info, monitor = {}, MemoryMonitor(device)
+    start = time.perf_counter()
+    if method in ("eager", "compile"):
+        with monitor:
+            key = (method, precision)
+            if key not in compiled:  # one device copy (and one compilation) per method and precision
+                dev_model = copy.deepcopy(model).to(device=device, dtype=torch_dtype(precision))
+                compiled[key] = (dev_model, compiled_step(dev_model, cfg) if method == "compile" else None)
+            dev_model, step_fn = compiled[key]
+            runner = EagerRunner(dev_model, case.schedule, cfg, device, step_fn)
+    else:
+        stored, reason = plan_precision(method, precision, cfg)
+        if reason:
+            raise Skip(reason)
+        path = store.get(case, stored)
+        start = time.perf_counter()  # load time, not export time
+        with monitor:
+            plan = store.plan(path)
+            plan_device = "cuda" if device.startswith("cuda") else "cpu"
+            if method in ("torch", "torch-inductor"):
+                from runtime.backends.torch import TorchBackend
+
+                mode = block_compile_mode(cfg.compile_mode) if method == "torch-inductor" else None
+                backend = TorchBackend(plan, device, dtype=precision, compile=mode, compile_backend=cfg.compile_backend)
+                info.update(cuda_graph=backend.cuda_graph, graph_error=backend.graph_error, plan_precision=stored)
+            elif method == "onnxruntime":
+                from runtime.backends.onnxruntime import OnnxRuntimeBackend, cuda_available
+
+                if device.startswith("cuda") and not cuda_available():
+                    raise Skip("ONNX Runtime has no usable CUDA execution provider here")
+                backend = OnnxRuntimeBackend(plan, plan_device, threads=cfg.threads)
+            else:
+                from runtime.backends import make_backend
+
+                backend = make_backend(method, plan, plan_device)
+            runner = BackendRunner(backend, cfg.guidance_scale)
+    setup = time.perf_counter() - start
+    output, first, times = _time_calls(runner, noise, labels, cfg, monitor)
+    info.update(monitor.report())
+    if method in PLAN_METHODS and device.startswith("cuda") and not method.startswith("torch"):
+        info["peak_device_mb"] = info["device_increase_mb"] = None  # not PyTorch's memory
+    info.update(setup_s=setup, first_call_s=first, output=output, latency_s={
+        "median": statistics.median(times), "min": min(times), "max": max(times),
+        "std": statistics.stdev(times) if len(times) > 1 else 0.0, "all": times})
+    if isinstance(runner, BackendRunner):
+        runner.backend.close()
+    del runner
+    return info
+
+
+def derive(results: dict) -> None:
+    """Speedup over the same method and precision's full run of the same sampler, and efficiency."""
+    rows = results["rows"]
+    index = {(r["precision"], r["method"], r["schedule"]): r for r in rows if r["status"] == "ok"}
+    for r in rows:
+        info = results["schedules"][r["schedule"]]
+        r["ideal_speedup"] = info["ideal_speedup"]
+        r["speedup"] = r["efficiency"] = None
+        if r["status"] != "ok":
+            continue
+        base = index.get((r["precision"], r["method"], info["compared_with"]))
+        if base is not None:
+            r["speedup"] = base["latency_s"]["median"] / r["latency_s"]["median"]
+            r["efficiency"] = r["speedup"] / r["ideal_speedup"]
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# -- output -----------------------------------------------------------------------------------------
+

@@ -1,0 +1,85 @@
+"""The plan's network in PyTorch with every parameter a view of the plan's one copy of the weights.
+
+The network is built from the plan's config on the meta device, so the constructor allocates no
+weight; then each parameter becomes a view of its stored tensor in the weights buffer (read once; on
+CUDA uploaded once, as one allocation), found through the manifest's `weights.parameters`. Linear
+weights that the ONNX exporter stored transposed are transposed back in place inside that buffer, so
+every kernel sees PyTorch's usual layout (CPU fp16 GEMMs on transposed views are several times slower)
+and no second copy exists. A dtype other than the stored one (e.g. bf16 from an fp32 plan) casts each
+weight once at load into a tensor of its own and the buffer is freed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from schedules.errors import BlockcacheError
+
+from ..nn.build import build_model
+from ..plan import Plan
+from ..plan.files import read_weights
+
+
+def model_from_plan(plan: Plan, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The plan's network in eval mode, parameters in `dtype` on `device`, sharing the weights buffer."""
+    params, tensors = plan.weights.parameters, plan.weights.tensors
+    if not params:
+        raise BlockcacheError("plan has no PyTorch parameter map (weights.parameters): re-export it for "
+                              "the torch backend")
+    with torch.device("meta"):
+        model = build_model(plan.config)
+    storage = torch.from_numpy(read_weights(plan))
+    if device.startswith("cuda"):  # one upload of the whole buffer, one device allocation
+        storage = storage.to(device)
+
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        raise BlockcacheError(f"plan weights lack parameter {missing[0]!r}: re-export the plan")
+    # A stored tensor that every user reads transposed is transposed back in place, once.
+    uses = {}
+    for name in expected:
+        uses.setdefault(params[name].tensor, set()).add(params[name].transposed)
+    views = {}
+    for name, meta in expected.items():
+        source = params[name]
+        t = tensors[source.tensor]
+        try:
+            stored_dtype = getattr(torch, np.dtype(t.dtype).name)
+        except (TypeError, AttributeError):
+            raise BlockcacheError(f"plan tensor for {name!r} has unsupported dtype {t.dtype!r}") from None
+        shape = tuple(reversed(t.shape)) if source.transposed else tuple(t.shape)
+        if (source.transposed and len(t.shape) != 2) or shape != tuple(meta.shape):
+            raise BlockcacheError(f"plan tensor for {name!r} has shape {tuple(t.shape)}"
+                                  f"{' (transposed)' if source.transposed else ''}, the model needs {tuple(meta.shape)}")
+        key = (source.tensor, source.transposed)
+        if key not in views:
+            flat = storage[t.offset: t.offset + t.length].view(stored_dtype)
+            if flat.numel() * flat.element_size() != t.length or flat.numel() != math.prod(t.shape):
+                raise BlockcacheError(f"plan tensor for {name!r} has {t.length} bytes, not a "
+                                      f"{tuple(t.shape)} {t.dtype} tensor")
+            value = flat.view(t.shape)
+            if source.transposed and uses[source.tensor] == {True} and stored_dtype == dtype:
+                flat.copy_(value.t().contiguous().view(-1))  # in place: PyTorch's layout
+                value = flat.view(shape)
+            elif source.transposed:
+                value = value.t()
+            if value.dtype != dtype or not value.is_contiguous():
+                # one cast (or re-layout) per weight into a tensor of its own, PyTorch's layout
+                value = torch.empty(shape, dtype=dtype, device=storage.device).copy_(value)
+            views[key] = value
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._parameters[attr] = torch.nn.Parameter(views[key], requires_grad=False)
+    del views
+    buffers = [name for name, _ in model.named_buffers()]  # none in DiT or U-ViT; never leave meta tensors
+    if buffers:
+        raise BlockcacheError(f"the torch backend cannot load buffer {buffers[0]!r} from a plan")
+    # Parameters at the stored precision are views that keep the shared storage alive by
+    # themselves; after a cast nothing refers to it any more and it is freed here.
+    del storage
+    model.name = plan.model_name
+    return model.eval().requires_grad_(False)

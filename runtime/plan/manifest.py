@@ -1,0 +1,396 @@
+"""The plan manifest (`plan.json`) as a typed, validated object: `Plan`.
+
+`Plan.parse(document, directory)` checks the manifest once, for every backend alike: types, the
+model's units against its config, every variant's split of the units into computed and read, every
+cache buffer a variant reads or writes, every step's variant, constants and latent buffers, that each
+read of the cache follows a step that wrote it, and that every file the manifest names is one of its
+checksummed files. A manifest that fails any check is refused in one line naming what is wrong, so a
+backend never meets an inconsistent plan. `Plan.document` is the manifest as stored; the exporter
+builds one and writes it with `runtime.plan.files.write_manifest`.
+
+Older version-1 manifests lack some entries; they mean: `model.family` "dit", `model.num_labels` the
+config's `num_classes`, `precision` "fp32", a step's `latents` the DDIM ping-pong, a variant's
+`adjusts` none, `weights.parameters` none (the torch backend then asks for a re-export).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from schedules.errors import BlockcacheError
+from schedules.zoo import check_config, num_labels, unit_names
+
+from . import names
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+
+
+class _Check:
+    """Reads one manifest with one-line errors that say where (`steps[3].variant`)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, message: str):
+        raise BlockcacheError(f"{self.where}: {path} {message}")
+
+    def mapping(self, value, path: str, required=()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, "must be a mapping")
+        for key in required:
+            if key not in value:
+                self.fail(path, f"lacks '{key}'")
+        return value
+
+    def sequence(self, value, path: str, nonempty: bool = False) -> list:
+        if not isinstance(value, list) or (nonempty and not value):
+            self.fail(path, "must be a " + ("non-empty " if nonempty else "") + "list")
+        return value
+
+    def integer(self, value, path: str, low: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            self.fail(path, f"must be an integer{'' if low is None else f' >= {low}'}, not {value!r}")
+        return value
+
+    def number(self, value, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(path, f"must be a finite number, not {value!r}")
+        return float(value)
+
+    def text(self, value, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(path, "must be a non-empty string")
+        return value
+
+    def names(self, value, path: str) -> tuple[str, ...]:
+        items = self.sequence(value, path)
+        if not all(isinstance(v, str) for v in items) or len(set(items)) != len(items):
+            self.fail(path, "must be a list of distinct names")
+        return tuple(items)
+
+    def file_name(self, value, path: str, files) -> str:
+        name = self.text(value, path)
+        if os.path.basename(name) != name or name in (".", ".."):
+            self.fail(path, f"names a file outside the plan: {name!r}")
+        if name not in files:
+            self.fail(path, f"names {name!r}, which is not one of the plan's checksummed files")
+        return name
+
+    def spec(self, value, path: str) -> "TensorSpec":
+        value = self.mapping(value, path, ("shape", "dtype"))
+        shape = self.sequence(value["shape"], path + ".shape")
+        for i, d in enumerate(shape):
+            self.integer(d, f"{path}.shape[{i}]", low=1)
+        if value["dtype"] not in DTYPES:
+            self.fail(path + ".dtype", f"must be one of {', '.join(DTYPES)}, not {value['dtype']!r}")
+        return TensorSpec(tuple(shape), value["dtype"])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, or "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in the weights file: `length` bytes at `offset`."""
+    offset: int
+    length: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ParameterSource:
+    """Where a PyTorch parameter sits among the stored tensors (the ONNX exporter stores linear
+    weights transposed and renamed)."""
+    tensor: str
+    transposed: bool
+
+
+@dataclass(frozen=True)
+class Weights:
+    file: str
+    tensors: dict  # name → StoredTensor
+    parameters: dict  # PyTorch parameter name → ParameterSource (empty in plans older than the torch backend)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A distinct set of computed units: one graph (`file`) shared by every step that computes them."""
+    file: str
+    computes: tuple[str, ...]
+    reads: tuple[str, ...]  # units taken from their cache buffer
+    writes: tuple[str, ...]  # computed units whose value a later step reads (graph outputs)
+    adjusts: tuple[str, ...]  # read units corrected by Block Caching scale-shift inputs
+    weights: tuple[str, ...]  # stored tensors the graph uses
+    macs_per_image: int | None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model evaluation: its variant, its constants and its latent buffers (input, carry, output)."""
+    variant: int
+    timestep: float
+    a: float
+    b: float
+    c: float | None  # the carry coefficient (solvers with a carry term), None otherwise
+    latents: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    enabled: bool  # the graphs run the doubled CFG batch
+    scale: float  # the default scale
+    channels: str  # the guidance form (schedules.sampling.GUIDANCE_CHANNELS)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A TensorRT engine of one variant and the I/O it was built with."""
+    file: str
+    inputs: dict  # name → TensorSpec
+    outputs: dict
+    weight_inputs: tuple[str, ...]  # stored weights the engine takes as inputs
+
+    @classmethod
+    def parse(cls, value, path: str = "engine", check: "_Check | None" = None) -> "Engine":
+        """An engine entry of the manifest's `tensorrt.engines` (its file is checked by `Plan.parse`)."""
+        check = check or _Check("engine")
+        value = check.mapping(value, path, ("file", "inputs", "outputs"))
+        io = {d: {n: check.spec(s, f"{path}.{d}[{n!r}]") for n, s in check.mapping(value[d], f"{path}.{d}").items()}
+              for d in ("inputs", "outputs")}
+        return cls(check.text(value["file"], path + ".file"), io["inputs"], io["outputs"],
+                   check.names(value.get("weight_inputs", []), path + ".weight_inputs"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    directory: str
+    document: dict  # the manifest as stored
+    model_name: str | None
+    config: dict  # the model's zoo config (with its family)
+    unit_names: tuple[str, ...]
+    num_labels: int
+    sampler: dict
+    guidance: Guidance
+    batch_size: int
+    precision: str
+    inputs: dict  # step-graph input name → TensorSpec
+    cache: dict  # unit → TensorSpec of its cache buffer
+    weights: Weights
+    variants: tuple[Variant, ...]
+    steps: tuple[Step, ...]
+    scale_shift_file: str | None
+    files: dict  # file name → FileEntry
+    engines: tuple[Engine, ...] | None  # TensorRT engines, one per variant
+    tensorrt: dict | None  # the manifest's TensorRT entry (build settings, versions)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    @property
+    def family(self) -> str:
+        return self.config["family"]
+
+    @property
+    def has_carry(self) -> bool:
+        return names.X_CARRY in self.inputs
+
+    @property
+    def num_latents(self) -> int:
+        return 1 + max(max(step.latents) for step in self.steps)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.inputs[names.X].shape[1:]
+
+    @classmethod
+    def parse(cls, document, directory: str) -> "Plan":
+        """The validated plan of manifest `document` for the plan folder `directory`."""
+        check = _Check(os.path.join(directory, names.MANIFEST))
+        doc = check.mapping(document, "the manifest")
+        if doc.get("format") != names.FORMAT:
+            raise BlockcacheError(f"{check.where}: not a blockcache plan manifest")
+        if doc.get("version") != names.VERSION:
+            raise BlockcacheError(f"{check.where}: plan version {doc.get('version')!r} is not supported (this "
+                                  f"runtime reads version {names.VERSION}); re-export the plan")
+        check.mapping(doc, "the manifest", ("model", "sampler", "guidance", "batch_size", "inputs", "buffers",
+                                            "weights", "variants", "steps", "files"))
+        files = _files(check, doc["files"])
+        model = check.mapping(doc["model"], "model", ("config",))
+        config = {"family": model.get("family", "dit"), **check.mapping(model["config"], "model.config")}
+        try:
+            check_config(config)
+            units = unit_names(config)
+        except (BlockcacheError, KeyError, TypeError) as e:
+            raise BlockcacheError(f"{check.where}: model.config is not a valid model config ({e})") from None
+        if tuple(model.get("unit_names", units)) != units:
+            check.fail("model.unit_names", "do not match the model config")
+        labels = check.integer(model.get("num_labels", config["num_classes"]), "model.num_labels", low=1)
+        if labels > num_labels(config):
+            check.fail("model.num_labels", f"is {labels}, more than the model's {num_labels(config)} classes")
+        batch = check.integer(doc["batch_size"], "batch_size", low=1)
+        precision = doc.get("precision", "fp32")
+        if precision not in names.STORED_PRECISIONS:
+            check.fail("precision", f"must be one of {', '.join(names.STORED_PRECISIONS)}, not {precision!r}")
+        guidance = check.mapping(doc["guidance"], "guidance", ("enabled", "scale", "channels"))
+        if not isinstance(guidance["enabled"], bool):
+            check.fail("guidance.enabled", "must be true or false")
+        guidance = Guidance(guidance["enabled"], check.number(guidance["scale"], "guidance.scale"),
+                            check.text(guidance["channels"], "guidance.channels"))
+        inputs = _inputs(check, doc["inputs"], batch)
+        cache = {}
+        for name, spec in check.mapping(doc["buffers"], "buffers").items():
+            unit = name.removeprefix(names.CACHE_PREFIX)
+            if not name.startswith(names.CACHE_PREFIX) or unit not in units:
+                check.fail(f"buffers[{name!r}]", "is not the cache buffer of a model unit")
+            cache[unit] = check.spec(spec, f"buffers[{name!r}]")
+        weights = _weights(check, doc["weights"], files)
+        variants = tuple(_variant(check, v, f"variants[{k}]", units, cache, weights, files)
+                         for k, v in enumerate(check.sequence(doc["variants"], "variants", nonempty=True)))
+        steps = tuple(_step(check, s, f"steps[{i}]", i, len(variants), names.X_CARRY in inputs)
+                      for i, s in enumerate(check.sequence(doc["steps"], "steps", nonempty=True)))
+        _check_cache_flow(check, variants, steps)
+        scale_shift = doc.get("scale_shift")
+        scale_shift_file = None
+        if scale_shift:
+            scale_shift_file = check.file_name(check.mapping(scale_shift, "scale_shift", ("file",))["file"],
+                                               "scale_shift.file", files)
+        elif any(v.adjusts for v in variants):
+            check.fail("variants", "correct cache reads but the plan has no scale-shift file")
+        tensorrt = doc.get("tensorrt") or None
+        engines = _engines(check, tensorrt, len(variants), files) if tensorrt else None
+        return cls(directory=directory, document=doc, model_name=model.get("name"), config=config,
+                   unit_names=units, num_labels=labels, sampler=check.mapping(doc["sampler"], "sampler"),
+                   guidance=guidance, batch_size=batch, precision=precision, inputs=inputs, cache=cache,
+                   weights=weights, variants=variants, steps=steps, scale_shift_file=scale_shift_file, files=files,
+                   engines=engines, tensorrt=tensorrt)
+
+
+def _files(check: _Check, value) -> dict:
+    out = {}
+    for name, entry in check.mapping(value, "files").items():
+        if os.path.basename(name) != name or name in (".", "..", names.MANIFEST):
+            check.fail("files", f"lists {name!r}, which is not a file of the plan folder")
+        entry = check.mapping(entry, f"files[{name!r}]", ("size", "sha256"))
+        out[name] = FileEntry(check.integer(entry["size"], f"files[{name!r}].size", low=0),
+                              check.text(entry["sha256"], f"files[{name!r}].sha256"))
+    return out
+
+
+def _inputs(check: _Check, value, batch: int) -> dict:
+    inputs = {name: check.spec(spec, f"inputs[{name!r}]") for name, spec in check.mapping(value, "inputs").items()}
+    missing = [n for n in names.STEP_INPUTS if n not in inputs]
+    if missing:
+        check.fail("inputs", f"lack {missing[0]!r}")
+    carry = [n for n in names.CARRY_INPUTS if n in inputs]
+    if carry and len(carry) != len(names.CARRY_INPUTS):
+        check.fail("inputs", f"have {carry[0]!r} without the rest of {', '.join(names.CARRY_INPUTS)}")
+    x = inputs[names.X]
+    if len(x.shape) != 4 or x.shape[0] != batch or inputs[names.Y].shape != (batch,):
+        check.fail("inputs", f"x and y must be batches of {batch} (N, C, H, W) latents and (N,) labels")
+    if names.X_CARRY in inputs and inputs[names.X_CARRY] != x:
+        check.fail("inputs", "x_carry must be shaped like x")
+    return inputs
+
+
+def _weights(check: _Check, value, files) -> Weights:
+    value = check.mapping(value, "weights", ("file", "tensors"))
+    file = check.file_name(value["file"], "weights.file", files)
+    size = files[file].size
+    tensors = {}
+    for name, t in check.mapping(value["tensors"], "weights.tensors").items():
+        path = f"weights.tensors[{name!r}]"
+        t = check.mapping(t, path, ("offset", "length", "shape", "dtype"))
+        spec = check.spec({"shape": t["shape"], "dtype": t["dtype"]}, path) if t["shape"] else \
+            TensorSpec((), check.spec({"shape": [1], "dtype": t["dtype"]}, path).dtype)
+        offset, length = check.integer(t["offset"], path + ".offset", 0), check.integer(t["length"], path + ".length", 0)
+        if offset + length > size:
+            check.fail(path, f"lies outside {file} ({offset} + {length} > {size} bytes)")
+        tensors[name] = StoredTensor(offset, length, spec.shape, spec.dtype)
+    parameters = {}
+    for name, source in check.mapping(value.get("parameters") or {}, "weights.parameters").items():
+        source = check.mapping(source, f"weights.parameters[{name!r}]", ("tensor",))
+        if source["tensor"] not in tensors:
+            check.fail(f"weights.parameters[{name!r}]", "points to a tensor the weights file does not hold")
+        parameters[name] = ParameterSource(source["tensor"], bool(source.get("transposed")))
+    return Weights(file, tensors, parameters)
+
+
+def _variant(check: _Check, value, path: str, units, cache, weights: Weights, files) -> Variant:
+    value = check.mapping(value, path, ("file", "computes", "reads", "writes", "weights"))
+    computes, reads = check.names(value["computes"], path + ".computes"), check.names(value["reads"], path + ".reads")
+    writes, adjusts = check.names(value["writes"], path + ".writes"), check.names(value.get("adjusts", []), path + ".adjusts")
+    if set(computes) & set(reads) or set(computes) | set(reads) != set(units) or len(computes) + len(reads) != len(units):
+        check.fail(path, "does not split the model's units into computed and read")
+    if not set(writes) <= set(computes):
+        check.fail(path, "writes a unit it does not compute")
+    if not set(adjusts) <= set(reads):
+        check.fail(path, "corrects a unit it does not read")
+    for unit in reads + writes:
+        if unit not in cache:
+            check.fail(path, f"uses unit {unit} but the plan has no cache buffer for it")
+    used = check.names(value["weights"], path + ".weights")
+    for name in used:
+        if name not in weights.tensors:
+            check.fail(path + ".weights", f"names {name!r}, which the weights file does not hold")
+    macs = value.get("macs_per_image")
+    return Variant(check.file_name(value["file"], path + ".file", files), computes, reads, writes, adjusts, used,
+                   None if macs is None else check.integer(macs, path + ".macs_per_image", 0))
+
+
+def _step(check: _Check, value, path: str, index: int, num_variants: int, carry: bool) -> Step:
+    value = check.mapping(value, path, ("variant", "timestep", "a", "b") + (("c",) if carry else ()))
+    variant = check.integer(value["variant"], path + ".variant", 0)
+    if variant >= num_variants:
+        check.fail(path + ".variant", f"is {variant} but the plan has {num_variants} variants")
+    latents = value.get("latents", [index % 2, index % 2, (index + 1) % 2])  # older plans: DDIM's ping-pong
+    if (not isinstance(latents, list) or len(latents) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 3 for v in latents)
+            or latents[2] in latents[:2]):
+        check.fail(path + ".latents", f"are not three buffer numbers (input, carry, output) in 0…2: {latents!r}")
+    return Step(variant, check.number(value["timestep"], path + ".timestep"), check.number(value["a"], path + ".a"),
+                check.number(value["b"], path + ".b"), check.number(value["c"], path + ".c") if carry else None,
+                tuple(latents))
+
+
+def _check_cache_flow(check: _Check, variants, steps) -> None:
+    """Every unit a step reads was last computed by a step that wrote it to the cache."""
+    last_computed = {}  # unit → index of the last step that computed it
+    for s, step in enumerate(steps):
+        variant = variants[step.variant]
+        for unit in variant.reads:
+            r = last_computed.get(unit)
+            if r is None:
+                check.fail(f"steps[{s}]", f"reads unit {unit} from the cache before any step computed it")
+            if unit not in variants[steps[r].variant].writes:
+                check.fail(f"steps[{s}]", f"reads unit {unit}, which step {r} computed but did not write to the cache")
+        for unit in variant.computes:
+            last_computed[unit] = s
+        if s and steps[s - 1].latents[2] != step.latents[0]:
+            check.fail(f"steps[{s}].latents", "do not start from the previous step's output buffer")
+
+
+def _engines(check: _Check, value, num_variants: int, files) -> tuple[Engine, ...]:
+    value = check.mapping(value, "tensorrt", ("engines",))
+    entries = check.sequence(value["engines"], "tensorrt.engines")
+    if len(entries) != num_variants:
+        check.fail("tensorrt.engines", f"has {len(entries)} engines for {num_variants} variants")
+    engines = tuple(Engine.parse(e, f"tensorrt.engines[{k}]", check) for k, e in enumerate(entries))
+    for k, e in enumerate(engines):
+        check.file_name(e.file, f"tensorrt.engines[{k}].file", files)
+    return engines

@@ -1,0 +1,59 @@
+"""The plan's vocabulary, declared once: its version, file names, precisions and every tensor name
+its graphs and buffers use (docs/ARCHITECTURE.md, "The plan format")."""
+
+from __future__ import annotations
+
+FORMAT = "blockcache-plan"
+VERSION = 1
+
+# Files of a plan folder.
+MANIFEST = "plan.json"
+WEIGHTS = "weights.bin"
+SCHEDULE = "schedule.yaml"
+SCALE_SHIFT = "schedule.scaleshift.safetensors"  # written by Schedule.save beside SCHEDULE
+
+
+def variant_file(k: int) -> str:
+    return f"variant_{k}.onnx"
+
+
+def engine_file(k: int) -> str:
+    return f"engine_{k}.plan"
+
+
+# Precisions: what ONNX graphs are stored in, and what each engine precision is built from.
+PRECISIONS = ("fp32", "fp16", "bf16")
+STORED_PRECISIONS = ("fp32", "fp16")  # fp16 keeps norms, guidance and the solver update in fp32
+ENGINE_SOURCE = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp16"}  # bf16 engines retype the fp16 graphs
+
+# Inputs and outputs of a step graph.
+X, Y, TIMESTEP, A, B, GUIDANCE_SCALE = "x", "y", "timestep", "a", "b", "guidance_scale"
+C, X_CARRY = "c", "x_carry"  # only in graphs of solvers with a carry term (DPM-Solver-2)
+X_NEXT = "x_next"
+STEP_INPUTS = (X, Y, TIMESTEP, A, B, GUIDANCE_SCALE)
+CARRY_INPUTS = (C, X_CARRY)
+LATENTS = (X, X_CARRY, X_NEXT)  # bound to a step's (input, carry, output) latent buffer
+STEP_CONSTANTS = (TIMESTEP, A, B, C)  # one value per step, fixed at export
+CALL_INPUTS = (X, Y, GUIDANCE_SCALE)  # written by the host on every call
+
+UNIT_PREFIX = "unit."  # graph output: a computed unit's raw value, kept for a later step
+CACHE_PREFIX = "cache."  # graph input: a reused unit's cached value (and the cache buffer's name)
+SCALE_PREFIX, SHIFT_PREFIX = "scale.", "shift."  # graph inputs: Block Caching scale-shift of a read
+CORRECTION_PREFIXES = (SCALE_PREFIX, SHIFT_PREFIX)
+
+
+def step_inputs(carry: bool) -> tuple[str, ...]:
+    return STEP_INPUTS + (CARRY_INPUTS if carry else ())
+
+
+def unit_output(unit: str) -> str:
+    return UNIT_PREFIX + unit
+
+
+def cache_input(unit: str) -> str:
+    return CACHE_PREFIX + unit
+
+
+def correction_inputs(unit: str) -> tuple[str, str]:
+    """The (scale, shift) input names of a corrected read of `unit`."""
+    return SCALE_PREFIX + unit, SHIFT_PREFIX + unit
