@@ -191,24 +191,20 @@ def _writable_target(path: str, suffix: str, what: str) -> str:
     return path
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer(low: int):
+    """An argparse type: a positive (`low` 1) or non-negative (`low` 0) integer."""
+    what = "a positive integer" if low == 1 else "a non-negative integer"
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,10 +215,10 @@ class _Parser(argparse.ArgumentParser):
 @cli_main
 def main(argv=None):
     parser = _Parser(prog="python -m exporter.train_digits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="optimizer steps")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--seed", type=_seed, default=DEFAULT_SEED)
-    parser.add_argument("--threads", type=_positive_int, default=THREADS,
+    parser.add_argument("--steps", type=_integer(1), default=DEFAULT_STEPS, help="optimizer steps")
+    parser.add_argument("--batch-size", type=_integer(1), default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--seed", type=_integer(0), default=DEFAULT_SEED)
+    parser.add_argument("--threads", type=_integer(1), default=THREADS,
                         help="torch CPU threads (default 2, as for the shipped weights; another count changes float rounding)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="weights file (.safetensors)")
     parser.add_argument("--loss-png", default=DEFAULT_LOSS_PNG, help="loss curve plot (.png)")

@@ -50,16 +50,30 @@ UVIT = Family("uvit", dict(input_size=32, patch_size=2, in_channels=4, hidden_si
               samplers=("dpm-solver-2",), guidance="uvit", guidance_scale=0.4, extra_tokens=2)
 FAMILIES = {f.name: f for f in (DIT, UVIT)}
 
-SIZES = {"xl": (28, 1152, 16), "l": (24, 1024, 16), "b": (12, 768, 12), "s": (12, 384, 6)}
-CONFIGS = {f"dit-{size}{p}": dict(family="dit", depth=d, hidden_size=h, num_heads=n, patch_size=p)
-           for size, (d, h, n) in SIZES.items() for p in (2, 4, 8)}
-# The embedded default model, trained here on scikit-learn's digits (exporter/train_digits.py).
-CONFIGS["dit-digits"] = dict(family="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=12,
-                             num_heads=4, num_classes=10, learn_sigma=False)
-# U-ViT's published ImageNet latent configs: 256 px (32×32 latents, patch 2) and 512 px (64×64, patch 4).
-for _size, (_depth, _width) in {"h": (28, 1152), "l": (20, 1024)}.items():
-    CONFIGS[f"uvit-{_size}2"] = dict(family="uvit", depth=_depth, hidden_size=_width)
-    CONFIGS[f"uvit-{_size}4"] = dict(family="uvit", depth=_depth, hidden_size=_width, input_size=64, patch_size=4)
+# The zoo: each model an explicit entry over its family's defaults. DiT's sizes are the paper's
+# Table 1 (XL, L, B, S: depth, width, heads) at patch 2, 4 and 8, for 256 px (32×32 latents).
+CONFIGS = {
+    "dit-xl2": dict(family="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "dit-xl4": dict(family="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=4),
+    "dit-xl8": dict(family="dit", depth=28, hidden_size=1152, num_heads=16, patch_size=8),
+    "dit-l2": dict(family="dit", depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "dit-l4": dict(family="dit", depth=24, hidden_size=1024, num_heads=16, patch_size=4),
+    "dit-l8": dict(family="dit", depth=24, hidden_size=1024, num_heads=16, patch_size=8),
+    "dit-b2": dict(family="dit", depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "dit-b4": dict(family="dit", depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "dit-b8": dict(family="dit", depth=12, hidden_size=768, num_heads=12, patch_size=8),
+    "dit-s2": dict(family="dit", depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "dit-s4": dict(family="dit", depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "dit-s8": dict(family="dit", depth=12, hidden_size=384, num_heads=6, patch_size=8),
+    # The embedded default model, trained here on scikit-learn's digits (exporter/train_digits.py).
+    "dit-digits": dict(family="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=12,
+                       num_heads=4, num_classes=10, learn_sigma=False),
+    # U-ViT's published ImageNet latent configs: 256 px (32×32 latents, patch 2) and 512 px (64×64, patch 4).
+    "uvit-h2": dict(family="uvit", depth=28, hidden_size=1152),
+    "uvit-h4": dict(family="uvit", depth=28, hidden_size=1152, input_size=64, patch_size=4),
+    "uvit-l2": dict(family="uvit", depth=20, hidden_size=1024),
+    "uvit-l4": dict(family="uvit", depth=20, hidden_size=1024, input_size=64, patch_size=4),
+}
 # Every option any family takes, in a fixed order: the CLIs offer them all as --flags.
 OVERRIDES = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.defaults))
 BOOLEAN_OPTIONS = ("learn_sigma", "qkv_bias", "mlp_time_embed", "conv")

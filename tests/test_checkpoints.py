@@ -36,8 +36,8 @@ def _plain(model):
 
 
 def to_diffusers(sd: dict, depth: int, with_pos_embed: bool = False) -> dict:
-    """DiTTransformer2DModel keys, mapped here independently from DESIGN.md (every tensor its own copy,
-    as safetensors requires)."""
+    """DiTTransformer2DModel keys, mapped here independently from the reference facts in
+    docs/ARCHITECTURE.md (every tensor its own copy, as safetensors requires)."""
     c = lambda v: v.detach().clone().contiguous()  # noqa: E731
     out = {"pos_embed.proj.weight": c(sd["x_embedder.proj.weight"]),
            "pos_embed.proj.bias": c(sd["x_embedder.proj.bias"])}

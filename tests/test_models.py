@@ -1,4 +1,5 @@
-"""exporter.models against an independent functional DiT written here from DESIGN.md's facts."""
+"""runtime.nn.dit (loaded through exporter.models) against an independent functional DiT written here
+from the reference facts in docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def sincos_pos_embed(d: int, g: int) -> np.ndarray:
     """(g·g, d): token k = row·g + col; channels [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)],
-    ω_i = 1/10000^(i/(d/4)), i < d/4 (DESIGN.md), in float64."""
+    ω_i = 1/10000^(i/(d/4)), i < d/4 (docs/ARCHITECTURE.md), in float64."""
     quarter = d // 4
     omega = np.array([1.0 / 10000 ** (i / quarter) for i in range(quarter)])
     out = np.zeros((g * g, d))

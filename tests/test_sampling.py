@@ -28,7 +28,7 @@ def test_respace_matches_dit_space_timesteps(n, mode):
 @pytest.mark.parametrize("n", [10, 20, 50, 250])
 def test_linspace_closed_form_and_ends(n):
     got = respace(n, "linspace")
-    # DESIGN.md: t_k = round(k·999/(N−1)), both ends kept.
+    # docs/ARCHITECTURE.md, reference facts: t_k = round(k·999/(N−1)), both ends kept.
     assert got.tolist() == [round(k * 999 / (n - 1)) for k in range(n)]
     assert got[0] == 0 and got[-1] == 999
 

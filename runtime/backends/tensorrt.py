@@ -24,7 +24,7 @@ import numpy as np
 from schedules.errors import BlockcacheError, ParameterError, one_line
 
 from ..bindings import check_engine_io, host_dtype, pack_weights, plan_bindings
-from ..plan import Plan
+from ..plan import Plan, names
 from ..plan.files import plan_corrections, read_weights
 from .base import Backend
 
@@ -232,9 +232,9 @@ class TensorRTBackend(Backend):
 
     def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
         self._write(self.bindings.input, x)
-        self._write("y", y)
-        if "guidance_scale" in self.bindings.io.slots:
-            self._write("guidance_scale", np.array([guidance_scale], np.float32))
+        self._write(names.Y, y)
+        if names.GUIDANCE_SCALE in self.bindings.io.slots:
+            self._write(names.GUIDANCE_SCALE, np.array([guidance_scale], np.float32))
         if self.cuda_graph:
             self._cuda.launch()
         else:

@@ -45,7 +45,7 @@ import numpy as np
 from schedules.errors import BlockcacheError, one_line
 
 from ..nn.units import CachePolicy  # plain Python: importing it needs no torch
-from ..plan import Plan
+from ..plan import Plan, names
 from .base import Backend, resolve_device
 
 # Documented bound on max abs error / max abs value of the fp32 eager reference for a full sampling
@@ -133,11 +133,11 @@ class TorchBackend(Backend):
         from ..plan.files import plan_corrections
 
         plan, dev = self.plan, self.device
-        self.x = torch.zeros(plan.inputs["x"].shape, dtype=torch.float32, device=dev)
-        self.y = torch.zeros(plan.inputs["y"].shape, dtype=torch.int64, device=dev)
+        self.x = torch.zeros(plan.inputs[names.X].shape, dtype=torch.float32, device=dev)
+        self.y = torch.zeros(plan.inputs[names.Y].shape, dtype=torch.int64, device=dev)
         self.guidance_scale = torch.ones(1, dtype=torch.float32, device=dev)
         self.cache = {unit: torch.zeros(spec.shape, dtype=self.dtype, device=dev) for unit, spec in plan.cache.items()}
-        time_dtype = getattr(torch, plan.inputs["timestep"].dtype)  # int64 (DDIM) or float32 (DPM-Solver)
+        time_dtype = getattr(torch, plan.inputs[names.TIMESTEP].dtype)  # int64 (DDIM) or float32 (DPM-Solver)
 
         def scalar(value, dtype=torch.float32):
             return torch.tensor([value], dtype=dtype, device=dev)

@@ -73,7 +73,7 @@ def model_from_plan(plan: Plan, dtype: torch.dtype, device: str) -> torch.nn.Mod
             views[key] = value
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
-        module._parameters[attr] = torch.nn.Parameter(views[key], requires_grad=False)
+        module.register_parameter(attr, torch.nn.Parameter(views[key], requires_grad=False))
     del views
     buffers = [name for name, _ in model.named_buffers()]  # none in DiT or U-ViT; never leave meta tensors
     if buffers:

@@ -9,7 +9,7 @@ backend never meets an inconsistent plan. `Plan.document` is the manifest as sto
 builds one and writes it with `runtime.plan.files.write_manifest`.
 
 Older version-1 manifests lack some entries; they mean: `model.family` "dit", `model.num_labels` the
-config's `num_classes`, `precision` "fp32", a step's `latents` the DDIM ping-pong, a variant's
+config's labels (`schedules.zoo.num_labels`), `precision` "fp32", a step's `latents` the DDIM ping-pong, a variant's
 `adjusts` none, `weights.parameters` none (the torch backend then asks for a re-export).
 """
 
@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 from schedules.errors import BlockcacheError
+from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.zoo import check_config, num_labels, unit_names
 
 from . import names
@@ -80,7 +81,7 @@ class _Check:
 
     def spec(self, value, path: str) -> "TensorSpec":
         value = self.mapping(value, path, ("shape", "dtype"))
-        shape = self.sequence(value["shape"], path + ".shape")
+        shape = self.sequence(value["shape"], path + ".shape")  # [] for a scalar
         for i, d in enumerate(shape):
             self.integer(d, f"{path}.shape[{i}]", low=1)
         if value["dtype"] not in DTYPES:
@@ -240,7 +241,7 @@ class Plan:
             raise BlockcacheError(f"{check.where}: model.config is not a valid model config ({e})") from None
         if tuple(model.get("unit_names", units)) != units:
             check.fail("model.unit_names", "do not match the model config")
-        labels = check.integer(model.get("num_labels", config["num_classes"]), "model.num_labels", low=1)
+        labels = check.integer(model.get("num_labels", num_labels(config)), "model.num_labels", low=1)
         if labels > num_labels(config):
             check.fail("model.num_labels", f"is {labels}, more than the model's {num_labels(config)} classes")
         batch = check.integer(doc["batch_size"], "batch_size", low=1)
@@ -250,8 +251,9 @@ class Plan:
         guidance = check.mapping(doc["guidance"], "guidance", ("enabled", "scale", "channels"))
         if not isinstance(guidance["enabled"], bool):
             check.fail("guidance.enabled", "must be true or false")
-        guidance = Guidance(guidance["enabled"], check.number(guidance["scale"], "guidance.scale"),
-                            check.text(guidance["channels"], "guidance.channels"))
+        if guidance["channels"] not in GUIDANCE_CHANNELS:
+            check.fail("guidance.channels", f"must be one of {', '.join(GUIDANCE_CHANNELS)}, not {guidance['channels']!r}")
+        guidance = Guidance(guidance["enabled"], check.number(guidance["scale"], "guidance.scale"), guidance["channels"])
         inputs = _inputs(check, doc["inputs"], batch)
         cache = {}
         for name, spec in check.mapping(doc["buffers"], "buffers").items():
@@ -316,8 +318,7 @@ def _weights(check: _Check, value, files) -> Weights:
     for name, t in check.mapping(value["tensors"], "weights.tensors").items():
         path = f"weights.tensors[{name!r}]"
         t = check.mapping(t, path, ("offset", "length", "shape", "dtype"))
-        spec = check.spec({"shape": t["shape"], "dtype": t["dtype"]}, path) if t["shape"] else \
-            TensorSpec((), check.spec({"shape": [1], "dtype": t["dtype"]}, path).dtype)
+        spec = check.spec({"shape": t["shape"], "dtype": t["dtype"]}, path)
         offset, length = check.integer(t["offset"], path + ".offset", 0), check.integer(t["length"], path + ".length", 0)
         if offset + length > size:
             check.fail(path, f"lies outside {file} ({offset} + {length} > {size} bytes)")
