@@ -4,6 +4,9 @@ engines, plan bookkeeping with a stand-in builder, and the clear-failure paths. 
 build and run real engines; they run only where `import tensorrt` works and a CUDA GPU is present.
 
 On a machine with TensorRT 10+ and a GPU:  python -m pytest tests/test_tensorrt.py -q -rs
+
+One module over 400 lines on purpose: the stand-in tests and the real-engine tests share the plans,
+the replay and the fake builder, and a GPU session runs this one file.
 """
 
 from __future__ import annotations

@@ -200,6 +200,23 @@ class Skip(Exception):
     """A method that does not apply to this precision or machine (recorded, not an error)."""
 
 
+def plan_backend(method: str, precision: str, cfg: BenchConfig, device: str, plan):
+    """The runtime backend that plan method `method` measures, made by `make_backend`."""
+    from runtime.backends import make_backend
+
+    plan_device = "cuda" if device.startswith("cuda") else "cpu"
+    if method in ("torch", "torch-inductor"):
+        mode = block_compile_mode(cfg.compile_mode) if method == "torch-inductor" else None
+        return make_backend("torch", plan, device, dtype=precision, compile=mode, compile_backend=cfg.compile_backend)
+    if method == "onnxruntime":
+        from runtime.backends.onnxruntime import cuda_available
+
+        if plan_device == "cuda" and not cuda_available():
+            raise Skip("ONNX Runtime has no usable CUDA execution provider here")
+        return make_backend("onnxruntime", plan, plan_device, threads=cfg.threads)
+    return make_backend(method, plan, plan_device)
+
+
 def _measure(method, precision, case, cfg, model, device, store, compiled, noise, labels) -> dict:
     from runtime.nn.precision import torch_dtype
 
@@ -220,24 +237,9 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
         path = store.get(case, stored)
         start = time.perf_counter()  # load time, not export time
         with monitor:
-            plan = store.plan(path)
-            plan_device = "cuda" if device.startswith("cuda") else "cpu"
-            if method in ("torch", "torch-inductor"):
-                from runtime.backends.torch import TorchBackend
-
-                mode = block_compile_mode(cfg.compile_mode) if method == "torch-inductor" else None
-                backend = TorchBackend(plan, device, dtype=precision, compile=mode, compile_backend=cfg.compile_backend)
+            backend = plan_backend(method, precision, cfg, device, store.plan(path))
+            if method.startswith("torch"):
                 info.update(cuda_graph=backend.cuda_graph, graph_error=backend.graph_error, plan_precision=stored)
-            elif method == "onnxruntime":
-                from runtime.backends.onnxruntime import OnnxRuntimeBackend, cuda_available
-
-                if device.startswith("cuda") and not cuda_available():
-                    raise Skip("ONNX Runtime has no usable CUDA execution provider here")
-                backend = OnnxRuntimeBackend(plan, plan_device, threads=cfg.threads)
-            else:
-                from runtime.backends import make_backend
-
-                backend = make_backend(method, plan, plan_device)
             runner = BackendRunner(backend, cfg.guidance_scale)
     setup = time.perf_counter() - start
     output, first, times = _time_calls(runner, noise, labels, cfg, monitor)
