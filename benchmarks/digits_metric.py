@@ -40,7 +40,7 @@ HELD_OUT_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
-def _features(images) -> np.ndarray:
+def classifier_input(images) -> np.ndarray:
     """Classifier input: clipped, 8×8, flattened (64 values in [−1, 1])."""
     x = np.clip(np.asarray(images, dtype=np.float32), -1.0, 1.0)
     return to_8x8(x).reshape(len(x), 64)
@@ -70,7 +70,7 @@ def classifier():
     # One BLAS thread: the fit is small, the result then does not depend on the core count, and
     # multi-threaded BLAS crawls when other work shares the CPU.
     with threadpool_limits(1):
-        clf.fit(_features(tr_x), tr_y)
+        clf.fit(classifier_input(tr_x), tr_y)
     return clf
 
 
@@ -80,13 +80,13 @@ def held_out_accuracy() -> float:
 
 
 def predict(images) -> np.ndarray:
-    return classifier().predict(_features(images))
+    return classifier().predict(classifier_input(images))
 
 
 def hidden_features(images) -> np.ndarray:
     """The classifier's hidden ReLU activations: the feature space of digits-FD."""
     clf = classifier()
-    return np.maximum(_features(images) @ clf.coefs_[0] + clf.intercepts_[0], 0.0).astype(np.float64)
+    return np.maximum(classifier_input(images) @ clf.coefs_[0] + clf.intercepts_[0], 0.0).astype(np.float64)
 
 
 def class_accuracy(images, labels) -> float:

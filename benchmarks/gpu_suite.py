@@ -6,7 +6,7 @@
 DiT-XL/2 at 256 px (latent 32×32) with seeded random weights (speed does not depend on them), 8 images
 with classifier-free guidance (network batch 16), DDIM-50 and DDIM-20 with the committed L2C schedules
 (schedules/presets/dit-xl2-l2c-ddim50.yaml and -ddim20.yaml, imported from ../shared/data/l2c/), in
-bf16 and fp16. Compared, through benchmarks/bench.py: eager PyTorch full compute, eager PyTorch with
+bf16 and fp16. Compared, through benchmarks/bench: eager PyTorch full compute, eager PyTorch with
 the schedule applied by Python branches per unit, torch.compile (max-autotune) of the full model, the
 torch backend's full and cached plans (one CUDA graph per sampling loop), the same with each DiT block
 compiled by inductor (`torch-inductor`), a fewer-steps DDIM run with about the cached schedule's MACs,

@@ -1,1 +1,2 @@
-"""blockcache exporter: model zoo, checkpoints, eager reference, tracing, graph surgery, plan writing."""
+"""blockcache exporter: models with their weights, the eager reference, tracing, graph surgery, plan
+export, TensorRT engines, verification, the schedule makers that run a network, and the CLIs."""

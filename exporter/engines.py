@@ -146,7 +146,7 @@ def prepare_graph(model, blob: np.ndarray, *, min_weight_bytes: int = MIN_WEIGHT
             info = {e.key: e.value for e in init.external_data}
             offset, length = int(info.get("offset", 0)), int(info["length"])
             if offset + length > blob.size:
-                raise BlockcacheError(f"initializer {init.name} lies outside weights.bin (truncated plan?)")
+                raise BlockcacheError(f"initializer {init.name} lies outside the weights file (truncated plan?)")
         else:
             length = len(init.raw_data) if init.HasField("raw_data") else 0
         candidate = external and (weights is None or init.name in weights)
@@ -307,10 +307,10 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
 
     from runtime.bindings import plan_bindings
 
-    if manifest.get("precision") != settings.onnx_precision:
-        raise BlockcacheError(f"{settings.precision} engines are built from a {settings.onnx_precision} plan; "
-                              f"this plan is {manifest.get('precision')}")
     plan = Plan.parse(manifest, plan_dir)
+    if plan.precision != settings.onnx_precision:
+        raise BlockcacheError(f"{settings.precision} engines are built from a {settings.onnx_precision} plan; "
+                              f"this plan is {plan.precision}")
     builder = builder or build_engine_bytes
     version = version or tensorrt_version()
     blob = read_weights(plan)
@@ -345,7 +345,7 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
         new["tensorrt"]["weights_bytes"] = bindings.weights.nbytes
         for e in engines:
             os.replace(os.path.join(work, e["file"]), os.path.join(plan_dir, e["file"]))
-        new = write_manifest(plan_dir, new)
+        new = write_manifest(plan_dir, new, added=[e["file"] for e in engines])
     except BaseException:
         for e in engines:  # engines moved in before a failure are not listed anywhere: remove them
             path = os.path.join(plan_dir, e["file"])

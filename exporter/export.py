@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from runtime.plan import names
-from runtime.plan.files import staging, write_manifest
+from runtime.plan.files import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
@@ -97,6 +97,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     manifest) -> manifest` runs on the finished plan folder before it replaces `out_dir` (e.g. to add
     TensorRT engines); if it fails, `out_dir` is left as it was."""
     check_schedule(model, schedule)
+    check_destination(out_dir)  # before minutes of tracing, not after
     settings, guidance_scale = plan_settings(model, schedule, batch_size=batch_size, guidance_scale=guidance_scale,
                                              guidance=guidance, guidance_channels=guidance_channels,
                                              precision=precision)

@@ -43,12 +43,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-# Library parameters → this CLI's flags, for one-line errors that name what the user typed.
-FLAGS = {"out_dir": "--out", "batch_size": "--batch-size", "precision": "--precision", "workspace": "--workspace",
-         "timing_cache": "--timing-cache", "opt_level": "--opt-level", "guidance_scale": "--guidance-scale"}
-
-
-@cli_main(flags=FLAGS)
+@cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
     settings = engine_settings(args)  # fails at once, in one line, where TensorRT is missing

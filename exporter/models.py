@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from runtime.nn.build import build_model
-from schedules.errors import BlockcacheError
+from schedules.errors import BlockcacheError, ParameterError
 from schedules.zoo import model_config
 
 EMBEDDED_WEIGHTS = {"dit-digits": "dit-digits.safetensors"}
@@ -61,7 +61,8 @@ def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: i
         if name in EMBEDDED_WEIGHTS and not overrides:
             checkpoint = embedded_weights_path(name)
         else:
-            raise BlockcacheError(f"{name} needs weights: pass a checkpoint (or --random-init to use random weights)")
+            raise ParameterError("random_init", f"{name} needs weights: pass a checkpoint (or {{name}} to use "
+                                 "random weights)")
     if random_init:
         randomize_(model, seed)
     else:

@@ -65,7 +65,8 @@ class Denoiser:
         if self.has_carry and self.carry_source[s] != s and x_carry is None:
             raise BlockcacheError(f"evaluation {s} needs the latent of evaluation {self.carry_source[s]}")
         c = self.c[s] if x_carry is not None else None
-        return self.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale, policy or COMPUTE, c, x_carry)
+        return self.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale,
+                            COMPUTE if policy is None else policy, c, x_carry)
 
     def carry(self, inputs: dict, s: int, x):
         """Record `x` as evaluation s's input in `inputs` and return s's carried latent (None without a

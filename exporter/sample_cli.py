@@ -52,11 +52,7 @@ def _load_noise(path: str) -> np.ndarray:
         raise BlockcacheError(f"cannot read noise {path}: {' '.join(str(e).split())[:160]}") from None
 
 
-# Library parameters → this CLI's flags, for one-line errors that name what the user typed.
-FLAGS = {"backend": "--backend", "device": "--device", "guidance_scale": "--guidance-scale"}
-
-
-@cli_main(flags=FLAGS)
+@cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
     labels = parse_labels(args.labels)

@@ -84,13 +84,12 @@ def example_inputs(model, settings: StepSettings):
 
 
 def at_precision(model, precision: str):
-    """`model` at a plan's stored precision: fp16 is a half-precision copy (norms, guidance and the
-    update still run in fp32), fp32 the model itself."""
-    if precision == "fp16" and model.pos_embed.dtype != torch.float16:
-        import copy
+    """`model` at a plan's stored precision (fp32 or fp16; in fp16 plans norms, guidance and the update
+    still run in fp32): the model itself if it is at that precision already, else a converted copy."""
+    import copy
 
-        return copy.deepcopy(model).half()
-    return model
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    return model if model.pos_embed.dtype == dtype else copy.deepcopy(model).to(dtype)
 
 
 def trace_step(model, settings: StepSettings) -> TracedStep:

@@ -34,15 +34,14 @@ from .plan import Plan, names
 from .plan.manifest import Engine, TensorSpec
 
 ALIGNMENT = 256
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 
 
 def itemsize(dtype: str) -> int:
     try:
-        return ITEMSIZE[dtype]
+        return names.DTYPE_SIZES[dtype]
     except KeyError:
         raise BlockcacheError(f"tensor dtype {dtype!r} is not supported "
-                              f"(expected one of {', '.join(ITEMSIZE)})") from None
+                              f"(expected one of {', '.join(names.DTYPE_SIZES)})") from None
 
 
 def host_dtype(dtype: str) -> np.dtype:

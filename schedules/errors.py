@@ -4,8 +4,8 @@ Every package of blockcache raises `BlockcacheError` (or a subclass) for bad inp
 scripts wrap their `main` in `cli_main` so that a user sees `error: <one line>` and exit status 2,
 never a traceback. Programming errors still raise normally, so bugs stay visible in tests.
 
-Library functions name their own parameters in errors (`ParameterError`); a CLI tells `cli_main` which
-of its flags sets which parameter, and the user reads the flag instead.
+Library functions name their own parameters in errors (`ParameterError`); `cli_main` shows the flag
+that sets the parameter (`CLI_FLAGS`) instead, so the user reads what they typed.
 """
 
 from __future__ import annotations
@@ -20,23 +20,31 @@ class BlockcacheError(Exception):
 
 class ParameterError(BlockcacheError):
     """A bad value of the named parameter of a library function. `message` writes the parameter as
-    `{name}`: the library's text shows the parameter name, a CLI's (`render`) its flag."""
+    `{name}` (substituted as text, so user values in the message may hold braces): the library's
+    text shows the parameter name, a CLI's (`render`) its flag."""
 
     def __init__(self, parameter: str, message: str):
         self.parameter, self.template = parameter, message
-        super().__init__(message.format(name=parameter))
+        super().__init__(message.replace("{name}", parameter))
 
     def render(self, flags: dict[str, str]) -> str:
-        return self.template.format(name=flags.get(self.parameter, self.parameter))
+        return self.template.replace("{name}", flags.get(self.parameter, self.parameter))
+
+
+# Library parameters → the flags that set them; every blockcache CLI names a parameter the same way.
+CLI_FLAGS = {"out_dir": "--out", "batch_size": "--batch-size", "precision": "--precision", "workspace": "--workspace",
+             "timing_cache": "--timing-cache", "opt_level": "--opt-level", "guidance_scale": "--guidance-scale",
+             "backend": "--backend", "device": "--device", "threads": "--threads", "random_init": "--random-init",
+             "every_step": "--every-step"}
 
 
 def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
-def cli_main(main=None, *, flags: dict[str, str] | None = None):
+def cli_main(main=None, *, flags: dict[str, str] = CLI_FLAGS):
     """Decorate a console-script entry point: user errors become one line on stderr and exit 2.
-    `flags` maps library parameter names to the CLI's flags (`{"out_dir": "--out"}`); use as `@cli_main`
+    `flags` maps library parameter names to the CLI's flags (default `CLI_FLAGS`); use as `@cli_main`
     or `@cli_main(flags=…)`."""
     if main is None:
         return functools.partial(cli_main, flags=flags)
@@ -46,7 +54,7 @@ def cli_main(main=None, *, flags: dict[str, str] | None = None):
         try:
             return main(argv)
         except ParameterError as e:
-            print(f"error: {one_line(e.render(flags or {}))}", file=sys.stderr)
+            print(f"error: {one_line(e.render(flags))}", file=sys.stderr)
         except BlockcacheError as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .errors import BlockcacheError
+from .errors import BlockcacheError, ParameterError
 from .safeload import safe_torch_load
 from .schedule import Schedule
 
@@ -110,7 +110,7 @@ def import_l2c(path, unit_names, steps: int, *, threshold: float | None = None, 
     source = f"import-l2c {os.path.basename(os.fspath(path))} threshold={threshold}"
     if sampler == "dpm-solver-2":
         if every_step:
-            raise BlockcacheError("--every-step is for DDIM routers made by learn-l2c")
+            raise ParameterError("every_step", "{name} is for DDIM routers made by learn-l2c")
         if spacing not in (None, "time-uniform"):
             raise BlockcacheError(f"sampler dpm-solver-2 has no spacing {spacing!r} (its spacings: time-uniform)")
         return schedule_from_uvit_l2c(logits, unit_names, steps, threshold=threshold, model=model, source=source)

@@ -147,10 +147,10 @@ class Schedule:
         return " ".join(groups)
 
     def scale_shift_tensors(self) -> dict[str, np.ndarray]:
-        """The sidecar file's tensors: `scale/<step>/<unit>` and `shift/<step>/<unit>`."""
+        """The sidecar file's tensors: `scale/<step>/<unit>` and `shift/<step>/<unit>` (`scale_shift_key`)."""
         out = {}
         for (step, unit), (scale, shift) in sorted(self.scale_shift.items()):
-            out[f"scale/{step}/{unit}"], out[f"shift/{step}/{unit}"] = scale, shift
+            out[scale_shift_key("scale", step, unit)], out[scale_shift_key("shift", step, unit)] = scale, shift
         return out
 
     def scale_shift_digest(self) -> str | None:
@@ -198,7 +198,7 @@ class Schedule:
 
             from .files import atomic_output
 
-            sidecar = os.path.splitext(os.path.basename(path))[0] + ".scaleshift.safetensors"
+            sidecar = scale_shift_file(os.path.basename(path))
             with atomic_output(os.path.join(os.path.dirname(os.path.abspath(path)), sidecar), ".safetensors") as tmp:
                 save_file(self.scale_shift_tensors(), tmp)
         atomic_write_text(path, self.to_yaml(sidecar))
@@ -285,6 +285,16 @@ class Schedule:
         compute[::interval] = True
         return cls(unit_names, compute, {"name": sampler, "steps": steps, "spacing": spacing}, model,
                    source=f"uniform interval={interval}")
+
+
+def scale_shift_file(schedule_file: str) -> str:
+    """The name of the scale-shift sidecar that `Schedule.save` writes beside `schedule_file`."""
+    return os.path.splitext(schedule_file)[0] + ".scaleshift.safetensors"
+
+
+def scale_shift_key(kind: str, step: int, unit: str) -> str:
+    """The sidecar's tensor name for `kind` ("scale" or "shift") of (step, unit)."""
+    return f"{kind}/{step}/{unit}"
 
 
 def _read_scale_shift(entry, where: str, base_dir: str | None) -> dict:

@@ -115,7 +115,7 @@ def test_digits_metrics(tmp_path, monkeypatch):
             clf = MLPClassifier(hidden_layer_sizes=(64,), solver="lbfgs", max_iter=20, random_state=0)
             with warnings.catch_warnings():  # not converged after 20 iterations: fine here
                 warnings.simplefilter("ignore")
-                cache["clf"] = clf.fit(dm._features(tr_x), tr_y)
+                cache["clf"] = clf.fit(dm.classifier_input(tr_x), tr_y)
         return cache["clf"]
 
     monkeypatch.setattr(dm, "classifier", quick_classifier)

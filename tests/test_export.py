@@ -129,6 +129,14 @@ def test_runtime_shares_weights_across_sessions(tmp_path):
     # one OrtValue per stored weight, no matter how many sessions use it
     assert len(backend.weights) == len(sampler.manifest["weights"]["tensors"])
     assert len(backend.sessions) == 2
+    # a closed sampler frees its backend and refuses to run, in one line
+    with Sampler(str(tmp_path / "plan"), device="cpu") as scoped:
+        scoped([1], seed=0)
+    sampler.close()
+    for closed in (scoped, sampler):
+        assert closed.backend.closed and not closed.backend.sessions
+        with pytest.raises(BlockcacheError, match="closed"):
+            closed([1], seed=0)
 
 
 def test_atomic_export_keeps_existing_plan(tmp_path, monkeypatch):
@@ -152,6 +160,11 @@ def test_atomic_export_keeps_existing_plan(tmp_path, monkeypatch):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     monkeypatch.undo()
+
+    def no_tracing(*args, **kwargs):  # the destination is refused before minutes of tracing
+        raise AssertionError("traced before checking --out")
+
+    monkeypatch.setattr(ex, "trace_step", no_tracing)
     with pytest.raises(BlockcacheError, match="not a plan"):
         export_plan(model, Schedule.full(model.unit_names, 4), str(other))
     assert (other / "notes.txt").read_text() == "keep me"

@@ -108,6 +108,17 @@ def test_plan_applies_scale_shift_like_the_reference(backend, tmp_path):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(want - sample(model, plain, labels, noise)).max() > 1e-3  # the correction matters
     verify_plan(model, load_plan(str(tmp_path / "plan")), 1e-4)
+    # a sidecar tensor for a (step, unit) that no step of the plan corrects: not this plan's vectors
+    from safetensors.numpy import load_file, save_file
+
+    from runtime.plan.files import plan_corrections
+
+    sidecar = tmp_path / "plan" / "schedule.scaleshift.safetensors"
+    tensors = load_file(str(sidecar))
+    tensors["scale/0/blocks.0.attn"] = np.zeros(64, np.float32)  # step 0 computes everything
+    save_file(tensors, str(sidecar))
+    with pytest.raises(BlockcacheError, match="which no step of the plan corrects"):
+        plan_corrections(load_plan(str(tmp_path / "plan"), verify=False))
 
 
 def test_cli_round_trip_and_bad_inputs(tmp_path):

@@ -215,3 +215,16 @@ def test_unguided_scales_agree_between_plan_and_reference(model_name, scale, tmp
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     guided = sample(model, schedule, LABELS[:1] * 2, noise)
     assert np.abs(guided - want).max() > 1e-4 * np.abs(want).max()
+
+
+def test_denoise_never_drops_the_carry_term(uvit):
+    """A carry coefficient without the carried latent (or the reverse) is a programming error, refused:
+    silently sampling without the term would be a wrong result."""
+    from runtime.nn.step import DenoisingStep
+
+    step = DenoisingStep(uvit, guidance=True, guidance_channels="uvit")
+    x, y = torch.zeros(2, 4, 8, 8), torch.tensor(LABELS)
+    t, one = torch.tensor([500.0]), torch.ones(1)
+    for c, x_carry in ((one, None), (None, x)):
+        with pytest.raises(ValueError, match="together"):
+            step.denoise(x, y, t, one, one, one, c=c, x_carry=x_carry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.plan.names import STORED_PRECISIONS
 from schedules.schedule import Schedule
 
 from .config import BenchConfig
@@ -78,7 +79,7 @@ def block_compile_mode(mode: str) -> str:
 
 def plan_precision(method: str, precision: str, cfg: BenchConfig) -> tuple[str | None, str | None]:
     """(stored plan precision, reason it cannot run) for a plan method at a precision."""
-    if precision in ("fp32", "fp16"):
+    if precision in STORED_PRECISIONS:
         return precision, None
     if method in ("torch", "torch-inductor"):
         return cfg.bf16_plan, None

@@ -42,6 +42,7 @@ def device_index(device: str) -> int:
 class Backend:
     name = "backend"
     OPTIONS: tuple[str, ...] = ()  # keyword options of the constructor
+    closed = False
 
     def __init__(self, plan: Plan, device: str):
         self.plan = plan
@@ -51,6 +52,8 @@ class Backend:
 
     def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
         """The final latents (B, C, H, W) float32 of one batch: `x` the starting noise, `y` the labels."""
+        if self.closed:
+            raise BlockcacheError(f"the {self.name} backend was closed: make a new one to sample")
         if np.shape(x) != self._x_shape or np.shape(y) != self._y_shape:
             raise BlockcacheError(f"the {self.name} backend runs batches of exactly {self._x_shape} latents and "
                                   f"{self._y_shape} labels, got {np.shape(x)} and {np.shape(y)}")
@@ -61,7 +64,9 @@ class Backend:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release what the backend holds (device memory first); the backend is not usable afterwards."""
+        """Release what the backend holds (device memory first); the backend is not usable afterwards.
+        Subclasses release their own state, then call this."""
+        self.closed = True
 
     def __enter__(self):
         return self

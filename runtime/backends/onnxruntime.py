@@ -140,4 +140,6 @@ class OnnxRuntimeBackend(Backend):
         return self.x[steps[-1].latents[2]].numpy().copy()
 
     def close(self) -> None:
-        self.bindings, self.sessions, self.weights, self.cache, self.x = [], [], {}, {}, []
+        self.bindings, self.sessions, self.weights, self.cache, self.x, self.constants = [], [], {}, {}, [], []
+        self.y = self.guidance_scale = self._host_weights = None
+        super().close()

@@ -256,6 +256,7 @@ class TensorRTBackend(Backend):
             self.engines = []
             self._cuda.close()
             self._cuda = None
+        super().close()
 
     def __del__(self):
         try:

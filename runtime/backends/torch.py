@@ -251,6 +251,7 @@ class TorchBackend(Backend):
             self._uncompile = None
         self._graph = self._graph_out = None
         self.steps, self.cache = [], {}
-        self.model = self.step = None
+        self.model = self.step = self.x = self.y = None
         if self.device.startswith("cuda"):
             _torch().cuda.empty_cache()
+        super().close()

@@ -29,6 +29,8 @@ class DenoisingStep:
         self.guidance_channels = guidance_channels
 
     def denoise(self, x, y, timestep, a, b, guidance_scale, policy=COMPUTE, c=None, x_carry=None):
+        if (c is None) != (x_carry is None):  # a carry term needs both: never drop it silently
+            raise ValueError("denoise takes the carry coefficient c and the carried latent x_carry together")
         channels = self.model.in_channels
         if self.guidance:
             x_in = torch.cat([x, x])

@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 
 from schedules.errors import BlockcacheError, ParameterError
+from schedules.schedule import scale_shift_key
 
 from . import names
 from .manifest import Plan
@@ -96,10 +97,8 @@ def read_weights(plan: Plan) -> np.ndarray:
 
 def stored_array(blob: np.ndarray, plan: Plan, name: str) -> np.ndarray:
     """Stored tensor `name` as a typed view of `blob` (read_weights); bfloat16 as its uint16 bits."""
-    t = plan.weights.tensors[name]
+    t = plan.weights.tensors[name]  # its length was checked against its shape and dtype by Plan.parse
     dtype = np.dtype(np.uint16) if t.dtype == "bfloat16" else np.dtype(t.dtype)
-    if t.length != dtype.itemsize * int(np.prod(t.shape, dtype=np.int64)):
-        raise BlockcacheError(f"plan tensor {name!r} has {t.length} bytes, not a {t.shape} {t.dtype} tensor")
     return blob[t.offset: t.offset + t.length].view(dtype).reshape(t.shape)
 
 
@@ -117,28 +116,36 @@ def plan_corrections(plan: Plan) -> list[dict]:
         tensors = load_file(path)
     except (OSError, SafetensorError) as e:
         raise BlockcacheError(f"cannot read the plan's scale-shift file {path}: {e}") from None
-    out = []
+    out, used = [], set()
     for s, step in enumerate(plan.steps):
         adjust = {}
         for unit in plan.variants[step.variant].adjusts:
             width = plan.cache[unit].shape[-1]
-            zeros = np.zeros(width, np.float32)
-            pair = tuple(tensors.get(f"{kind}/{s}/{unit}", zeros).astype(np.float32) for kind in ("scale", "shift"))
+            keys = [scale_shift_key(kind, s, unit) for kind in ("scale", "shift")]
+            used.update(keys)
+            pair = tuple(tensors.get(key, np.zeros(width, np.float32)).astype(np.float32) for key in keys)
             if any(v.shape != (width,) for v in pair):
                 raise BlockcacheError(f"{path}: scale-shift for step {s}, unit {unit} is not {width} channels")
             adjust[unit] = pair
         out.append(adjust)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise BlockcacheError(f"{path} holds {unused[0]!r}, which no step of the plan corrects (not this plan's file?)")
     return out
 
 
 # -- writing ----------------------------------------------------------------------------------------
 
-def write_manifest(plan_dir: str, document: dict) -> dict:
-    """Validate `document`, list and checksum every file of `plan_dir` in it, and write it as the plan's
-    manifest (by rename, so a reader sees the old manifest or the new one). Returns the document."""
+def write_manifest(plan_dir: str, document: dict, added: list[str] | None = None) -> dict:
+    """Validate `document` and write it as the manifest of `plan_dir` (by rename, so a reader sees the
+    old manifest or the new one); returns the document written. Its `files` are every file of a freshly
+    written `plan_dir`, each checksummed; with `added`, the document's own `files` plus those files."""
     document = dict(document)
-    document["files"] = {name: file_entry(os.path.join(plan_dir, name)) for name in sorted(os.listdir(plan_dir))
-                         if name != names.MANIFEST and not name.startswith(".")}
+    if added is None:
+        listed = sorted(name for name in os.listdir(plan_dir) if name != names.MANIFEST and not name.startswith("."))
+        document["files"] = {name: file_entry(os.path.join(plan_dir, name)) for name in listed}
+    else:
+        document["files"] = {**document["files"], **{name: file_entry(os.path.join(plan_dir, name)) for name in added}}
     Plan.parse(document, plan_dir)  # the writer never writes a manifest the runtime would refuse
     fd, tmp = tempfile.mkstemp(dir=plan_dir, prefix=".manifest-", suffix=".json")
     try:

@@ -1,16 +1,25 @@
 """The plan manifest (`plan.json`) as a typed, validated object: `Plan`.
 
-`Plan.parse(document, directory)` checks the manifest once, for every backend alike: types, the
-model's units against its config, every variant's split of the units into computed and read, every
-cache buffer a variant reads or writes, every step's variant, constants and latent buffers, that each
-read of the cache follows a step that wrote it, and that every file the manifest names is one of its
-checksummed files. A manifest that fails any check is refused in one line naming what is wrong, so a
-backend never meets an inconsistent plan. `Plan.document` is the manifest as stored; the exporter
-builds one and writes it with `runtime.plan.files.write_manifest`.
+`Plan.parse(document, directory)` checks the manifest once, for every backend alike:
+- types, and the shape and dtype of every graph input and cache buffer against the model config,
+  the batch size, guidance and the stored precision;
+- the model's units against its config; every variant's split of the units into computed and read,
+  its writes within its computes and its corrections within its reads, a cache buffer for each;
+- every step's variant, and its timestep and coefficients against the ones the recorded sampler
+  derives (so a plan cannot run another schedule than it says); its latent buffers: each step reads
+  the previous step's output, and its carry buffer holds the latent its solver step started from;
+- that each read of the cache follows a step that wrote the unit;
+- that every file the manifest names is a plain name listed among its checksummed files, every
+  stored tensor lies inside the weights file with the length its shape and dtype give, and every
+  PyTorch parameter is stored at the plan's precision.
+A manifest that fails any check is refused in one line naming what is wrong, so a backend never
+meets an inconsistent plan. `Plan.document` is the manifest as stored; the exporter builds one and
+writes it with `runtime.plan.files.write_manifest`. Treat a `Plan` as read-only.
 
 Older version-1 manifests lack some entries; they mean: `model.family` "dit", `model.num_labels` the
-config's labels (`schedules.zoo.num_labels`), `precision` "fp32", a step's `latents` the DDIM ping-pong, a variant's
-`adjusts` none, `weights.parameters` none (the torch backend then asks for a re-export).
+config's labels (`schedules.zoo.num_labels`), `precision` "fp32", a step's `latents` the DDIM
+ping-pong, a variant's `adjusts` none, `weights.parameters` none (the torch backend then asks for a
+re-export).
 """
 
 from __future__ import annotations
@@ -19,13 +28,17 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from schedules.errors import BlockcacheError
-from schedules.sampling import GUIDANCE_CHANNELS
-from schedules.zoo import check_config, num_labels, unit_names
+from schedules.sampling import GUIDANCE_CHANNELS, make_sampler, model_timesteps
+from schedules.zoo import check_config, family_of, num_labels, unit_names
 
 from . import names
 
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16"}  # the dtype of weights and caches per stored precision
+# How close a step's constants must be to the ones its sampler derives (they are written from them).
+COEFFICIENT_RTOL = 1e-9
 
 
 class _Check:
@@ -84,8 +97,8 @@ class _Check:
         shape = self.sequence(value["shape"], path + ".shape")  # [] for a scalar
         for i, d in enumerate(shape):
             self.integer(d, f"{path}.shape[{i}]", low=1)
-        if value["dtype"] not in DTYPES:
-            self.fail(path + ".dtype", f"must be one of {', '.join(DTYPES)}, not {value['dtype']!r}")
+        if value["dtype"] not in names.DTYPE_SIZES:
+            self.fail(path + ".dtype", f"must be one of {', '.join(names.DTYPE_SIZES)}, not {value['dtype']!r}")
         return TensorSpec(tuple(shape), value["dtype"])
 
 
@@ -93,10 +106,6 @@ class _Check:
 class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name, or "bfloat16"
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -237,7 +246,7 @@ class Plan:
         try:
             check_config(config)
             units = unit_names(config)
-        except (BlockcacheError, KeyError, TypeError) as e:
+        except (BlockcacheError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise BlockcacheError(f"{check.where}: model.config is not a valid model config ({e})") from None
         if tuple(model.get("unit_names", units)) != units:
             check.fail("model.unit_names", "do not match the model config")
@@ -248,24 +257,19 @@ class Plan:
         precision = doc.get("precision", "fp32")
         if precision not in names.STORED_PRECISIONS:
             check.fail("precision", f"must be one of {', '.join(names.STORED_PRECISIONS)}, not {precision!r}")
-        guidance = check.mapping(doc["guidance"], "guidance", ("enabled", "scale", "channels"))
-        if not isinstance(guidance["enabled"], bool):
-            check.fail("guidance.enabled", "must be true or false")
-        if guidance["channels"] not in GUIDANCE_CHANNELS:
-            check.fail("guidance.channels", f"must be one of {', '.join(GUIDANCE_CHANNELS)}, not {guidance['channels']!r}")
-        guidance = Guidance(guidance["enabled"], check.number(guidance["scale"], "guidance.scale"), guidance["channels"])
-        inputs = _inputs(check, doc["inputs"], batch)
-        cache = {}
-        for name, spec in check.mapping(doc["buffers"], "buffers").items():
-            unit = name.removeprefix(names.CACHE_PREFIX)
-            if not name.startswith(names.CACHE_PREFIX) or unit not in units:
-                check.fail(f"buffers[{name!r}]", "is not the cache buffer of a model unit")
-            cache[unit] = check.spec(spec, f"buffers[{name!r}]")
-        weights = _weights(check, doc["weights"], files)
+        guidance = _guidance(check, doc["guidance"])
+        sampler = _sampler(check, doc["sampler"])
+        inputs = _inputs(check, doc["inputs"], batch, config, sampler)
+        cache = _cache(check, doc["buffers"], units, (batch * (2 if guidance.enabled else 1),
+                                                      _tokens(config), config["hidden_size"]),
+                       PRECISION_DTYPE[precision])
+        weights = _weights(check, doc["weights"], files, PRECISION_DTYPE[precision])
         variants = tuple(_variant(check, v, f"variants[{k}]", units, cache, weights, files)
                          for k, v in enumerate(check.sequence(doc["variants"], "variants", nonempty=True)))
         steps = tuple(_step(check, s, f"steps[{i}]", i, len(variants), names.X_CARRY in inputs)
                       for i, s in enumerate(check.sequence(doc["steps"], "steps", nonempty=True)))
+        _check_constants(check, steps, sampler)
+        _check_latents(check, steps, sampler.carry_source)
         _check_cache_flow(check, variants, steps)
         scale_shift = doc.get("scale_shift")
         scale_shift_file = None
@@ -277,10 +281,32 @@ class Plan:
         tensorrt = doc.get("tensorrt") or None
         engines = _engines(check, tensorrt, len(variants), files) if tensorrt else None
         return cls(directory=directory, document=doc, model_name=model.get("name"), config=config,
-                   unit_names=units, num_labels=labels, sampler=check.mapping(doc["sampler"], "sampler"),
-                   guidance=guidance, batch_size=batch, precision=precision, inputs=inputs, cache=cache,
-                   weights=weights, variants=variants, steps=steps, scale_shift_file=scale_shift_file, files=files,
-                   engines=engines, tensorrt=tensorrt)
+                   unit_names=units, num_labels=labels, sampler=doc["sampler"], guidance=guidance, batch_size=batch,
+                   precision=precision, inputs=inputs, cache=cache, weights=weights, variants=variants, steps=steps,
+                   scale_shift_file=scale_shift_file, files=files, engines=engines, tensorrt=tensorrt)
+
+
+def _tokens(config: dict) -> int:
+    """Tokens a block sees: the patches plus the family's extra tokens (U-ViT: label and time)."""
+    return (config["input_size"] // config["patch_size"]) ** 2 + family_of(config).extra_tokens
+
+
+def _guidance(check: _Check, value) -> Guidance:
+    value = check.mapping(value, "guidance", ("enabled", "scale", "channels"))
+    if not isinstance(value["enabled"], bool):
+        check.fail("guidance.enabled", "must be true or false")
+    if value["channels"] not in GUIDANCE_CHANNELS:
+        check.fail("guidance.channels", f"must be one of {', '.join(GUIDANCE_CHANNELS)}, not {value['channels']!r}")
+    return Guidance(value["enabled"], check.number(value["scale"], "guidance.scale"), value["channels"])
+
+
+def _sampler(check: _Check, value):
+    """The sampler the manifest records (schedules.sampling.make_sampler), or one line why not."""
+    value = check.mapping(value, "sampler", ("name", "steps"))
+    try:
+        return make_sampler(value["name"], check.integer(value["steps"], "sampler.steps", 1), value.get("spacing"))
+    except BlockcacheError as e:
+        raise BlockcacheError(f"{check.where}: sampler: {e}") from None
 
 
 def _files(check: _Check, value) -> dict:
@@ -294,23 +320,43 @@ def _files(check: _Check, value) -> dict:
     return out
 
 
-def _inputs(check: _Check, value, batch: int) -> dict:
+def _inputs(check: _Check, value, batch: int, config: dict, sampler) -> dict:
+    """The step graph's inputs, each pinned: what every backend writes into them is fixed."""
     inputs = {name: check.spec(spec, f"inputs[{name!r}]") for name, spec in check.mapping(value, "inputs").items()}
-    missing = [n for n in names.STEP_INPUTS if n not in inputs]
-    if missing:
-        check.fail("inputs", f"lack {missing[0]!r}")
-    carry = [n for n in names.CARRY_INPUTS if n in inputs]
-    if carry and len(carry) != len(names.CARRY_INPUTS):
-        check.fail("inputs", f"have {carry[0]!r} without the rest of {', '.join(names.CARRY_INPUTS)}")
-    x = inputs[names.X]
-    if len(x.shape) != 4 or x.shape[0] != batch or inputs[names.Y].shape != (batch,):
-        check.fail("inputs", f"x and y must be batches of {batch} (N, C, H, W) latents and (N,) labels")
-    if names.X_CARRY in inputs and inputs[names.X_CARRY] != x:
-        check.fail("inputs", "x_carry must be shaped like x")
+    carry = bool(np.any(sampler.carry_coefficients()))
+    size, channels = config["input_size"], config["in_channels"]
+    time_dtype = model_timesteps(sampler).dtype.name
+    expected = {names.X: TensorSpec((batch, channels, size, size), "float32"), names.Y: TensorSpec((batch,), "int64"),
+                names.TIMESTEP: TensorSpec((1,), time_dtype), names.A: TensorSpec((1,), "float32"),
+                names.B: TensorSpec((1,), "float32"), names.GUIDANCE_SCALE: TensorSpec((1,), "float32")}
+    if carry:  # the solver's intermediate evaluations need the latent their step started from
+        expected.update({names.C: TensorSpec((1,), "float32"), names.X_CARRY: expected[names.X]})
+    for name in sorted(expected.keys() | inputs.keys()):
+        if name not in inputs:
+            check.fail("inputs", f"lack {name!r}, which a {sampler.name} plan's graphs take")
+        if name not in expected:
+            check.fail("inputs", f"have {name!r}, which no {sampler.name} plan's graph takes")
+        if inputs[name] != expected[name]:
+            check.fail(f"inputs[{name!r}]", f"is {inputs[name].dtype}{list(inputs[name].shape)}, not "
+                       f"{expected[name].dtype}{list(expected[name].shape)}")
     return inputs
 
 
-def _weights(check: _Check, value, files) -> Weights:
+def _cache(check: _Check, value, units, shape: tuple, dtype: str) -> dict:
+    """unit → its cache buffer, which holds the raw branch output of the (doubled) batch at the plan's precision."""
+    cache = {}
+    for name, spec in check.mapping(value, "buffers").items():
+        unit = name.removeprefix(names.CACHE_PREFIX)
+        path = f"buffers[{name!r}]"
+        if not name.startswith(names.CACHE_PREFIX) or unit not in units:
+            check.fail(path, "is not the cache buffer of a model unit")
+        cache[unit] = check.spec(spec, path)
+        if cache[unit] != TensorSpec(shape, dtype):
+            check.fail(path, f"is {cache[unit].dtype}{list(cache[unit].shape)}, not {dtype}{list(shape)}")
+    return cache
+
+
+def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
     value = check.mapping(value, "weights", ("file", "tensors"))
     file = check.file_name(value["file"], "weights.file", files)
     size = files[file].size
@@ -322,12 +368,17 @@ def _weights(check: _Check, value, files) -> Weights:
         offset, length = check.integer(t["offset"], path + ".offset", 0), check.integer(t["length"], path + ".length", 0)
         if offset + length > size:
             check.fail(path, f"lies outside {file} ({offset} + {length} > {size} bytes)")
+        if length != math.prod(spec.shape) * names.DTYPE_SIZES[spec.dtype]:
+            check.fail(path, f"has {length} bytes, not those of a {list(spec.shape)} {spec.dtype} tensor")
         tensors[name] = StoredTensor(offset, length, spec.shape, spec.dtype)
     parameters = {}
     for name, source in check.mapping(value.get("parameters") or {}, "weights.parameters").items():
-        source = check.mapping(source, f"weights.parameters[{name!r}]", ("tensor",))
+        path = f"weights.parameters[{name!r}]"
+        source = check.mapping(source, path, ("tensor",))
         if source["tensor"] not in tensors:
-            check.fail(f"weights.parameters[{name!r}]", "points to a tensor the weights file does not hold")
+            check.fail(path, "points to a tensor the weights file does not hold")
+        if tensors[source["tensor"]].dtype != parameter_dtype:
+            check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not the plan's {parameter_dtype}")
         parameters[name] = ParameterSource(source["tensor"], bool(source.get("transposed")))
     return Weights(file, tensors, parameters)
 
@@ -364,9 +415,41 @@ def _step(check: _Check, value, path: str, index: int, num_variants: int, carry:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 3 for v in latents)
             or latents[2] in latents[:2]):
         check.fail(path + ".latents", f"are not three buffer numbers (input, carry, output) in 0…2: {latents!r}")
+    if not carry and "c" in value:
+        check.fail(path + ".c", "is given but the plan's graphs have no carry input")
     return Step(variant, check.number(value["timestep"], path + ".timestep"), check.number(value["a"], path + ".a"),
                 check.number(value["b"], path + ".b"), check.number(value["c"], path + ".c") if carry else None,
                 tuple(latents))
+
+
+def _check_constants(check: _Check, steps, sampler) -> None:
+    """Each step's timestep and coefficients are the ones the recorded sampler derives for it."""
+    evaluations = len(sampler.timesteps)
+    if len(steps) != evaluations:
+        check.fail("steps", f"are {len(steps)}, but the {sampler.name} sampler makes {evaluations} model evaluations")
+    a, b = sampler.coefficients()
+    expected = {"timestep": model_timesteps(sampler).astype(np.float64), "a": a, "b": b,
+                "c": sampler.carry_coefficients()}
+    for s, step in enumerate(steps):
+        for name, values in expected.items():
+            got = getattr(step, name)
+            if got is not None and not math.isclose(got, float(values[s]), rel_tol=COEFFICIENT_RTOL, abs_tol=1e-12):
+                check.fail(f"steps[{s}].{name}", f"is {got!r}, but the recorded sampler derives {float(values[s])!r}")
+
+
+def _check_latents(check: _Check, steps, carry_source) -> None:
+    """Each step reads the latent the previous step wrote, and carries the input of evaluation
+    `carry_source[s]` from a buffer no later step has overwritten (exporter/export.py:latent_buffers)."""
+    holds = {steps[0].latents[0]: 0}  # buffer → the evaluation whose input it holds
+    for s, step in enumerate(steps):
+        latent, carry, out = step.latents
+        if holds.get(latent) != s:
+            check.fail(f"steps[{s}].latents", "do not start from the previous step's output buffer")
+        if holds.get(carry) != int(carry_source[s]):
+            check.fail(f"steps[{s}].latents", f"carry buffer {carry} does not hold the input of evaluation "
+                       f"{int(carry_source[s])}")
+        holds = {buffer: e for buffer, e in holds.items() if buffer != out}
+        holds[out] = s + 1
 
 
 def _check_cache_flow(check: _Check, variants, steps) -> None:
@@ -382,8 +465,6 @@ def _check_cache_flow(check: _Check, variants, steps) -> None:
                 check.fail(f"steps[{s}]", f"reads unit {unit}, which step {r} computed but did not write to the cache")
         for unit in variant.computes:
             last_computed[unit] = s
-        if s and steps[s - 1].latents[2] != step.latents[0]:
-            check.fail(f"steps[{s}].latents", "do not start from the previous step's output buffer")
 
 
 def _engines(check: _Check, value, num_variants: int, files) -> tuple[Engine, ...]:

@@ -3,6 +3,8 @@ its graphs and buffers use (docs/ARCHITECTURE.md, "The plan format")."""
 
 from __future__ import annotations
 
+from schedules.schedule import scale_shift_file
+
 FORMAT = "blockcache-plan"
 VERSION = 1
 
@@ -10,7 +12,7 @@ VERSION = 1
 MANIFEST = "plan.json"
 WEIGHTS = "weights.bin"
 SCHEDULE = "schedule.yaml"
-SCALE_SHIFT = "schedule.scaleshift.safetensors"  # written by Schedule.save beside SCHEDULE
+SCALE_SHIFT = scale_shift_file(SCHEDULE)  # the sidecar Schedule.save writes beside SCHEDULE
 
 
 def variant_file(k: int) -> str:
@@ -20,6 +22,9 @@ def variant_file(k: int) -> str:
 def engine_file(k: int) -> str:
     return f"engine_{k}.plan"
 
+
+# Tensor dtypes a plan may hold (numpy names, and bfloat16) and their item sizes in bytes.
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 
 # Precisions: what ONNX graphs are stored in, and what each engine precision is built from.
 PRECISIONS = ("fp32", "fp16", "bf16")
