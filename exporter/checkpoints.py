@@ -111,4 +111,10 @@ def load_state_dict(model: torch.nn.Module, path) -> None:
     if unexpected:
         raise BlockcacheError(f"{path}: unexpected key {unexpected[0]}"
                               + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + " (wrong model?)")
+    for key, value in sd.items():  # weights are cast to fp32 below: only floating-point, finite values
+        if not value.is_floating_point():
+            raise BlockcacheError(f"{path}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor, not "
+                                  "floating-point weights")
+        if not torch.isfinite(value).all():
+            raise BlockcacheError(f"{path}: {key} holds NaN or infinite values")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

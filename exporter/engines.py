@@ -45,7 +45,9 @@ import numpy as np
 from runtime.backends.tensorrt import import_tensorrt
 from runtime.plan import Plan, names
 from runtime.plan.manifest import Engine
-from runtime.plan.files import plan_corrections, read_weights, write_manifest
+from runtime.plan.staging import write_manifest
+from runtime.plan.files import plan_corrections, read_weights
+from runtime.plan.graphs import graph_io
 from schedules.errors import BlockcacheError, ParameterError, one_line
 
 MIN_WEIGHT_BYTES = 16 * 1024
@@ -117,14 +119,6 @@ def config_kwargs(settings: EngineSettings, trt) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Graph preparation (onnx only, tested everywhere)
 # ---------------------------------------------------------------------------------------------------
-
-def _dtype_name(elem_type: int) -> str:
-    import onnx
-
-    if elem_type == onnx.TensorProto.BFLOAT16:
-        return "bfloat16"
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
-
 
 def prepare_graph(model, blob: np.ndarray, *, min_weight_bytes: int = MIN_WEIGHT_BYTES,
                   weights: set[str] | None = None, precision: str = "fp32"):
@@ -255,16 +249,6 @@ def retype(model, src: int, dst: int):
     return model
 
 
-def graph_io(model) -> dict:
-    """{"inputs": {name: {shape, dtype}}, "outputs": {...}} of a prepared graph (static shapes)."""
-    def spec(value):
-        t = value.type.tensor_type
-        return {"shape": [d.dim_value for d in t.shape.dim], "dtype": _dtype_name(t.elem_type)}
-
-    return {"inputs": {v.name: spec(v) for v in model.graph.input},
-            "outputs": {v.name: spec(v) for v in model.graph.output}}
-
-
 # ---------------------------------------------------------------------------------------------------
 # The TensorRT build (the only part that needs TensorRT)
 # ---------------------------------------------------------------------------------------------------
@@ -358,12 +342,14 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
 
 
 def export_with_engines(model, schedule, out_dir: str, settings: EngineSettings, *, builder=None,
-                        version: str | None = None, progress: bool = False, **export_kwargs) -> dict:
-    """export_plan + build_engines, with `out_dir` replaced only when both succeed."""
+                        version: str | None = None, progress: bool = False, finish=None, **export_kwargs) -> dict:
+    """export_plan + build_engines (+ `finish`, e.g. verification), with `out_dir` replaced only when all
+    succeed."""
     from .export import export_plan
 
     def add_engines(folder: str, manifest: dict) -> dict:
-        return build_engines(folder, manifest, settings, builder=builder, version=version, progress=progress)
+        manifest = build_engines(folder, manifest, settings, builder=builder, version=version, progress=progress)
+        return manifest if finish is None else finish(folder, manifest)
 
     return export_plan(model, schedule, out_dir, precision=settings.onnx_precision, progress=progress,
                        finish=add_engines, **export_kwargs)

@@ -17,13 +17,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from runtime.plan import names
-from runtime.plan.files import check_destination, staging, write_manifest
+from runtime.plan.staging import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
 from schedules.sampling import guidance_needed, model_timesteps, neutral_guidance_scale
 from schedules.zoo import family_of, num_labels
 
+from .models import check_weights
 from .reference import check_schedule
 from .surgery import derive_variant, parameter_sources, split_weights, tensor_shape
 from .trace import StepSettings, TracedStep, at_precision, trace_step, weights_digest
@@ -98,6 +99,7 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     TensorRT engines); if it fails, `out_dir` is left as it was."""
     check_schedule(model, schedule)
     check_destination(out_dir)  # before minutes of tracing, not after
+    check_weights(model)
     settings, guidance_scale = plan_settings(model, schedule, batch_size=batch_size, guidance_scale=guidance_scale,
                                              guidance=guidance, guidance_channels=guidance_channels,
                                              precision=precision)
@@ -109,10 +111,13 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
                              f"{settings}")
     elif traced.weights_digest != weights_digest(model):
         raise ParameterError("traced", "{name} step graph was traced from other weights than this model's")
-    with staging(out_dir) as folder:
-        manifest = _write_plan(model, schedule, folder, traced, guidance_scale, progress)
-        if finish is not None:
-            manifest = finish(folder, manifest)
+    try:
+        with staging(out_dir) as folder:
+            manifest = _write_plan(model, schedule, folder, traced, guidance_scale, progress)
+            if finish is not None:
+                manifest = finish(folder, manifest)
+    except OSError as e:  # a full or read-only file system, a folder that vanished: the old plan stays
+        raise BlockcacheError(f"cannot write the plan {out_dir}: {e.strerror or e}") from None
     return manifest
 
 

@@ -48,6 +48,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     settings = engine_settings(args)  # fails at once, in one line, where TensorRT is missing
     from runtime.plan import load_plan
+    from runtime.plan.staging import check_destination
 
     from .export import export_plan
     from .models import load_model
@@ -57,13 +58,28 @@ def main(argv=None):
                              f"{', '.join(names.STORED_PRECISIONS)})")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise BlockcacheError(f"--tolerance must be a positive number, got {args.tolerance}")
+    if args.tolerance is not None and not args.verify:
+        raise BlockcacheError("--tolerance is the tolerance of --verify: add --verify")
+    check_destination(args.out)  # before loading and tracing the model
     schedule = Schedule.load(args.schedule)
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     start = time.perf_counter()
+    report = []
+
+    def verify(folder: str, manifest: dict) -> dict:
+        """--verify, run on the finished plan before it replaces --out: a failure leaves --out as it was."""
+        from .verify import DEFAULT_TOLERANCE, verify_plan
+
+        tolerance = args.tolerance or DEFAULT_TOLERANCE[manifest["precision"]]
+        report.extend(verify_plan(model, load_plan(folder), tolerance))
+        return manifest
+
     options = dict(batch_size=args.batch_size, guidance_scale=args.guidance_scale,
                    guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
-                   progress=not args.quiet)
+                   progress=not args.quiet, finish=verify if args.verify else None)
     if settings is None:
         manifest = export_plan(model, schedule, args.out, precision=args.precision, **options)
     else:
@@ -72,11 +88,10 @@ def main(argv=None):
         manifest = export_with_engines(model, schedule, args.out, settings, **options)
     elapsed = time.perf_counter() - start
     print(summary(args.out, manifest, elapsed))
-    if args.verify:
-        from .verify import DEFAULT_TOLERANCE, verify_plan, verify_summary
+    if report:
+        from .verify import verify_summary
 
-        tolerance = args.tolerance or DEFAULT_TOLERANCE[manifest["precision"]]
-        print(verify_summary(verify_plan(model, load_plan(args.out, verify=False), tolerance)))
+        print(verify_summary(report))
     return 0
 
 

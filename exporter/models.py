@@ -73,6 +73,13 @@ def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: i
     return model.eval()
 
 
+def check_weights(model: nn.Module) -> None:
+    """Refuse, in one line, a model with a non-finite weight: it would sample NaN."""
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise BlockcacheError(f"model weight {name} holds NaN or infinite values")
+
+
 def embedded_weights_path(name: str) -> str:
     path = os.path.join(os.path.dirname(__file__), "weights", EMBEDDED_WEIGHTS[name])
     if not os.path.exists(path):

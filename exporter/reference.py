@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import check_labels, check_noise, guidance_needed, initial_noise, model_timesteps
+from schedules.sampling import (check_finite_result, check_guidance_scale, check_labels, check_noise, guidance_needed,
+                                initial_noise, model_timesteps)
 from schedules.zoo import DIT, check_sampler, family_of
 
 DEFAULT_GUIDANCE_SCALE = DIT.guidance_scale  # DiT's demo setting, 4; 1.5 is the paper's FID setting
@@ -121,5 +122,8 @@ def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float | 
     labels = check_labels(labels, model.num_classes)
     c, size = model.in_channels, model.config["input_size"]
     x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
+    if guidance_scale is not None:
+        guidance_scale = check_guidance_scale(guidance_scale)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
-    return denoiser.run(x, torch.from_numpy(labels), schedule_policy(schedule), progress).numpy()
+    out = denoiser.run(x, torch.from_numpy(labels), schedule_policy(schedule), progress).numpy()
+    return check_finite_result(out, float(denoiser.scale))

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from schedules.errors import BlockcacheError, cli_main
+from schedules.files import check_output
 from schedules.images import save_samples
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, initial_noise
@@ -58,8 +59,7 @@ def main(argv=None):
     labels = parse_labels(args.labels)
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    if not args.out.lower().endswith((".npy", ".png")):
-        raise BlockcacheError(f"--out must end in .npy or .png, got {args.out!r}")
+    check_output(args.out, (".npy", ".png"), "--out")  # before sampling, not after
     noise = _load_noise(args.noise) if args.noise else None
     seed = 0 if args.seed is None else args.seed
     start = time.perf_counter()

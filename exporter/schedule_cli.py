@@ -15,7 +15,7 @@ import numpy as np
 
 from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
-from schedules.files import atomic_output
+from schedules.files import atomic_output, check_output
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import SPACINGS, check_labels
 from schedules.zoo import family_of
@@ -71,16 +71,6 @@ def add_model_commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="corrected schedule YAML (tensors beside it)")
 
 
-def _writable(path: str, suffixes: tuple, flag: str) -> str:
-    """Refuse an output path before minutes of model work, not after (the write itself is atomic)."""
-    if not path.lower().endswith(suffixes):
-        raise BlockcacheError(f"{flag} must end in {' or '.join(suffixes)}, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise BlockcacheError(f"cannot write {path}: folder {folder} does not exist")
-    return path
-
-
 def _check_scale(value: float | None) -> None:
     if value is not None and (not math.isfinite(value) or value < 0):
         raise BlockcacheError(f"--guidance-scale must be a finite non-negative number, got {value}")
@@ -109,8 +99,8 @@ def _learn_l2c(args) -> int:
 
     from .makers.learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
 
-    out = _writable(args.output, (".yaml", ".yml"), "-o")
-    router = _writable(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
+    out = check_output(args.output, (".yaml", ".yml"), "-o")
+    router = check_output(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
     _check_scale(args.guidance_scale)
     if not 0 < args.threshold < 1:
         raise BlockcacheError(f"--threshold must be in (0, 1), got {args.threshold}")
@@ -159,7 +149,7 @@ def _scale_shift(args) -> int:
     from .makers.scale_shift import distillation_error, learn_scale_shift
     from .reference import check_schedule
 
-    out = _writable(args.output, (".yaml", ".yml"), "-o")
+    out = check_output(args.output, (".yaml", ".yml"), "-o")
     _check_scale(args.guidance_scale)
     if args.epochs < 1:
         raise BlockcacheError(f"--epochs must be positive, got {args.epochs}")
@@ -192,9 +182,9 @@ def _analyze(args) -> int:
 
     from .makers.analyze import measure_change
 
-    _writable(args.output, (".npz",), "-o")
+    check_output(args.output, (".npz",), "-o")
     if args.png:
-        _writable(args.png, (".png",), "--png")
+        check_output(args.png, (".png",), "--png")
     _check_scale(args.guidance_scale)
     seeds = parse_labels(args.seeds, "--seeds")
     model, sampler, args.guidance_scale = _load(args)

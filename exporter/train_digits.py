@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 
 from schedules.errors import BlockcacheError, cli_main
-from schedules.files import atomic_output
+from schedules.files import atomic_output, check_output
 from schedules.sampling import NUM_TRAIN_TIMESTEPS, linear_betas
 
 # torch is imported inside the functions: a mistyped argument is answered in a second, not after
@@ -175,22 +174,6 @@ def plot_loss(losses, path: str, title: str = "dit-digits training loss") -> Non
     plt.close(fig)
 
 
-def _writable_target(path: str, suffix: str, what: str) -> str:
-    """Check before training (minutes) that the result can be written, not after."""
-    if not path.endswith(suffix):
-        raise BlockcacheError(f"{what} must end in {suffix}, got {path!r}")
-    if os.path.isdir(path):
-        raise BlockcacheError(f"{what} {path} is a directory")
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise BlockcacheError(f"cannot write {what} to {directory}: {e.strerror or e}") from None
-    return path
-
-
 def _integer(low: int):
     """An argparse type: a positive (`low` 1) or non-negative (`low` 0) integer."""
     what = "a positive integer" if low == 1 else "a non-negative integer"
@@ -224,8 +207,8 @@ def main(argv=None):
     parser.add_argument("--loss-png", default=DEFAULT_LOSS_PNG, help="loss curve plot (.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
-    out = _writable_target(args.out, ".safetensors", "output weights")
-    loss_png = _writable_target(args.loss_png, ".png", "loss plot")
+    out = check_output(args.out, (".safetensors",), "output weights")
+    loss_png = check_output(args.loss_png, (".png",), "loss plot")
 
     start = time.perf_counter()
     ema, losses = train(args.steps, args.batch_size, args.seed, progress=not args.quiet, threads=args.threads)

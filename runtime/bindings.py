@@ -31,7 +31,8 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 from .plan import Plan, names
-from .plan.manifest import Engine, TensorSpec
+from .plan.graphs import variant_io
+from .plan.manifest import Engine
 
 ALIGNMENT = 256
 
@@ -125,22 +126,9 @@ class BindingPlan:
 
 
 def engine_io(plan: Plan) -> tuple[Engine, ...]:
-    """Each engine's inputs, outputs and weight inputs: the plan's TensorRT engines, or derived from the
-    variants for a plan without engines (weights then live inside the graphs)."""
-    if plan.engines:
-        return plan.engines
-    x = plan.inputs[names.X]
-    out = []  # (inputs include x_carry and c for solvers with a carry)
-    for v in plan.variants:
-        inputs = dict(plan.inputs)
-        inputs.update({names.cache_input(u): plan.cache[u] for u in v.reads})
-        for u in v.adjusts:
-            vector = TensorSpec(plan.cache[u].shape[-1:], plan.cache[u].dtype)
-            inputs.update({name: vector for name in names.correction_inputs(u)})
-        outputs = {names.X_NEXT: x}
-        outputs.update({names.unit_output(u): plan.cache[u] for u in v.writes})
-        out.append(Engine(v.file, inputs, outputs, ()))
-    return tuple(out)
+    """Each engine's inputs, outputs and weight inputs: the plan's TensorRT engines, or for a plan
+    without engines its variant graphs' (runtime.plan.graphs.variant_io: weights inside the graphs)."""
+    return plan.engines or variant_io(plan)
 
 
 def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = None) -> BindingPlan:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from schedules.errors import BlockcacheError, ParameterError
-from schedules.sampling import check_labels, check_noise, guidance_needed, initial_noise, neutral_guidance_scale
+from schedules.sampling import (check_finite_result, check_guidance_scale, check_labels, check_noise, guidance_needed,
+                                initial_noise, neutral_guidance_scale)
 
 from .backends import make_backend
 from .plan import load_plan
@@ -55,13 +56,13 @@ class Sampler:
                 x = np.concatenate([x, np.zeros((pad,) + self.latent_shape, np.float32)])
                 y = np.concatenate([y, np.zeros(pad, np.int64)])
             out.append(self.backend.run(x, y, scale)[: b - pad])
-        return np.concatenate(out)
+        return check_finite_result(np.concatenate(out), scale)
 
     def _guidance_scale(self, guidance_scale) -> float:
         """The scale the graphs are run with: the given one or the plan's; a plan made with guidance runs
         the doubled batch anyway, so 'no guidance' becomes the form's neutral scale (eps = cond)."""
         guidance = self.plan.guidance
-        scale = guidance.scale if guidance_scale is None else float(guidance_scale)
+        scale = guidance.scale if guidance_scale is None else check_guidance_scale(guidance_scale)
         if not guidance.enabled and guidance_needed(scale, guidance.channels):
             raise ParameterError("guidance_scale", "this plan was exported without guidance; re-export it with a "
                                  "guidance scale to sample with {name} " + f"{scale:g}")

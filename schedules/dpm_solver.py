@@ -22,6 +22,7 @@ import numpy as np
 from .errors import BlockcacheError
 
 NUM_TRAIN_TIMESTEPS = 1000
+MAX_EVALUATIONS = 2 * NUM_TRAIN_TIMESTEPS  # at most one solver step per training timestep
 R1 = 0.5
 
 
@@ -78,10 +79,9 @@ class DiscreteVP:
 def _check_num_evals(num_evals) -> int:
     if isinstance(num_evals, bool) or not isinstance(num_evals, (int, np.integer)):
         raise BlockcacheError(f"dpm-solver-2 number of model evaluations must be an integer, got {num_evals!r}")
-    if num_evals < 2 or num_evals % 2:
-        raise BlockcacheError(
-            f"dpm-solver-2 needs an even number of model evaluations (2 per solver step), at least 2, got {num_evals}"
-        )
+    if num_evals < 2 or num_evals % 2 or num_evals > MAX_EVALUATIONS:
+        raise BlockcacheError(f"dpm-solver-2 needs an even number of model evaluations (2 per solver step) in "
+                              f"2…{MAX_EVALUATIONS}, got {num_evals}")
     return int(num_evals)
 
 

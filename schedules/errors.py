@@ -10,8 +10,11 @@ that sets the parameter (`CLI_FLAGS`) instead, so the user reads what they typed
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
+import threading
 
 
 class BlockcacheError(Exception):
@@ -42,6 +45,28 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+class Terminated(BaseException):
+    """SIGTERM during a CLI: raised in the main thread so that `finally` blocks clean up (an export
+    removes its staging folder) before the process exits with 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` while the block runs (main thread only: signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cli_main(main=None, *, flags: dict[str, str] = CLI_FLAGS):
     """Decorate a console-script entry point: user errors become one line on stderr and exit 2.
     `flags` maps library parameter names to the CLI's flags (default `CLI_FLAGS`); use as `@cli_main`
@@ -52,7 +77,8 @@ def cli_main(main=None, *, flags: dict[str, str] = CLI_FLAGS):
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
-            return main(argv)
+            with _sigterm_raises():
+                return main(argv)
         except ParameterError as e:
             print(f"error: {one_line(e.render(flags))}", file=sys.stderr)
         except BlockcacheError as e:
@@ -65,6 +91,9 @@ def cli_main(main=None, *, flags: dict[str, str] = CLI_FLAGS):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return 130
+        except Terminated:
+            print("error: terminated", file=sys.stderr)
+            return 143
         return 2
 
     return wrapper

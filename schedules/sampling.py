@@ -16,11 +16,12 @@ needs the latent its solver step started from; DDIM has c = 0). DPM-Solver-2 liv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BlockcacheError
+from .errors import BlockcacheError, ParameterError
 
 NUM_TRAIN_TIMESTEPS = 1000
 SPACINGS = ("linspace", "ddim")
@@ -211,13 +212,39 @@ def check_labels(labels, num_classes: int) -> np.ndarray:
 
 
 def check_noise(noise, shape) -> np.ndarray:
-    """Starting noise of a sampling call as float32 of exactly `shape` (N, C, H, W), finite."""
+    """Starting noise of a sampling call as float32 of exactly `shape` (N, C, H, W), finite in float32."""
     noise = np.asarray(noise)
     if noise.shape != tuple(shape):
         raise BlockcacheError(f"noise has shape {noise.shape} but {tuple(shape)} is needed (N, C, H, W) for N labels")
-    if not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
+    if not np.issubdtype(noise.dtype, np.floating):
         raise BlockcacheError("noise must be finite floating-point values")
-    return noise.astype(np.float32)
+    with np.errstate(over="ignore"):
+        noise = noise.astype(np.float32)
+    if not np.isfinite(noise).all():
+        raise BlockcacheError("noise must be finite floating-point values (in float32: |x| < 3.4e38)")
+    return noise
+
+
+# A guidance scale beyond this is no setting anyone samples with; it would overflow to inf.
+MAX_GUIDANCE_SCALE = 1e4
+
+
+def check_guidance_scale(scale) -> float:
+    """A guidance scale given by a user: a finite real number of magnitude at most MAX_GUIDANCE_SCALE."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise ParameterError("guidance_scale", f"{{name}} must be a number, not {scale!r}")
+    if not math.isfinite(scale) or abs(scale) > MAX_GUIDANCE_SCALE:
+        raise ParameterError("guidance_scale", f"{{name}} must be a finite number within ±{MAX_GUIDANCE_SCALE:g}, "
+                             f"got {scale}")
+    return float(scale)
+
+
+def check_finite_result(latents: np.ndarray, guidance_scale: float) -> np.ndarray:
+    """Refuse, in one line, final latents with NaN or inf: never passed off as a result."""
+    if not np.isfinite(latents).all():
+        raise BlockcacheError(f"sampling produced non-finite values (NaN or inf) at guidance scale {guidance_scale:g}: "
+                              "the model's outputs overflowed")
+    return latents
 
 
 def model_timesteps(sampler) -> np.ndarray:

@@ -20,17 +20,50 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import yaml
 
 from .errors import BlockcacheError
+from .files import atomic_output
 from .sampling import SAMPLER_SPACINGS, SAMPLERS, default_spacing, make_sampler
 
 VERSION = 1
 COMPUTE, REUSE = "x", "."
+MAX_BYTES = 2 << 20  # a DiT-XL/2 schedule of 1000 steps is about 0.1 MB
+MAX_ROWS = 2000  # no sampler makes more model evaluations (1000 DDIM steps, 1000 DPM-Solver-2 steps)
+MAX_DEPTH = 8  # the format nests three levels deep
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors or aliases (a few bytes could expand to gigabytes), with
+    bounded nesting and one value per key: a schedule file is plain data."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed in a schedule",
+                                              event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+        for key_node, key in zip((k for k, _ in node.value), keys):
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 @dataclass
@@ -196,18 +229,21 @@ class Schedule:
         if self.scale_shift:
             from safetensors.numpy import save_file
 
-            from .files import atomic_output
-
             sidecar = scale_shift_file(os.path.basename(path))
             with atomic_output(os.path.join(os.path.dirname(os.path.abspath(path)), sidecar), ".safetensors") as tmp:
                 save_file(self.scale_shift_tensors(), tmp)
-        atomic_write_text(path, self.to_yaml(sidecar))
+        with atomic_output(path, ".yaml") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_yaml(sidecar))
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "schedule", base_dir: str | None = None) -> "Schedule":
         """Parse schedule YAML; a `scale_shift` entry is read from its file relative to `base_dir`."""
+        if len(text) > MAX_BYTES:
+            raise BlockcacheError(f"{where}: larger than {MAX_BYTES >> 20} MiB, not a schedule")
+        if text.count("\n") > MAX_ROWS + 64:  # refused before parsing: one line per row plus a header
+            raise BlockcacheError(f"{where}: more lines than a schedule of at most {MAX_ROWS} rows has")
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -215,18 +251,28 @@ class Schedule:
         if not isinstance(doc, dict):
             raise BlockcacheError(f"{where}: expected a YAML mapping with version, sampler, units and steps")
         version = doc.get("version")
-        if version != VERSION:
+        if version != VERSION or isinstance(version, bool):
             raise BlockcacheError(f"{where}: unsupported schedule version {version!r} (this blockcache reads {VERSION})")
         for key in ("sampler", "units", "steps"):
             if key not in doc:
                 raise BlockcacheError(f"{where}: missing '{key}'")
+        for key in ("model", "source"):
+            if doc.get(key) is not None and not isinstance(doc[key], str):
+                raise BlockcacheError(f"{where}: '{key}' must be a text, not {type(doc[key]).__name__}")
         units, rows, sampler = doc["units"], doc["steps"], doc["sampler"]
         if not isinstance(units, list) or not all(isinstance(u, str) for u in units) or not units:
             raise BlockcacheError(f"{where}: 'units' must be a non-empty list of unit names")
         if not isinstance(sampler, dict):
             raise BlockcacheError(f"{where}: 'sampler' must be a mapping with name, steps and spacing")
+        for key, kind in (("name", str), ("steps", int), ("spacing", str)):
+            value = sampler.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise BlockcacheError(f"{where}: sampler {key} must be {'an integer' if kind is int else 'a name'}, "
+                                      f"not {value!r}")
         if not isinstance(rows, list) or not rows:
             raise BlockcacheError(f"{where}: 'steps' must be a non-empty list of rows")
+        if len(rows) > MAX_ROWS:
+            raise BlockcacheError(f"{where}: {len(rows)} rows, more than any sampler's {MAX_ROWS} model evaluations")
         compute = np.zeros((len(rows), len(units)), dtype=bool)
         for i, row in enumerate(rows):
             if not isinstance(row, str):
@@ -255,8 +301,10 @@ class Schedule:
     def load(cls, path) -> "Schedule":
         path = os.fspath(path)
         try:
+            if os.path.getsize(path) > MAX_BYTES:
+                raise BlockcacheError(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a schedule")
             with open(path, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(MAX_BYTES + 1)
         except UnicodeDecodeError:
             raise BlockcacheError(f"{path}: not a text file") from None
         except OSError as e:
@@ -327,17 +375,3 @@ def _read_scale_shift(entry, where: str, base_dir: str | None) -> dict:
 def _scalar(text: str) -> str:
     """A YAML scalar that round-trips any string on one line."""
     return yaml.safe_dump(text, default_style=None, width=1 << 16).strip().removesuffix("\n...").strip()
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

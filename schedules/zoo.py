@@ -9,11 +9,15 @@ config carries its family under `"family"`; configs written before U-ViT existed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import BlockcacheError
 
 UNIT_KINDS = ("attn", "mlp")
+# Bounds on config values, far beyond any published model, so a typo cannot ask for terabytes.
+MAX_SIZE = 1 << 16
+MAX_WIDTH = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,8 @@ def model_config(name: str, **overrides) -> dict:
 def check_config(c: dict) -> None:
     family = family_of(c)
     for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
-            raise BlockcacheError(f"{key} must be a positive integer, got {c[key]!r}")
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or not 1 <= c[key] <= MAX_SIZE:
+            raise BlockcacheError(f"{key} must be a positive integer up to {MAX_SIZE}, got {c[key]!r}")
     for key in BOOLEAN_OPTIONS:
         if key in family.defaults and not isinstance(c[key], bool):
             raise BlockcacheError(f"{key} must be true or false, got {c[key]!r}")
@@ -119,8 +123,12 @@ def check_config(c: dict) -> None:
     if family.name == "uvit" and (c["depth"] % 2 or c["num_classes"] < 2):
         raise BlockcacheError("a U-ViT needs an even depth (in and out blocks pair up through the long skips) "
                               f"and num_classes >= 2 (the last is the null class), got {c['depth']} and {c['num_classes']}")
-    if isinstance(c["mlp_ratio"], bool) or not isinstance(c["mlp_ratio"], (int, float)) or not c["mlp_ratio"] > 0:
-        raise BlockcacheError(f"mlp_ratio must be positive, got {c['mlp_ratio']}")
+    ratio = c["mlp_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise BlockcacheError(f"mlp_ratio must be a positive finite number, got {ratio}")
+    if not 1 <= int(c["hidden_size"] * ratio) <= MAX_WIDTH:
+        raise BlockcacheError(f"mlp_ratio {ratio} makes an MLP of width {int(c['hidden_size'] * ratio)} for hidden size "
+                              f"{c['hidden_size']} (it must be 1…{MAX_WIDTH})")
 
 
 def unit_names(config: dict) -> tuple[str, ...]:

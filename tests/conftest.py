@@ -59,6 +59,17 @@ def run_cli(module: str, *args, cwd=None, timeout=120) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_error(main, argv, capsys) -> str:
+    """Run a CLI main in-process; assert a user error (exit 2, one line, no traceback); return the line."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2, f"exit status {rc!r}, stderr: {captured.err}"
+    return assert_one_line_error(captured.err)
+
+
 def assert_one_line_error(stderr: str) -> str:
     """A user error: exactly one non-empty line on stderr, starting with `error:`, no traceback."""
     assert "Traceback" not in stderr, stderr

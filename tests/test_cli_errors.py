@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
+from conftest import cli_error as call
 from exporter import sample_cli
 from schedules import cli as schedule_cli
 from schedules.schedule import Schedule
@@ -23,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 UNITS = ("blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp")
 MODEL = ["--model", "dit-s2", *TINY_FLAGS]
-
-
-def call(main, argv, capsys) -> str:
-    """Run a CLI main in-process; assert a user error (exit 2, one line, no traceback); return the line."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == 2, f"exit status {rc!r}, stderr: {captured.err}"
-    return assert_one_line_error(captured.err)
 
 
 def sample_args(tmp_path, *extra):

@@ -316,7 +316,7 @@ def test_plan_with_engines_is_still_an_onnx_plan(plans):
     engines = manifest["tensorrt"]["engines"]
     assert [e["file"] for e in engines] == [f"engine_{k}.plan" for k in range(len(manifest["variants"]))]
     assert all(e["file"] in manifest["files"] for e in engines)
-    assert manifest["version"] == 1 and manifest["tensorrt"]["built_with"] == "10.test"
+    assert manifest["version"] == 2 and manifest["tensorrt"]["built_with"] == "10.test"  # sealed format
     assert sorted(os.listdir(path)) == sorted([*manifest["files"], "plan.json"])  # nothing left behind
     data = bytearray((path / "engine_1.plan").read_bytes())
     damaged = path.parent / "damaged"

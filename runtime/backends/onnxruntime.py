@@ -24,6 +24,11 @@ from ..plan.files import plan_corrections, read_weights, stored_array
 from .base import Backend, device_index, resolve_device
 
 
+# Intra-op threads per session: far above any core count, far below what makes thread creation fail
+# (ONNX Runtime crashed at 100,000).
+MAX_THREADS = 1024
+
+
 def _ort():
     try:
         import onnxruntime
@@ -56,8 +61,9 @@ class OnnxRuntimeBackend(Backend):
         """`threads`: intra-op threads per session (default: ONNX Runtime's choice)."""
         ort = _ort()
         super().__init__(plan, resolve_device(device, cuda_available))
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ParameterError("threads", f"{{name}} must be a positive integer, got {threads!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise ParameterError("threads", f"{{name}} must be an integer in 1…{MAX_THREADS}, got {threads!r}")
         kind, index = ("cuda" if self.device.startswith("cuda") else "cpu"), device_index(self.device)
         providers = ([("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"] if kind == "cuda"
                      else ["CPUExecutionProvider"])
@@ -106,7 +112,10 @@ class OnnxRuntimeBackend(Backend):
                 dtype = np.dtype(plan.cache[unit].dtype)
                 for name, value in zip(names.correction_inputs(unit), pair):
                     step_constants[name] = on_device(value.astype(dtype))
-        self.bindings = [self._bind(s, step) for s, step in enumerate(plan.steps)]
+        try:
+            self.bindings = [self._bind(s, step) for s, step in enumerate(plan.steps)]
+        except Exception as e:  # ORT's own exception types: a graph whose I/O the plan does not match
+            raise BlockcacheError(f"ONNX Runtime cannot bind the plan's buffers: {one_line(e)[:300]}") from None
 
     def _bind(self, s: int, step):
         variant = self.plan.variants[step.variant]

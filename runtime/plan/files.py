@@ -1,17 +1,20 @@
-"""The plan folder on disk: reading it (manifest, checksums, weights, scale-shift vectors) and writing
-it (the manifest writer and the staging folder that replaces a plan atomically).
+"""Reading a plan folder: the sealed manifest, checksums, the graphs against the manifest, weights and
+scale-shift vectors (runtime/plan/staging.py writes one).
 
-Every reader turns OS errors into one line; nothing here imports torch.
+What a loaded plan guarantees (docs/ARCHITECTURE.md, "What a plan guarantees"): the manifest is read
+only from a regular file of bounded size, parsed strictly (no duplicate keys, no NaN), and its seal
+matches; every file it names is a plain, regular, non-symlinked file of the plan folder whose size and
+SHA-256 match; every variant graph matches the manifest (runtime/plan/graphs.py). Every reader turns
+OS errors into one line; nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import stat
 
 import numpy as np
 
@@ -19,7 +22,10 @@ from schedules.errors import BlockcacheError, ParameterError
 from schedules.schedule import scale_shift_key
 
 from . import names
-from .manifest import Plan
+from .manifest import Plan, manifest_seal
+
+MAX_MANIFEST_BYTES = 64 << 20  # a DiT-XL/2 manifest is about 0.3 MB
+log = logging.getLogger("blockcache")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -34,33 +40,86 @@ def file_entry(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
+def regular_file(path: str, what: str = "plan file") -> os.stat_result:
+    """`path`'s status if it is a regular file (not a symbolic link, device or folder); one line otherwise."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise BlockcacheError(f"{what} missing: {path}") from None
+    except OSError as e:
+        raise BlockcacheError(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise BlockcacheError(f"{what} {path} is a symbolic link: a plan's files must lie in its folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise BlockcacheError(f"{what} {path} is not a regular file")
+    return info
+
+
 # -- reading ----------------------------------------------------------------------------------------
 
-def read_document(plan_dir: str) -> dict:
-    """The manifest of `plan_dir` as stored (parsed JSON, not yet validated)."""
+def read_document(plan_dir) -> dict:
+    """The manifest of `plan_dir` as stored: read from a regular file of at most MAX_MANIFEST_BYTES and
+    parsed strictly (duplicate keys, NaN and infinities refused), not yet validated."""
+    if not isinstance(plan_dir, (str, os.PathLike)):
+        raise ParameterError("plan_dir", f"{{name}} must be a folder path, not {type(plan_dir).__name__}")
     if not os.path.isdir(plan_dir):
         raise BlockcacheError(f"plan folder not found: {plan_dir}")
     path = os.path.join(plan_dir, names.MANIFEST)
+    if not os.path.lexists(path):
+        raise BlockcacheError(f"{plan_dir} is not a plan: {names.MANIFEST} is missing")
+    if regular_file(path, "manifest").st_size > MAX_MANIFEST_BYTES:
+        raise BlockcacheError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a plan's")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise BlockcacheError(f"{plan_dir} is not a plan: {names.MANIFEST} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BlockcacheError(f"{path}: truncated or corrupted manifest ({e})") from None
+        with open(path, "rb") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlockcacheError(f"{path}: truncated or corrupted manifest (not UTF-8 text)") from None
     except OSError as e:
         raise BlockcacheError(f"cannot read {path}: {e.strerror}") from None
+    return strict_json(text, path)
 
 
-def load_plan(plan_dir: str, verify: bool = True) -> Plan:
-    """The validated plan in `plan_dir`; with `verify`, every listed file's size and checksum too."""
-    plan = Plan.parse(read_document(plan_dir), plan_dir)
+def strict_json(text: str, where: str):
+    """JSON with one value per key and finite numbers only; one line for anything else."""
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise BlockcacheError(f"{where}: key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+        return dict(items)
+
+    def constant(name):
+        raise BlockcacheError(f"{where}: {name} is not a number a plan may hold")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise BlockcacheError(f"{where}: truncated or corrupted manifest ({e})") from None
+    except RecursionError:
+        raise BlockcacheError(f"{where}: nested too deeply to be a plan manifest") from None
+
+
+def load_plan(plan_dir, verify: bool = True) -> Plan:
+    """The validated plan in `plan_dir`. The manifest's seal is always checked (version 2); with
+    `verify`, also every listed file's size and checksum and every graph against the manifest."""
+    document = read_document(plan_dir)
+    path = os.path.join(plan_dir, names.MANIFEST)
+    if isinstance(document, dict) and document.get("version") == names.VERSION:
+        if document.get("seal") != manifest_seal(document):
+            raise BlockcacheError(f"{path}: the manifest fails its seal (corrupted or edited)")
+    elif isinstance(document, dict) and document.get("version") in names.READABLE_VERSIONS:
+        log.warning("blockcache: %s is a version-%s manifest, which has no seal: edits to it are found only "
+                    "where they break a consistency check; re-export the plan to seal it", path,
+                    document.get("version"))
+    plan = Plan.parse(document, os.fspath(plan_dir))
     if verify:
         verify_files(plan)
+        from .graphs import verify_graphs
+
+        verify_graphs(plan)
     return plan
 
 
-def load_manifest(plan_dir: str, verify: bool = True) -> dict:
+def load_manifest(plan_dir, verify: bool = True) -> dict:
     """The manifest document of `plan_dir` (plain JSON data), validated as `load_plan` does."""
     return load_plan(plan_dir, verify).document
 
@@ -68,9 +127,7 @@ def load_manifest(plan_dir: str, verify: bool = True) -> dict:
 def verify_files(plan: Plan) -> None:
     for name, entry in plan.files.items():
         path = plan.path(name)
-        if not os.path.isfile(path):
-            raise BlockcacheError(f"plan file missing: {path}")
-        size = os.path.getsize(path)
+        size = regular_file(path).st_size
         if size != entry.size:
             raise BlockcacheError(f"plan file {path} has {size} bytes, expected {entry.size} (truncated or replaced)")
         try:
@@ -134,67 +191,3 @@ def plan_corrections(plan: Plan) -> list[dict]:
     return out
 
 
-# -- writing ----------------------------------------------------------------------------------------
-
-def write_manifest(plan_dir: str, document: dict, added: list[str] | None = None) -> dict:
-    """Validate `document` and write it as the manifest of `plan_dir` (by rename, so a reader sees the
-    old manifest or the new one); returns the document written. Its `files` are every file of a freshly
-    written `plan_dir`, each checksummed; with `added`, the document's own `files` plus those files."""
-    document = dict(document)
-    if added is None:
-        listed = sorted(name for name in os.listdir(plan_dir) if name != names.MANIFEST and not name.startswith("."))
-        document["files"] = {name: file_entry(os.path.join(plan_dir, name)) for name in listed}
-    else:
-        document["files"] = {**document["files"], **{name: file_entry(os.path.join(plan_dir, name)) for name in added}}
-    Plan.parse(document, plan_dir)  # the writer never writes a manifest the runtime would refuse
-    fd, tmp = tempfile.mkstemp(dir=plan_dir, prefix=".manifest-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, indent=1)
-        os.replace(tmp, os.path.join(plan_dir, names.MANIFEST))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return document
-
-
-def check_destination(out_dir: str) -> None:
-    """Refuse to replace a folder that is not a plan: the user's other files are never deleted."""
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ParameterError("out_dir", f"{{name}} {out_dir} exists and is not a folder")
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, names.MANIFEST)):
-            raise ParameterError("out_dir", f"{{name}} {out_dir} is a non-empty folder that is not a plan; "
-                                 "choose another")
-
-
-@contextlib.contextmanager
-def staging(out_dir: str):
-    """A new folder beside `out_dir` to write a plan into. When the block ends without error the folder
-    replaces `out_dir` (an existing plan is removed only after the swap); otherwise it is removed and
-    `out_dir` stays as it was."""
-    check_destination(out_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
-    try:
-        yield tmp
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(new: str, out_dir: str) -> None:
-    """Swap the finished folder `new` into place; an existing `out_dir` is removed only after the swap."""
-    old = None
-    if os.path.exists(out_dir):
-        old = f"{new}.old"
-        os.rename(out_dir, old)
-    try:
-        os.rename(new, out_dir)
-    except BaseException:
-        if old:
-            os.rename(old, out_dir)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

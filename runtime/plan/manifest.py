@@ -24,6 +24,8 @@ re-export).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -235,9 +237,10 @@ class Plan:
         doc = check.mapping(document, "the manifest")
         if doc.get("format") != names.FORMAT:
             raise BlockcacheError(f"{check.where}: not a blockcache plan manifest")
-        if doc.get("version") != names.VERSION:
+        if doc.get("version") not in names.READABLE_VERSIONS:
             raise BlockcacheError(f"{check.where}: plan version {doc.get('version')!r} is not supported (this "
-                                  f"runtime reads version {names.VERSION}); re-export the plan")
+                                  f"runtime reads versions {', '.join(map(str, names.READABLE_VERSIONS))}); "
+                                  "re-export the plan")
         check.mapping(doc, "the manifest", ("model", "sampler", "guidance", "batch_size", "inputs", "buffers",
                                             "weights", "variants", "steps", "files"))
         files = _files(check, doc["files"])
@@ -284,6 +287,15 @@ class Plan:
                    unit_names=units, num_labels=labels, sampler=doc["sampler"], guidance=guidance, batch_size=batch,
                    precision=precision, inputs=inputs, cache=cache, weights=weights, variants=variants, steps=steps,
                    scale_shift_file=scale_shift_file, files=files, engines=engines, tensorrt=tensorrt)
+
+
+def manifest_seal(document: dict) -> str:
+    """The manifest's seal: SHA-256 of its canonical JSON (sorted keys, no spaces) without the seal
+    itself. Any change to a value changes it; layout does not. Not a signature: whoever can write the
+    folder can reseal a consistent forgery."""
+    body = {k: v for k, v in document.items() if k != "seal"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _tokens(config: dict) -> int:

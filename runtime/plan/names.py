@@ -6,7 +6,8 @@ from __future__ import annotations
 from schedules.schedule import scale_shift_file
 
 FORMAT = "blockcache-plan"
-VERSION = 1
+VERSION = 2  # what the exporter writes: version 2 manifests are sealed (runtime.plan.manifest.manifest_seal)
+READABLE_VERSIONS = (1, 2)  # version 1: the same entries, no seal
 
 # Files of a plan folder.
 MANIFEST = "plan.json"

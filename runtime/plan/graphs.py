@@ -1,0 +1,88 @@
+"""The plan's graphs against its manifest: what each variant graph takes and gives (`variant_io`, from
+the manifest alone), what an ONNX graph declares (`graph_io`), and `verify_graphs`, which checks every
+variant graph of a plan folder against the manifest at load: its inputs and outputs, and every weight
+it reads from the weights file at exactly the offset and length the manifest's weights table gives
+(the torch backend reads the weights through that table, ONNX Runtime through the graphs)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from schedules.errors import BlockcacheError
+
+from . import names
+from .manifest import Engine, Plan, TensorSpec
+
+
+def variant_io(plan: Plan) -> tuple[Engine, ...]:
+    """Each variant graph's inputs and outputs as the manifest implies them (what ONNX Runtime binds),
+    with no weight inputs: the weights live inside the graphs as external data."""
+    x = plan.inputs[names.X]
+    out = []
+    for v in plan.variants:
+        inputs = dict(plan.inputs)  # the step inputs (with x_carry and c for solvers with a carry)
+        inputs.update({names.cache_input(u): plan.cache[u] for u in v.reads})
+        for u in v.adjusts:
+            vector = TensorSpec(plan.cache[u].shape[-1:], plan.cache[u].dtype)
+            inputs.update({name: vector for name in names.correction_inputs(u)})
+        outputs = {names.X_NEXT: x}
+        outputs.update({names.unit_output(u): plan.cache[u] for u in v.writes})
+        out.append(Engine(v.file, inputs, outputs, ()))
+    return tuple(out)
+
+
+def dtype_name(elem_type: int) -> str:
+    """The plan's dtype name of an ONNX element type."""
+    import onnx
+
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def graph_io(model) -> dict:
+    """{"inputs": {name: {shape, dtype}}, "outputs": {...}} of an ONNX graph (static shapes)."""
+    def spec(value):
+        t = value.type.tensor_type
+        return {"shape": [d.dim_value for d in t.shape.dim], "dtype": dtype_name(t.elem_type)}
+
+    return {"inputs": {v.name: spec(v) for v in model.graph.input},
+            "outputs": {v.name: spec(v) for v in model.graph.output}}
+
+
+def verify_graphs(plan: Plan) -> None:
+    """Every variant graph declares exactly the I/O its manifest entry implies and reads exactly the
+    stored weights the variant lists, each at the manifest's offset and length; one line otherwise."""
+    import onnx
+
+    for k, (variant, expected) in enumerate(zip(plan.variants, variant_io(plan))):
+        path = plan.path(variant.file)
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as e:  # protobuf's own errors for a damaged file
+            raise BlockcacheError(f"{path}: not a readable ONNX graph ({' '.join(str(e).split())[:200]})") from None
+        io = graph_io(model)
+        for direction, want in (("inputs", expected.inputs), ("outputs", expected.outputs)):
+            want = {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in want.items()}
+            if io[direction] != want:
+                name = sorted(set(io[direction]) ^ set(want)) or \
+                    sorted(n for n in want if io[direction][n] != want[n])
+                raise BlockcacheError(f"{path}: the graph's {direction} do not match the manifest's variant {k} "
+                                      f"(first difference: {name[0]!r})")
+        external = {}
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in init.external_data}
+                external[init.name] = (info.get("location"), int(info.get("offset", 0)), int(info.get("length", -1)))
+        if set(external) != set(variant.weights):
+            name = sorted(set(external) ^ set(variant.weights))[0]
+            raise BlockcacheError(f"{path}: weight {name!r} is read by the graph or listed by the manifest, not both")
+        for name, (location, offset, length) in external.items():
+            stored = plan.weights.tensors[name]
+            if os.path.basename(location or "") != location or location != plan.weights.file:
+                raise BlockcacheError(f"{path}: weight {name!r} is read from {location!r}, not the plan's weights file")
+            if (offset, length) != (stored.offset, stored.length):
+                raise BlockcacheError(f"{path}: weight {name!r} lies at {offset} (+{length}) in the graph but at "
+                                      f"{stored.offset} (+{stored.length}) in the manifest's weights table")
