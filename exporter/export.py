@@ -21,13 +21,16 @@ from runtime.plan.staging import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
-from schedules.sampling import guidance_needed, model_timesteps, neutral_guidance_scale
+from schedules.sampling import check_guidance_scale, guidance_needed, model_timesteps, neutral_guidance_scale
 from schedules.zoo import family_of, num_labels
 
 from .models import check_weights
 from .reference import check_schedule
 from .surgery import derive_variant, parameter_sources, split_weights, tensor_shape
 from .trace import StepSettings, TracedStep, at_precision, trace_step, weights_digest
+
+
+MAX_BATCH_SIZE = 4096  # images per graph run; a plan's buffers grow with it
 
 
 def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
@@ -72,8 +75,10 @@ def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_sc
     if precision not in names.STORED_PRECISIONS:
         raise ParameterError("precision", f"{{name}} {precision!r} is not supported (available: "
                              f"{', '.join(names.STORED_PRECISIONS)})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ParameterError("batch_size", f"{{name}} must be a positive integer, got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ParameterError("batch_size", f"{{name}} must be an integer in 1…{MAX_BATCH_SIZE}, got {batch_size!r}")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
     sampler = schedule.make_sampler()
     settings = StepSettings(batch_size=batch_size,
                             guidance=guidance_needed(guidance_scale, guidance_channels) if guidance is None else guidance,
@@ -105,7 +110,12 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
                                              precision=precision)
     model = at_precision(model, settings.precision)
     if traced is None:
-        traced = trace_step(model, settings)
+        try:
+            traced = trace_step(model, settings)
+        except (RuntimeError, MemoryError) as e:
+            if "memory" not in str(e).lower():
+                raise
+            raise BlockcacheError(f"cannot trace the model at batch size {batch_size} here: out of memory") from None
     elif traced.settings != settings:
         raise ParameterError("traced", f"{{name}} step graph was traced for {traced.settings}, this export needs "
                              f"{settings}")

@@ -7,7 +7,7 @@ import sys
 import time
 
 from runtime.plan import names
-from schedules.errors import BlockcacheError, ParameterError, cli_main
+from schedules.errors import CLI_FLAGS, BlockcacheError, ParameterError, cli_main
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides
 from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.schedule import Schedule
@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(flags={**CLI_FLAGS, "seed": "--seed"})  # this CLI names the random weights' seed --seed
 def main(argv=None):
     args = build_parser().parse_args(argv)
     settings = engine_settings(args)  # fails at once, in one line, where TensorRT is missing

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from runtime.nn.build import build_model
-from schedules.errors import BlockcacheError, ParameterError
+from schedules.errors import BlockcacheError, ParameterError, one_line
 from schedules.zoo import model_config
 
 EMBEDDED_WEIGHTS = {"dit-digits": "dit-digits.safetensors"}
@@ -54,9 +54,14 @@ def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: i
     """A zoo model in eval mode. Weights come from `checkpoint`, from the package (embedded models),
     or, only when asked with `random_init=True`, from a seeded random draw."""
     config = model_config(name, **overrides)
-    model = build_model(config)
     if checkpoint is not None and random_init:
         raise BlockcacheError("give either a checkpoint or random_init, not both")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ParameterError("seed", f"{{name}} must be an integer in 0…2^63−1, got {seed!r}")
+    try:
+        model = build_model(config)
+    except (RuntimeError, MemoryError) as e:  # a config too large for this machine's memory
+        raise BlockcacheError(f"cannot build {name} here: {one_line(e)[:200]}") from None
     if checkpoint is None and not random_init:
         if name in EMBEDDED_WEIGHTS and not overrides:
             checkpoint = embedded_weights_path(name)

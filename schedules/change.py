@@ -54,26 +54,45 @@ def load_change(path) -> dict:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise BlockcacheError(f"cannot read change statistics {path}: {str(e).splitlines()[0] if str(e) else e}") \
             from None
-    if int(data["version"]) != VERSION:
+    try:
+        return _fields(path, data)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # fields of the wrong kind
+        raise BlockcacheError(f"{path}: damaged change statistics ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _fields(path, data: dict) -> dict:
+    def scalar(name, kind):
+        value = data[name]
+        if value.shape != () or value.dtype.kind not in kind:
+            raise BlockcacheError(f"{path}: {name} must be a single {'integer' if kind == 'iu' else 'number'}")
+        return value.item()
+
+    if scalar("version", "iu") != VERSION:
         raise BlockcacheError(f"{path}: change-statistics version {int(data['version'])} is not supported "
                               f"(this blockcache reads version {VERSION})")
-    out = {"change": data["change"], "unit_names": tuple(str(u) for u in data["unit_names"]),
-           "timesteps": data["timesteps"], "model": str(data["model"]) or None, "labels": data["labels"],
-           "seeds": data["seeds"], "guidance_scale": float(data["guidance_scale"])}
+    change = data["change"]
+    if change.dtype.kind != "f":
+        raise BlockcacheError(f"{path}: change must be floating-point, not {change.dtype}")
+    out = {"change": change.astype(np.float64), "unit_names": tuple(str(u) for u in data["unit_names"]),
+           "timesteps": data["timesteps"], "model": str(data["model"]) or None,
+           "labels": data["labels"].astype(np.int64), "seeds": data["seeds"].astype(np.int64),
+           "guidance_scale": float(scalar("guidance_scale", "iuf"))}
     try:
         out["sampler"], out["config"] = json.loads(str(data["sampler"])), json.loads(str(data["config"]))
     except ValueError:
         raise BlockcacheError(f"{path}: damaged sampler or config entry") from None
-    change = out["change"]
+    if not isinstance(out["sampler"], dict) or not isinstance(out["config"], dict):
+        raise BlockcacheError(f"{path}: sampler and config must be JSON mappings")
     if change.ndim != 2 or change.shape != (len(out["timesteps"]), len(out["unit_names"])):
         raise BlockcacheError(f"{path}: change has shape {change.shape}, expected (steps, units) = "
                               f"({len(out['timesteps'])}, {len(out['unit_names'])})")
-    from .zoo import unit_names
+    from .zoo import check_config, unit_names
 
     try:
+        check_config(out["config"])  # bounds the model before its units are listed
         expected = unit_names(out["config"])
-    except (KeyError, TypeError):
-        raise BlockcacheError(f"{path}: the model config has no valid depth") from None
+    except (BlockcacheError, KeyError, TypeError) as e:
+        raise BlockcacheError(f"{path}: the model config is not valid ({e})") from None
     if expected != out["unit_names"]:
         raise BlockcacheError(f"{path}: its units do not match its model config ({len(out['unit_names'])} vs "
                               f"{len(expected)})")

@@ -6,6 +6,7 @@ import json
 
 from .cost import stats
 from .errors import BlockcacheError, cli_main
+from .files import check_output
 from .options import ArgumentParser, add_model_args, config_from_args
 from .plot import heatmap, text_view
 from .sampling import SAMPLERS, SPACINGS
@@ -103,6 +104,8 @@ def run(args) -> int:
         print(f"wrote {args.output}: {s['steps']} {row_word(schedule.sampler)}s, {s['distinct_rows']} distinct rows, "
               f"{s['skipped_share']:.1%} of units reused, ideal speedup {s['ideal_speedup']:.2f}x")
         return 0
+    if getattr(args, "png", None):
+        check_output(args.png, (".png",), "--png")
     schedule = Schedule.load(args.schedule)
     if args.command == "stats":
         s = stats(_config_for(schedule, args), schedule)

@@ -17,6 +17,7 @@ one); every intermediate evaluation and step 0 compute everything.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -36,10 +37,15 @@ def read_router_logits(path) -> dict[int, np.ndarray]:
         raise BlockcacheError(f"{path}: no router state dict ('{{i}}.prob' entries) found")
     logits = {}
     for key, value in routers.items():
-        index = str(key).removesuffix(".prob")
-        if not str(key).endswith(".prob") or not index.isdigit() or not isinstance(value, torch.Tensor):
+        index = re.fullmatch(r"([0-9]{1,6})\.prob", str(key))
+        if index is None or not isinstance(value, torch.Tensor):
             raise BlockcacheError(f"{path}: unexpected router entry {key!r} (expected '{{i}}.prob' tensors)")
-        logits[int(index)] = value.detach().double().reshape(-1).numpy()
+        if value.layout != torch.strided or value.is_meta or not value.is_floating_point():
+            raise BlockcacheError(f"{path}: router {key!r} is not a dense floating-point tensor")
+        values = value.detach().cpu().double().reshape(-1).numpy()
+        if not np.isfinite(values).all():
+            raise BlockcacheError(f"{path}: router {key!r} holds NaN or infinite logits")
+        logits[int(index.group(1))] = values
     sizes = {v.size for v in logits.values()}
     if len(sizes) != 1:
         raise BlockcacheError(f"{path}: routers have different sizes {sorted(sizes)}")

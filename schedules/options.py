@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .errors import BlockcacheError
@@ -46,15 +47,16 @@ def add_weights_args(parser: argparse.ArgumentParser, seed_flag: str = "--init-s
 
 
 def parse_numbers(text: str, flag: str, kind=int) -> list:
-    """Comma-separated numbers of `kind` (int or float) for option `flag`; one-line errors."""
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        raise BlockcacheError(f"{flag} must be comma-separated {what}, got {text!r}") from None
-    if not values:
+    """Comma-separated numbers of `kind` (int or float) for option `flag`, written plainly (no empty
+    entries, no `1_0`); one-line errors."""
+    parts = [v.strip() for v in text.split(",")]
+    if not text.strip():
         raise BlockcacheError(f"{flag} is empty")
-    return values
+    pattern = r"[+-]?[0-9]{1,18}" if kind is int else r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+    if not all(re.fullmatch(pattern, v) for v in parts):
+        what = "integers" if kind is int else "numbers"
+        raise BlockcacheError(f"{flag} must be comma-separated {what}, got {text!r}")
+    return [kind(v) for v in parts]
 
 
 def parse_labels(text: str, flag: str = "--labels") -> list[int]:

@@ -202,7 +202,10 @@ def initial_noise(shape, seed: int) -> np.ndarray:
 
 def check_labels(labels, num_classes: int) -> np.ndarray:
     """Class labels of a sampling call as int64, each in 0…num_classes − 1 (one-line errors)."""
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError):  # ragged or unconvertible
+        raise BlockcacheError("class labels must be a non-empty list of integers") from None
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
         raise BlockcacheError("class labels must be a non-empty list of integers")
     bad = labels[(labels < 0) | (labels >= num_classes)]
@@ -213,7 +216,12 @@ def check_labels(labels, num_classes: int) -> np.ndarray:
 
 def check_noise(noise, shape) -> np.ndarray:
     """Starting noise of a sampling call as float32 of exactly `shape` (N, C, H, W), finite in float32."""
-    noise = np.asarray(noise)
+    if isinstance(noise, np.ma.MaskedArray):  # its data under the mask is not what the caller sees
+        raise BlockcacheError("noise must be a plain array, not a masked one")
+    try:
+        noise = np.asarray(noise)
+    except (ValueError, TypeError):
+        raise BlockcacheError("noise must be finite floating-point values") from None
     if noise.shape != tuple(shape):
         raise BlockcacheError(f"noise has shape {noise.shape} but {tuple(shape)} is needed (N, C, H, W) for N labels")
     if not np.issubdtype(noise.dtype, np.floating):
@@ -233,9 +241,9 @@ def check_guidance_scale(scale) -> float:
     """A guidance scale given by a user: a finite real number of magnitude at most MAX_GUIDANCE_SCALE."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise ParameterError("guidance_scale", f"{{name}} must be a number, not {scale!r}")
-    if not math.isfinite(scale) or abs(scale) > MAX_GUIDANCE_SCALE:
+    if abs(scale) > MAX_GUIDANCE_SCALE or not math.isfinite(scale):  # compared first: 10**400 has no float
         raise ParameterError("guidance_scale", f"{{name}} must be a finite number within ±{MAX_GUIDANCE_SCALE:g}, "
-                             f"got {scale}")
+                             f"got {str(scale)[:40]}")
     return float(scale)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -238,6 +239,8 @@ class Schedule:
     @classmethod
     def from_yaml(cls, text: str, where: str = "schedule", base_dir: str | None = None) -> "Schedule":
         """Parse schedule YAML; a `scale_shift` entry is read from its file relative to `base_dir`."""
+        if not isinstance(text, str):
+            raise BlockcacheError(f"{where}: a schedule is YAML text, not {type(text).__name__}")
         if len(text) > MAX_BYTES:
             raise BlockcacheError(f"{where}: larger than {MAX_BYTES >> 20} MiB, not a schedule")
         if text.count("\n") > MAX_ROWS + 64:  # refused before parsing: one line per row plus a header
@@ -248,6 +251,8 @@ class Schedule:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             raise BlockcacheError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        except ValueError as e:  # e.g. an integer of thousands of digits
+            raise BlockcacheError(f"{where}: not a schedule ({str(e)[:100]})") from None
         if not isinstance(doc, dict):
             raise BlockcacheError(f"{where}: expected a YAML mapping with version, sampler, units and steps")
         version = doc.get("version")
@@ -299,6 +304,8 @@ class Schedule:
 
     @classmethod
     def load(cls, path) -> "Schedule":
+        if not isinstance(path, (str, os.PathLike)):
+            raise BlockcacheError(f"a schedule path is a file path, not {type(path).__name__}")
         path = os.fspath(path)
         try:
             if os.path.getsize(path) > MAX_BYTES:
@@ -307,8 +314,8 @@ class Schedule:
                 text = f.read(MAX_BYTES + 1)
         except UnicodeDecodeError:
             raise BlockcacheError(f"{path}: not a text file") from None
-        except OSError as e:
-            raise BlockcacheError(f"cannot read schedule {path}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+            raise BlockcacheError(f"cannot read schedule {path!r}: {getattr(e, 'strerror', None) or e}") from None
         return cls.from_yaml(text, where=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     # -- makers --------------------------------------------------------------------------------
@@ -361,9 +368,11 @@ def _read_scale_shift(entry, where: str, base_dir: str | None) -> dict:
         raise BlockcacheError(f"{where}: cannot read scale-shift tensors {path}: {str(e).splitlines()[0]}") from None
     pairs = {}
     for name, value in tensors.items():
+        if value.dtype != np.float32:  # what Schedule.save writes; a cast could overflow to inf
+            raise BlockcacheError(f"{where}: scale-shift tensor {name!r} in {path} is {value.dtype}, not float32")
         kind, _, rest = name.partition("/")
         step, _, unit = rest.partition("/")
-        if kind not in ("scale", "shift") or not step.isdigit() or not unit:
+        if kind not in ("scale", "shift") or not re.fullmatch("[0-9]{1,6}", step) or not unit:
             raise BlockcacheError(f"{where}: unexpected scale-shift tensor {name!r} in {path}")
         pairs.setdefault((int(step), unit), {})[kind] = value
     for key, pair in pairs.items():

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from .errors import BlockcacheError
 
 UNIT_KINDS = ("attn", "mlp")
-# Bounds on config values, far beyond any published model, so a typo cannot ask for terabytes.
+# Bounds on config values, far beyond any published model, so a typo cannot ask for terabytes:
+# each value, the tokens a block sees (DiT-XL/2 at 512 px: 1024) and the parameters (DiT-XL/2: 0.68 G).
 MAX_SIZE = 1 << 16
 MAX_WIDTH = 1 << 18
+MAX_TOKENS = 1 << 16
+MAX_PARAMETERS = 50 * 10 ** 9
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,21 @@ def check_config(c: dict) -> None:
     if family.name == "uvit" and (c["depth"] % 2 or c["num_classes"] < 2):
         raise BlockcacheError("a U-ViT needs an even depth (in and out blocks pair up through the long skips) "
                               f"and num_classes >= 2 (the last is the null class), got {c['depth']} and {c['num_classes']}")
+    tokens = (c["input_size"] // c["patch_size"]) ** 2 + family.extra_tokens
+    if tokens > MAX_TOKENS:
+        raise BlockcacheError(f"input_size {c['input_size']} with patch_size {c['patch_size']} makes {tokens} tokens, "
+                              f"more than {MAX_TOKENS}")
     ratio = c["mlp_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
         raise BlockcacheError(f"mlp_ratio must be a positive finite number, got {ratio}")
     if not 1 <= int(c["hidden_size"] * ratio) <= MAX_WIDTH:
         raise BlockcacheError(f"mlp_ratio {ratio} makes an MLP of width {int(c['hidden_size'] * ratio)} for hidden size "
                               f"{c['hidden_size']} (it must be 1…{MAX_WIDTH})")
+    d = c["hidden_size"]
+    parameters = c["depth"] * (4 * d * d + 2 * d * int(d * ratio) + 6 * d * d) + c["num_classes"] * d
+    if parameters > MAX_PARAMETERS:
+        raise BlockcacheError(f"depth {c['depth']} at hidden size {d} makes about {parameters / 1e9:.0f} G parameters, "
+                              f"more than {MAX_PARAMETERS / 1e9:.0f} G")
 
 
 def unit_names(config: dict) -> tuple[str, ...]:

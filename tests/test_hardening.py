@@ -417,3 +417,172 @@ def test_api_inputs_of_the_wrong_type(sealed):
 def test_load_model_refuses_overrides_out_of_range():
     with pytest.raises(BlockcacheError, match="depth must be a positive integer up to"):
         load_model("dit-s2", random_init=True, depth=10 ** 9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An adversarial pass (a second tester's findings), each refused now
+# ---------------------------------------------------------------------------------------------------
+
+def test_an_export_never_replaces_a_folder_whose_plan_json_is_not_a_plan(model, tmp_path, capsys):
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "plan.json").write_text('{"my": "own"}')
+    (mine / "important.txt").write_text("precious")
+    Schedule.uniform(model.unit_names, 4, 2).save(tmp_path / "s.yaml")
+    line = cli_error(export_cli.main, [*MODEL, "--random-init", "--schedule", tmp_path / "s.yaml", "--out", mine,
+                                       "--quiet"], capsys)
+    assert "is no blockcache manifest" in line and (mine / "important.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("flags, message", [(["--input-size", "65536"], "tokens, more than"),
+                                            (["--depth", "60000", "--hidden-size", "8192"], "G parameters"),
+                                            (["--batch-size", "1000000000"], "--batch-size must be an integer in")])
+def test_small_inputs_cannot_ask_for_terabytes(flags, message, model, tmp_path, capsys):
+    Schedule.uniform(model.unit_names, 4, 2).save(tmp_path / "s.yaml")
+    args = ["--model", "dit-s2", *TINY_FLAGS, *flags, "--random-init", "--schedule", tmp_path / "s.yaml", "--out",
+            tmp_path / "plan", "--quiet"]
+    assert message in cli_error(export_cli.main, args, capsys)
+
+
+def test_change_statistics_with_a_huge_model_are_refused(tmp_path, capsys):
+    from schedules.change import save_change
+
+    save_change(tmp_path / "c.npz", change=np.zeros((2, 2)), unit_names=["blocks.0.attn", "blocks.0.mlp"],
+                timesteps=[999, 0], sampler={"name": "ddim", "steps": 2, "spacing": "linspace"},
+                config={"family": "dit", "depth": 10 ** 10}, model=None, labels=[0], seeds=[0], guidance_scale=4.0)
+    assert "not valid" in cli_error(schedule_cli.main, ["derive", tmp_path / "c.npz", "--delta", "0.5", "-o",
+                                                        tmp_path / "s.yaml"], capsys)
+
+
+@pytest.mark.parametrize("field, value", [("version", np.arange(2)), ("version", np.asarray("abc")),
+                                          ("guidance_scale", np.zeros(3)), ("sampler", np.asarray("[1]")),
+                                          ("change", np.asarray([["a", "b"], ["c", "d"]]))])
+def test_damaged_change_statistics_are_one_line(field, value, model, tmp_path, capsys):
+    from exporter.makers.analyze import measure_change
+    from schedules.change import save_change
+
+    schedule = Schedule.full(model.unit_names, 2)
+    save_change(tmp_path / "c.npz", change=measure_change(model, schedule, [1], [0]), unit_names=model.unit_names,
+                timesteps=[999, 0], sampler=schedule.sampler, config=model.config, model="dit-s2", labels=[1],
+                seeds=[0], guidance_scale=4.0)
+    with np.load(tmp_path / "c.npz") as f:
+        fields = dict(f)
+    fields[field] = value
+    np.savez(tmp_path / "c.npz", **fields)
+    cli_error(schedule_cli.main, ["derive", tmp_path / "c.npz", "--delta", "0.5", "-o", tmp_path / "s.yaml"], capsys)
+
+
+@pytest.mark.parametrize("damage", ["9" * 5000, "1e999", '"\\ud800"'])
+def test_manifest_values_json_cannot_hold_are_one_line(damage, sealed, tmp_path):
+    plan = copy(sealed, tmp_path)
+    path = plan / "plan.json"
+    path.write_text(path.read_text().replace('"schedule_source": ', f'"extra": {damage}, "schedule_source": ', 1))
+    with pytest.raises(BlockcacheError) as e:
+        Sampler(str(plan), device="cpu")
+    assert "\n" not in str(e.value)
+
+
+FORGERIES = {
+    "a dtype that is a list": lambda d: d["inputs"]["x"].__setitem__("dtype", []),
+    "a sampler name that is a list": lambda d: d["sampler"].__setitem__("name", []),
+    "unit names that are a number": lambda d: d["model"].__setitem__("unit_names", 5),
+    "a parameter's tensor that is a list": lambda d: next(iter(d["weights"]["parameters"].values())).__setitem__(
+        "tensor", []),
+    "a file name with a NUL": lambda d: d["files"].__setitem__("a\u0000b", {"size": 1, "sha256": "0"}),
+    "a file name with a lone surrogate": lambda d: d["files"].__setitem__("\ud800", {"size": 1, "sha256": "0"}),
+    "transposed as a string": lambda d: next(iter(d["weights"]["parameters"].values())).__setitem__("transposed", "no"),
+    "scale_shift as an empty mapping": lambda d: d.__setitem__("scale_shift", {}),
+    "a spacing that is a list": lambda d: d["sampler"].__setitem__("spacing", []),
+    "schedule.yaml left out of files": lambda d: d["files"].pop("schedule.yaml"),
+    "version true": lambda d: d.__setitem__("version", True),
+    "a default guidance scale of 1e300": lambda d: d["guidance"].__setitem__("scale", 1e300),
+}
+
+
+@pytest.mark.parametrize("what", FORGERIES)
+def test_resealed_forgeries_are_one_line(what, sealed, tmp_path):
+    plan = copy(sealed, tmp_path)
+    edit(plan, FORGERIES[what], reseal=True)
+    with pytest.raises(BlockcacheError) as e:
+        Sampler(str(plan), device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_a_downgraded_plan_does_not_escape_its_seal(sealed, tmp_path):
+    """Version 2 edited to 1 (no reseal needed) with a value changed: refused, never loaded unsealed."""
+    plan = copy(sealed, tmp_path)
+    edit(plan, lambda d: (d.__setitem__("version", 1), d["guidance"].__setitem__("scale", 0.0)))
+    refused(plan, "plan version 1 has no seal")
+
+
+def test_schedule_and_sidecar_and_router_damage_is_one_line(model, tmp_path, capsys):
+    text = Schedule.uniform(model.unit_names, 4, 2).to_yaml()
+    (tmp_path / "big.yaml").write_text(text.replace("steps: 4,", "steps: " + "9" * 5000 + ","))
+    cli_error(schedule_cli.main, ["show", tmp_path / "big.yaml"], capsys)
+    from safetensors.numpy import save_file
+
+    from test_scale_shift import partly_corrected
+
+    _, corrected = partly_corrected(model)
+    corrected.save(tmp_path / "c.yaml")
+    tensors = {name.replace("/", "/²", 1) if i == 0 else name: value
+               for i, (name, value) in enumerate(corrected.scale_shift_tensors().items())}
+    save_file(tensors, str(tmp_path / "c.scaleshift.safetensors"))
+    assert "unexpected scale-shift tensor" in cli_error(schedule_cli.main, ["show", tmp_path / "c.yaml"], capsys)
+    for name, routers in (("super.pt", {"².prob": torch.zeros(4)}), ("long.pt", {"9" * 5000 + ".prob": torch.zeros(4)}),
+                          ("nan.pt", {"0.prob": torch.full((4,), float("nan")), "1.prob": torch.zeros(4)}),
+                          ("sparse.pt", {"0.prob": torch.zeros(4).to_sparse()})):
+        torch.save({"routers": routers}, tmp_path / name)
+        cli_error(schedule_cli.main, ["import-l2c", tmp_path / name, *MODEL, "--steps", "2", "-o",
+                                      tmp_path / "out.yaml"], capsys)
+    assert not (tmp_path / "out.yaml").exists()
+
+
+def test_guidance_scales_a_plan_could_not_sample_with_are_not_exported(model, tmp_path, capsys):
+    Schedule.uniform(model.unit_names, 4, 2).save(tmp_path / "s.yaml")
+    line = cli_error(export_cli.main, [*MODEL, "--random-init", "--schedule", tmp_path / "s.yaml", "--out",
+                                       tmp_path / "plan", "--guidance-scale", "1e300", "--quiet"], capsys)
+    assert "--guidance-scale must be a finite number within" in line
+
+
+def test_a_random_init_seed_out_of_range_is_one_line(model, tmp_path, capsys):
+    Schedule.uniform(model.unit_names, 4, 2).save(tmp_path / "s.yaml")
+    line = cli_error(export_cli.main, [*MODEL, "--random-init", "--seed", "9" * 23, "--schedule", tmp_path / "s.yaml",
+                                       "--out", tmp_path / "plan", "--quiet"], capsys)
+    assert line.startswith("error: --seed must be an integer in")
+
+
+def test_bench_output_paths_are_checked_before_it_runs(tmp_path, capsys):
+    from benchmarks.bench.cli import main
+
+    (tmp_path / "afile").write_text("")
+    args = [*MODEL, "--random-init", "--schedule", "uniform:2", "--steps", "4", "--backends", "onnxruntime",
+            "--repeats", "1", "--device", "cpu", "--quiet"]
+    assert "is not a folder" in cli_error(main, [*args, "--out", tmp_path / "afile"], capsys)
+    assert "plain file name" in cli_error(main, [*args, "--out", tmp_path, "--tag", "../escaped"], capsys)
+    assert "--guidance-scale must be a finite number within" in cli_error(
+        main, [*args, "--out", tmp_path, "--guidance-scale", "1e300"], capsys)
+
+
+@pytest.mark.parametrize("png, message", [("afile/x.png", "does not exist"), ("x.txt", "must end in .png")])
+def test_show_png_paths_are_checked(png, message, model, tmp_path, capsys):
+    Schedule.uniform(model.unit_names, 4, 2).save(tmp_path / "s.yaml")
+    (tmp_path / "afile").write_text("")
+    assert message in cli_error(schedule_cli.main, ["show", tmp_path / "s.yaml", "--png", tmp_path / png], capsys)
+
+
+@pytest.mark.parametrize("labels", ["1,,2", "1_0", "1,2,"])
+def test_labels_are_written_plainly(labels, tmp_path, capsys):
+    assert "--labels must be comma-separated integers" in cli_error(sample_cli.main, [
+        *MODEL, "--random-init", "--labels", labels, "--steps", "2", "--out", tmp_path / "z.npy", "--quiet"], capsys)
+
+
+def test_api_inputs_a_tester_tried(sealed):
+    sampler = Sampler(str(sealed), device="cpu")
+    for call in (lambda: sampler([[1], [1, 2]]), lambda: sampler([1, 2], guidance_scale=10 ** 400),
+                 lambda: sampler([1, 2], noise=np.ma.masked_array(np.zeros((2, 4, 8, 8)), mask=True)),
+                 lambda: Sampler(str(sealed), verify="no"), lambda: Schedule.load(3),
+                 lambda: Schedule.load("a\x00b"), lambda: Schedule.from_yaml(None), lambda: Schedule.from_yaml(b"x")):
+        with pytest.raises(BlockcacheError) as e:
+            call()
+        assert "\n" not in str(e.value)

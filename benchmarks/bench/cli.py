@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-from schedules.errors import cli_main
+from schedules.errors import BlockcacheError, cli_main
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels
 from schedules.sampling import SPACINGS
 
@@ -43,6 +44,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_results_folder(out: str, tag: str | None) -> None:
+    """`out` is (or can become) a folder, and `tag` a plain file name stem inside it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BlockcacheError(f"--out {out} exists and is not a folder")
+    if tag is not None and (not tag or os.path.basename(tag) != tag or tag in (".", "..")):
+        raise BlockcacheError(f"--tag must be a plain file name stem, got {tag!r}")
+
+
 def split_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -63,6 +72,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     cfg.check()
+    check_results_folder(args.out, args.tag)  # before the benchmark runs, not after
     results = run_benchmark(cfg)
     tag = args.tag or f"{time.strftime('%Y-%m-%d')}-bench-{results['model']['name']}-{results['device']}"
     paths = write_results(results, args.out, tag)

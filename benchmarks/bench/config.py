@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 from runtime.plan.names import PRECISIONS, STORED_PRECISIONS
 from schedules.errors import BlockcacheError
-from schedules.sampling import SPACINGS
+from schedules.sampling import SPACINGS, check_guidance_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -65,7 +64,7 @@ class BenchConfig:
                 raise BlockcacheError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise BlockcacheError(f"threads must be a positive integer, got {self.threads!r}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+        if check_guidance_scale(self.guidance_scale) < 0:
             raise BlockcacheError(f"guidance scale must be a finite non-negative number, got {self.guidance_scale}")
         if self.spacing not in SPACINGS:
             raise BlockcacheError(f"unknown spacing {self.spacing!r} (expected one of {', '.join(SPACINGS)})")

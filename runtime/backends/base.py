@@ -12,6 +12,7 @@ leaving a `with` block).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -24,8 +25,7 @@ from ..plan import Plan, names
 def resolve_device(device, cuda_available: Callable[[], bool]) -> str:
     """`auto` → `cuda` where `cuda_available()`, else `cpu`; `cpu`, `cuda` and `cuda:N` are checked
     (a GPU asked for where there is none is refused)."""
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or
-                                           (device.startswith("cuda:") and device[5:].isdigit())):
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch("cuda:[0-9]{1,3}", device)):
         raise ParameterError("device", f"unknown {{name}} {device!r} (expected auto, cpu, cuda or cuda:N)")
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"

@@ -2,8 +2,8 @@
 scale-shift vectors (runtime/plan/staging.py writes one).
 
 What a loaded plan guarantees (docs/ARCHITECTURE.md, "What a plan guarantees"): the manifest is read
-only from a regular file of bounded size, parsed strictly (no duplicate keys, no NaN), and its seal
-matches; every file it names is a plain, regular, non-symlinked file of the plan folder whose size and
+only from a regular file of bounded size, parsed strictly (no duplicate keys, no NaN or infinity), and
+its seal matches; every file it names is a plain, regular, non-symlinked file of the plan folder whose size and
 SHA-256 match; every variant graph matches the manifest (runtime/plan/graphs.py). Every reader turns
 OS errors into one line; nothing here imports torch.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import math
 import os
 import stat
 
@@ -22,10 +22,10 @@ from schedules.errors import BlockcacheError, ParameterError
 from schedules.schedule import scale_shift_key
 
 from . import names
+from .graphs import verify_graphs
 from .manifest import Plan, manifest_seal
 
 MAX_MANIFEST_BYTES = 64 << 20  # a DiT-XL/2 manifest is about 0.3 MB
-log = logging.getLogger("blockcache")
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -46,8 +46,8 @@ def regular_file(path: str, what: str = "plan file") -> os.stat_result:
         info = os.lstat(path)
     except FileNotFoundError:
         raise BlockcacheError(f"{what} missing: {path}") from None
-    except OSError as e:
-        raise BlockcacheError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise BlockcacheError(f"cannot read {what} {path!r}: {getattr(e, 'strerror', None) or e}") from None
     if stat.S_ISLNK(info.st_mode):
         raise BlockcacheError(f"{what} {path} is a symbolic link: a plan's files must lie in its folder")
     if not stat.S_ISREG(info.st_mode):
@@ -90,31 +90,50 @@ def strict_json(text: str, where: str):
     def constant(name):
         raise BlockcacheError(f"{where}: {name} is not a number a plan may hold")
 
+    def finite(text):
+        value = float(text)
+        if not math.isfinite(value):  # 1e999 reads as inf
+            constant(text)
+        return value
+
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant, parse_float=finite)
     except json.JSONDecodeError as e:
         raise BlockcacheError(f"{where}: truncated or corrupted manifest ({e})") from None
     except RecursionError:
         raise BlockcacheError(f"{where}: nested too deeply to be a plan manifest") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise BlockcacheError(f"{where}: not a plan manifest ({str(e)[:100]})") from None
 
 
 def load_plan(plan_dir, verify: bool = True) -> Plan:
-    """The validated plan in `plan_dir`. The manifest's seal is always checked (version 2); with
-    `verify`, also every listed file's size and checksum and every graph against the manifest."""
+    """The validated plan in `plan_dir`. The manifest's seal is always checked; with `verify`, also
+    every listed file's size and checksum and every graph against the manifest. A version-1 plan (no
+    seal) is refused: `blockcache-plan upgrade` seals one after checking everything else."""
+    if not isinstance(verify, bool):
+        raise ParameterError("verify", f"{{name}} must be true or false, not {verify!r}")
     document = read_document(plan_dir)
     path = os.path.join(plan_dir, names.MANIFEST)
-    if isinstance(document, dict) and document.get("version") == names.VERSION:
+    version = document.get("version") if isinstance(document, dict) else None
+    if version == names.VERSION and not isinstance(version, bool):
         if document.get("seal") != manifest_seal(document):
             raise BlockcacheError(f"{path}: the manifest fails its seal (corrupted or edited)")
-    elif isinstance(document, dict) and document.get("version") in names.READABLE_VERSIONS:
-        log.warning("blockcache: %s is a version-%s manifest, which has no seal: edits to it are found only "
-                    "where they break a consistency check; re-export the plan to seal it", path,
-                    document.get("version"))
-    plan = Plan.parse(document, os.fspath(plan_dir))
+    elif version in names.READABLE_VERSIONS and not isinstance(version, bool):
+        raise BlockcacheError(f"{path}: plan version {version} has no seal, so damage to its manifest could go "
+                              f"unnoticed: check and seal it with `blockcache-plan upgrade {plan_dir}`, or re-export it")
+    return parse_and_verify(document, os.fspath(plan_dir), verify)
+
+
+def parse_and_verify(document, plan_dir: str, verify: bool = True) -> Plan:
+    """`Plan.parse`, then (with `verify`) the files' checksums and the graphs. A manifest of a shape no
+    check anticipated is still refused in one line."""
+    try:
+        plan = Plan.parse(document, plan_dir)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, UnicodeError) as e:
+        raise BlockcacheError(f"{os.path.join(plan_dir, names.MANIFEST)}: malformed manifest "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     if verify:
         verify_files(plan)
-        from .graphs import verify_graphs
-
         verify_graphs(plan)
     return plan
 
@@ -180,9 +199,10 @@ def plan_corrections(plan: Plan) -> list[dict]:
             width = plan.cache[unit].shape[-1]
             keys = [scale_shift_key(kind, s, unit) for kind in ("scale", "shift")]
             used.update(keys)
-            pair = tuple(tensors.get(key, np.zeros(width, np.float32)).astype(np.float32) for key in keys)
-            if any(v.shape != (width,) for v in pair):
-                raise BlockcacheError(f"{path}: scale-shift for step {s}, unit {unit} is not {width} channels")
+            pair = tuple(tensors.get(key, np.zeros(width, np.float32)) for key in keys)
+            if any(v.shape != (width,) or v.dtype != np.float32 or not np.isfinite(v).all() for v in pair):
+                raise BlockcacheError(f"{path}: scale-shift for step {s}, unit {unit} is not {width} finite float32 "
+                                      "values")
             adjust[unit] = pair
         out.append(adjust)
     unused = sorted(set(tensors) - used)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from schedules.errors import BlockcacheError
-from schedules.sampling import GUIDANCE_CHANNELS, make_sampler, model_timesteps
+from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, make_sampler, model_timesteps
 from schedules.zoo import check_config, family_of, num_labels, unit_names
 
 from . import names
@@ -86,9 +86,14 @@ class _Check:
             self.fail(path, "must be a list of distinct names")
         return tuple(items)
 
+    def flag(self, value, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false, not {value!r}")
+        return value
+
     def file_name(self, value, path: str, files) -> str:
         name = self.text(value, path)
-        if os.path.basename(name) != name or name in (".", ".."):
+        if not plain_file_name(name):
             self.fail(path, f"names a file outside the plan: {name!r}")
         if name not in files:
             self.fail(path, f"names {name!r}, which is not one of the plan's checksummed files")
@@ -99,7 +104,7 @@ class _Check:
         shape = self.sequence(value["shape"], path + ".shape")  # [] for a scalar
         for i, d in enumerate(shape):
             self.integer(d, f"{path}.shape[{i}]", low=1)
-        if value["dtype"] not in names.DTYPE_SIZES:
+        if not isinstance(value["dtype"], str) or value["dtype"] not in names.DTYPE_SIZES:
             self.fail(path + ".dtype", f"must be one of {', '.join(names.DTYPE_SIZES)}, not {value['dtype']!r}")
         return TensorSpec(tuple(shape), value["dtype"])
 
@@ -237,13 +242,15 @@ class Plan:
         doc = check.mapping(document, "the manifest")
         if doc.get("format") != names.FORMAT:
             raise BlockcacheError(f"{check.where}: not a blockcache plan manifest")
-        if doc.get("version") not in names.READABLE_VERSIONS:
+        if isinstance(doc.get("version"), bool) or doc.get("version") not in names.READABLE_VERSIONS:
             raise BlockcacheError(f"{check.where}: plan version {doc.get('version')!r} is not supported (this "
                                   f"runtime reads versions {', '.join(map(str, names.READABLE_VERSIONS))}); "
                                   "re-export the plan")
         check.mapping(doc, "the manifest", ("model", "sampler", "guidance", "batch_size", "inputs", "buffers",
                                             "weights", "variants", "steps", "files"))
         files = _files(check, doc["files"])
+        if names.SCHEDULE not in files:  # the exporter always writes it: its absence means an edited list
+            check.fail("files", f"lack {names.SCHEDULE!r}, the schedule the plan was made from")
         model = check.mapping(doc["model"], "model", ("config",))
         config = {"family": model.get("family", "dit"), **check.mapping(model["config"], "model.config")}
         try:
@@ -251,7 +258,7 @@ class Plan:
             units = unit_names(config)
         except (BlockcacheError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise BlockcacheError(f"{check.where}: model.config is not a valid model config ({e})") from None
-        if tuple(model.get("unit_names", units)) != units:
+        if check.names(model.get("unit_names", list(units)), "model.unit_names") != units:
             check.fail("model.unit_names", "do not match the model config")
         labels = check.integer(model.get("num_labels", num_labels(config)), "model.num_labels", low=1)
         if labels > num_labels(config):
@@ -261,6 +268,8 @@ class Plan:
         if precision not in names.STORED_PRECISIONS:
             check.fail("precision", f"must be one of {', '.join(names.STORED_PRECISIONS)}, not {precision!r}")
         guidance = _guidance(check, doc["guidance"])
+        if abs(guidance.scale) > MAX_GUIDANCE_SCALE:
+            check.fail("guidance.scale", f"is {guidance.scale}, beyond the ±{MAX_GUIDANCE_SCALE:g} a plan may sample with")
         sampler = _sampler(check, doc["sampler"])
         inputs = _inputs(check, doc["inputs"], batch, config, sampler)
         cache = _cache(check, doc["buffers"], units, (batch * (2 if guidance.enabled else 1),
@@ -276,17 +285,23 @@ class Plan:
         _check_cache_flow(check, variants, steps)
         scale_shift = doc.get("scale_shift")
         scale_shift_file = None
-        if scale_shift:
+        if scale_shift is not None:
             scale_shift_file = check.file_name(check.mapping(scale_shift, "scale_shift", ("file",))["file"],
                                                "scale_shift.file", files)
         elif any(v.adjusts for v in variants):
             check.fail("variants", "correct cache reads but the plan has no scale-shift file")
-        tensorrt = doc.get("tensorrt") or None
-        engines = _engines(check, tensorrt, len(variants), files) if tensorrt else None
+        tensorrt = doc.get("tensorrt")
+        engines = None if tensorrt is None else _engines(check, tensorrt, len(variants), files)
         return cls(directory=directory, document=doc, model_name=model.get("name"), config=config,
                    unit_names=units, num_labels=labels, sampler=doc["sampler"], guidance=guidance, batch_size=batch,
                    precision=precision, inputs=inputs, cache=cache, weights=weights, variants=variants, steps=steps,
                    scale_shift_file=scale_shift_file, files=files, engines=engines, tensorrt=tensorrt)
+
+
+def plain_file_name(name) -> bool:
+    """A name a plan's file may have: one printable ASCII path component, not `.` or `..`."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name.isascii() and name.isprintable()
+            and os.path.basename(name) == name and "/" not in name and "\\" not in name and name not in (".", ".."))
 
 
 def manifest_seal(document: dict) -> str:
@@ -294,7 +309,7 @@ def manifest_seal(document: dict) -> str:
     itself. Any change to a value changes it; layout does not. Not a signature: whoever can write the
     folder can reseal a consistent forgery."""
     body = {k: v for k, v in document.items() if k != "seal"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -305,9 +320,8 @@ def _tokens(config: dict) -> int:
 
 def _guidance(check: _Check, value) -> Guidance:
     value = check.mapping(value, "guidance", ("enabled", "scale", "channels"))
-    if not isinstance(value["enabled"], bool):
-        check.fail("guidance.enabled", "must be true or false")
-    if value["channels"] not in GUIDANCE_CHANNELS:
+    check.flag(value["enabled"], "guidance.enabled")
+    if not isinstance(value["channels"], str) or value["channels"] not in GUIDANCE_CHANNELS:
         check.fail("guidance.channels", f"must be one of {', '.join(GUIDANCE_CHANNELS)}, not {value['channels']!r}")
     return Guidance(value["enabled"], check.number(value["scale"], "guidance.scale"), value["channels"])
 
@@ -315,8 +329,10 @@ def _guidance(check: _Check, value) -> Guidance:
 def _sampler(check: _Check, value):
     """The sampler the manifest records (schedules.sampling.make_sampler), or one line why not."""
     value = check.mapping(value, "sampler", ("name", "steps"))
+    spacing = value.get("spacing")
     try:
-        return make_sampler(value["name"], check.integer(value["steps"], "sampler.steps", 1), value.get("spacing"))
+        return make_sampler(check.text(value["name"], "sampler.name"), check.integer(value["steps"], "sampler.steps", 1),
+                            None if spacing is None else check.text(spacing, "sampler.spacing"))
     except BlockcacheError as e:
         raise BlockcacheError(f"{check.where}: sampler: {e}") from None
 
@@ -324,7 +340,7 @@ def _sampler(check: _Check, value):
 def _files(check: _Check, value) -> dict:
     out = {}
     for name, entry in check.mapping(value, "files").items():
-        if os.path.basename(name) != name or name in (".", "..", names.MANIFEST):
+        if not plain_file_name(name) or name == names.MANIFEST:
             check.fail("files", f"lists {name!r}, which is not a file of the plan folder")
         entry = check.mapping(entry, f"files[{name!r}]", ("size", "sha256"))
         out[name] = FileEntry(check.integer(entry["size"], f"files[{name!r}].size", low=0),
@@ -387,11 +403,12 @@ def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
     for name, source in check.mapping(value.get("parameters") or {}, "weights.parameters").items():
         path = f"weights.parameters[{name!r}]"
         source = check.mapping(source, path, ("tensor",))
-        if source["tensor"] not in tensors:
+        if not isinstance(source["tensor"], str) or source["tensor"] not in tensors:
             check.fail(path, "points to a tensor the weights file does not hold")
         if tensors[source["tensor"]].dtype != parameter_dtype:
             check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not the plan's {parameter_dtype}")
-        parameters[name] = ParameterSource(source["tensor"], bool(source.get("transposed")))
+        parameters[name] = ParameterSource(source["tensor"], check.flag(source.get("transposed", False),
+                                                                        path + ".transposed"))
     return Weights(file, tensors, parameters)
 
 

@@ -11,6 +11,8 @@
   process is gone (killed exports leave nothing behind for long), and SIGTERM is turned into an
   exception by the CLIs, so a terminated export removes its own.
 - Folders and files are created with the user's umask (a serving account can read the plan).
+- `check_destination` refuses to replace anything but an empty folder or a folder whose manifest is a
+  blockcache plan's; `upgrade_plan` seals a version-1 plan after checking it in full.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import secrets
 import shutil
 import tempfile
 
-from schedules.errors import ParameterError
+from schedules.errors import BlockcacheError, ParameterError
 from schedules.files import current_umask
 
 from . import names
-from .files import file_entry
+from .files import file_entry, parse_and_verify, read_document
 from .manifest import Plan, manifest_seal
 
 RENAME_EXCHANGE = 2  # linux/fs.h
@@ -60,6 +62,18 @@ def write_manifest(plan_dir: str, document: dict, added: list[str] | None = None
     return document
 
 
+def upgrade_plan(plan_dir: str) -> dict:
+    """Seal a version-1 plan in place, after checking everything but the seal it lacks: the manifest's
+    consistency, every file's checksum, every graph against the manifest. Returns the new manifest.
+    Whoever upgrades vouches that the manifest was not edited since its export."""
+    document = read_document(plan_dir)
+    if not isinstance(document, dict) or isinstance(document.get("version"), bool) or document.get("version") != 1:
+        raise BlockcacheError(f"{plan_dir}: only version-1 plans are upgraded (this one says "
+                              f"{document.get('version') if isinstance(document, dict) else document!r})")
+    parse_and_verify(document, os.fspath(plan_dir))
+    return write_manifest(plan_dir, document, added=[])
+
+
 def check_destination(out_dir: str) -> None:
     """Refuse to replace a folder that is not a plan: the user's other files are never deleted."""
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
@@ -67,9 +81,18 @@ def check_destination(out_dir: str) -> None:
     if os.path.lexists(out_dir):
         if os.path.islink(out_dir) or not os.path.isdir(out_dir):
             raise ParameterError("out_dir", f"{{name}} {out_dir} exists and is not a folder")
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, names.MANIFEST)):
-            raise ParameterError("out_dir", f"{{name}} {out_dir} is a non-empty folder that is not a plan; "
-                                 "choose another")
+        if os.listdir(out_dir) and not is_plan(out_dir):
+            raise ParameterError("out_dir", f"{{name}} {out_dir} is a non-empty folder that is not a plan (its "
+                                 "plan.json, if any, is no blockcache manifest); choose another")
+
+
+def is_plan(folder: str) -> bool:
+    """Whether `folder` holds a blockcache plan manifest (the only folders an export replaces)."""
+    try:
+        document = read_document(folder)
+    except BlockcacheError:
+        return False
+    return isinstance(document, dict) and document.get("format") == names.FORMAT
 
 
 @contextlib.contextmanager
