@@ -282,14 +282,15 @@ def tensorrt_version() -> str:
 
 def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, builder=None,
                   version: str | None = None, progress: bool = False) -> dict:
-    """Build one engine per variant of the plan in `plan_dir` and add them to it; returns the new
-    manifest. Engines are built in a private folder and moved in only when all are built; the
-    manifest is replaced last, by rename. `builder(onnx_path, settings, timing_cache) -> bytes` and
-    `version` are for tests; by default TensorRT builds."""
+    """Build one engine per variant of every program of the plan in `plan_dir` and add them to it;
+    returns the new manifest. Engines are built in a private folder and moved in only when all are
+    built; the manifest is replaced last, by rename. `builder(onnx_path, settings, timing_cache) ->
+    bytes` and `version` are for tests; by default TensorRT builds."""
     import onnx
     from tqdm.auto import tqdm
 
-    from runtime.bindings import plan_bindings
+    from runtime.bindings import plan_bindings, weights_arena
+    from runtime.plan.manifest import program_entries
 
     plan = Plan.parse(manifest, plan_dir)
     if plan.precision != settings.onnx_precision:
@@ -299,46 +300,68 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     version = version or tensorrt_version()
     blob = read_weights(plan)
     work = tempfile.mkdtemp(dir=plan_dir, prefix=".engines-")
-    engines = []
+    single = len(plan.programs) == 1
+    engines = [[] for _ in plan.programs]  # per program
     try:
         cache = settings.timing_cache or os.path.join(work, "timing.cache")
-        for k, v in enumerate(tqdm(plan.variants, desc="engines", disable=not progress, leave=False)):
+        todo = [(p, k, v) for p in plan.programs for k, v in enumerate(p.variants)]
+        for program, k, v in tqdm(todo, desc="engines", disable=not progress, leave=False):
             model = onnx.load(plan.path(v.file), load_external_data=False)
             model, weight_inputs, baked = prepare_graph(model, blob, min_weight_bytes=settings.min_weight_bytes,
                                                         weights=set(plan.weights.tensors), precision=settings.precision)
-            path = os.path.join(work, f"variant_{k}.trt.onnx")
+            path = os.path.join(work, f"{os.path.splitext(v.file)[0]}.trt.onnx")
             onnx.save(model, path)
             start = time.perf_counter()
             data = builder(path, settings, cache)
-            name = names.engine_file(k)
+            name = names.engine_file(k, None if single else program.index)
             with open(os.path.join(work, name), "wb") as f:
                 f.write(data)
-            engines.append({"variant": k, "file": name, **graph_io(model), "weight_inputs": weight_inputs,
-                            "baked_bytes": baked, "build_seconds": round(time.perf_counter() - start, 3)})
+            engines[program.index].append({"variant": k, "file": name, **graph_io(model), "weight_inputs": weight_inputs,
+                                           "baked_bytes": baked,
+                                           "build_seconds": round(time.perf_counter() - start, 3)})
+        # the engines must agree with each other and with the plan before they are moved in
+        with_engines = replace(plan, programs=tuple(replace(p, engines=tuple(Engine.parse(e) for e in engines[j]))
+                                                    for j, p in enumerate(plan.programs)))
+        arena = weights_arena(with_engines)
+        for program in with_engines.programs:
+            plan_bindings(program, corrections=plan_corrections(plan, program), weights=arena)
         new = dict(manifest)
         new["tensorrt"] = {
             "precision": settings.precision,
             "built_with": version,
             "strongly_typed": True,
             "settings": {k: v for k, v in asdict(settings).items() if k != "timing_cache"},
-            "engines": engines,
+            "weights_bytes": arena.nbytes,
         }
-        # the engines must agree with each other and with the plan before they are moved in
-        with_engines = replace(plan, engines=tuple(Engine.parse(e) for e in engines))
-        bindings = plan_bindings(with_engines, corrections=plan_corrections(plan))
-        new["tensorrt"]["weights_bytes"] = bindings.weights.nbytes
-        for e in engines:
-            os.replace(os.path.join(work, e["file"]), os.path.join(plan_dir, e["file"]))
-        new = write_manifest(plan_dir, new, added=[e["file"] for e in engines])
+        if single:
+            new["tensorrt"]["engines"] = engines[0]
+        else:
+            new["programs"] = [dict(entry, engines=engines[j]) for j, (_, entry) in enumerate(program_entries(manifest))]
+        files = [e["file"] for program_engines in engines for e in program_engines]
+        for name in files:
+            os.replace(os.path.join(work, name), os.path.join(plan_dir, name))
+        new = write_manifest(plan_dir, new, added=files)
     except BaseException:
-        for e in engines:  # engines moved in before a failure are not listed anywhere: remove them
-            path = os.path.join(plan_dir, e["file"])
-            if os.path.exists(path) and e["file"] not in manifest["files"]:
-                os.remove(path)
+        for program_engines in engines:  # engines moved in before a failure are not listed anywhere: remove them
+            for e in program_engines:
+                path = os.path.join(plan_dir, e["file"])
+                if os.path.exists(path) and e["file"] not in manifest["files"]:
+                    os.remove(path)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return new
+
+
+def engine_stage(settings: EngineSettings, *, builder=None, version: str | None = None, progress: bool = False,
+                 then=None):
+    """An `export_plan(finish=…)` stage that builds the engines into the staged plan, then runs `then`
+    (e.g. verification) on it."""
+    def add_engines(folder: str, manifest: dict) -> dict:
+        manifest = build_engines(folder, manifest, settings, builder=builder, version=version, progress=progress)
+        return manifest if then is None else then(folder, manifest)
+
+    return add_engines
 
 
 def export_with_engines(model, schedule, out_dir: str, settings: EngineSettings, *, builder=None,
@@ -347,9 +370,6 @@ def export_with_engines(model, schedule, out_dir: str, settings: EngineSettings,
     succeed."""
     from .export import export_plan
 
-    def add_engines(folder: str, manifest: dict) -> dict:
-        manifest = build_engines(folder, manifest, settings, builder=builder, version=version, progress=progress)
-        return manifest if finish is None else finish(folder, manifest)
-
     return export_plan(model, schedule, out_dir, precision=settings.onnx_precision, progress=progress,
-                       finish=add_engines, **export_kwargs)
+                       finish=engine_stage(settings, builder=builder, version=version, progress=progress, then=finish),
+                       **export_kwargs)

@@ -1,6 +1,8 @@
-"""Export stages: trace once → derive variants by surgery → write the plan folder atomically.
+"""Export stages: trace once per batch size → derive variants by surgery → write the plan folder
+atomically.
 
     plan = export_plan(model, schedule, "plans/l2c20", batch_size=8, guidance_scale=4.0)
+    plan = export_plans(model, [l2c20, l2c50], "plans/l2c", batch_sizes=[1, 2, 4, 8])   # 8 programs, one weights file
 
 Steps (model evaluations) with the same computed-unit set share one variant graph; the per-step
 constants (timestep, the solver's a, b and c, guidance scale, and Block Caching scale/shift vectors)
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from runtime.plan import names
 from runtime.plan.staging import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
+from schedules.schedule import scale_shift_file
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
 from schedules.sampling import check_guidance_scale, guidance_needed, model_timesteps, neutral_guidance_scale
@@ -26,7 +29,7 @@ from schedules.zoo import family_of, num_labels
 
 from .models import check_weights
 from .reference import check_schedule
-from .surgery import derive_variant, parameter_sources, split_weights, tensor_shape
+from .surgery import WeightsFile, derive_variant, parameter_sources, tensor_shape
 from .trace import StepSettings, TracedStep, at_precision, trace_step, weights_digest
 
 
@@ -90,7 +93,8 @@ def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_sc
 def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float | None = None,
                 guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
                 traced: TracedStep | None = None, finish=None, progress: bool = False) -> dict:
-    """Write a plan for `model` + `schedule` to `out_dir` and return its manifest.
+    """Write a plan for `model` + `schedule` at `batch_size` to `out_dir` and return its manifest
+    (`export_plans` with one schedule and one batch size).
 
     `guidance` (default: whether the scale changes the prediction) bakes the doubled CFG batch into
     the graphs; the scale stays an input, so a plan made with guidance can be sampled at any scale.
@@ -101,29 +105,46 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     `traced`: a step graph traced before (`trace_step(model, plan_settings(…)[0])`) to use instead of
     tracing again; one traced for other settings or other weights is refused. `finish(folder,
     manifest) -> manifest` runs on the finished plan folder before it replaces `out_dir` (e.g. to add
-    TensorRT engines); if it fails, `out_dir` is left as it was."""
-    check_schedule(model, schedule)
+    TensorRT engines, or to verify); if it fails, `out_dir` is left as it was."""
+    return export_plans(model, [schedule], out_dir, batch_sizes=[batch_size], guidance_scale=guidance_scale,
+                        guidance=guidance, guidance_channels=guidance_channels, precision=precision,
+                        traced=None if traced is None else [traced], finish=finish, progress=progress)
+
+
+def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_scale: float | None = None,
+                 guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
+                 traced=None, finish=None, progress: bool = False) -> dict:
+    """Write one plan with a program for every (batch size, schedule) to `out_dir`: the weights stored
+    once, the model traced once per batch size (whatever the number of schedules), each schedule's
+    variants derived per batch size. Schedules must differ in their step counts (a call chooses one by
+    `steps=`). `traced`: step graphs traced before, any of the settings this export needs (see
+    `export_plan`); the others are traced here. The rest as `export_plan`."""
+    schedules = list(schedules)
+    if not schedules:
+        raise ParameterError("schedules", "{name} is empty: give at least one schedule")
+    for schedule in schedules:
+        check_schedule(model, schedule)
+    counts = [s.num_steps for s in schedules]
+    if len(set(counts)) != len(counts):
+        raise ParameterError("schedules", f"{{name}} have step counts {counts}: a plan holds one schedule per step "
+                             "count (a call chooses it by steps)")
+    batch_sizes = list(batch_sizes)
+    programs = []  # (batch size, schedule, settings)
+    for schedule in schedules:
+        for b in batch_sizes:  # plan_settings checks each value
+            settings, resolved_scale = plan_settings(model, schedule, batch_size=b, guidance_scale=guidance_scale,
+                                                     guidance=guidance, guidance_channels=guidance_channels,
+                                                     precision=precision)
+            programs.append((b, schedule, settings))
+    if not batch_sizes or len(set(batch_sizes)) != len(batch_sizes):
+        raise ParameterError("batch_sizes", f"{{name}} must be distinct batch sizes, got {batch_sizes}")
     check_destination(out_dir)  # before minutes of tracing, not after
     check_weights(model)
-    settings, guidance_scale = plan_settings(model, schedule, batch_size=batch_size, guidance_scale=guidance_scale,
-                                             guidance=guidance, guidance_channels=guidance_channels,
-                                             precision=precision)
-    model = at_precision(model, settings.precision)
-    if traced is None:
-        try:
-            traced = trace_step(model, settings)
-        except (RuntimeError, MemoryError) as e:
-            if "memory" not in str(e).lower():
-                raise
-            raise BlockcacheError(f"cannot trace the model at batch size {batch_size} here: out of memory") from None
-    elif traced.settings != settings:
-        raise ParameterError("traced", f"{{name}} step graph was traced for {traced.settings}, this export needs "
-                             f"{settings}")
-    elif traced.weights_digest != weights_digest(model):
-        raise ParameterError("traced", "{name} step graph was traced from other weights than this model's")
+    model = at_precision(model, precision)
+    traces = _traces(model, {settings for _, _, settings in programs}, traced or ())
     try:
         with staging(out_dir) as folder:
-            manifest = _write_plan(model, schedule, folder, traced, guidance_scale, progress)
+            manifest = _write_plan(model, programs, traces, folder, resolved_scale, progress)
             if finish is not None:
                 manifest = finish(folder, manifest)
     except OSError as e:  # a full or read-only file system, a folder that vanished: the old plan stays
@@ -131,13 +152,77 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     return manifest
 
 
-def _write_plan(model, schedule: Schedule, folder: str, traced: TracedStep, guidance_scale: float,
-                progress: bool) -> dict:
+def _traces(model, needed: set, given) -> dict:
+    """StepSettings → TracedStep for every settings the export needs: the ones handed in (refused where
+    traced from other weights or for settings the export does not use), the rest traced now."""
+    traces = {}
+    for traced in given:
+        if traced.settings not in needed:
+            raise ParameterError("traced", f"{{name}} step graph was traced for {traced.settings}, which this "
+                                 "export does not use")
+        if traced.weights_digest != weights_digest(model):
+            raise ParameterError("traced", "{name} step graph was traced from other weights than this model's")
+        traces[traced.settings] = traced
+    for settings in sorted(needed - traces.keys(), key=lambda s: s.batch_size):
+        try:
+            traces[settings] = trace_step(model, settings)
+        except (RuntimeError, MemoryError) as e:
+            if "memory" not in str(e).lower():
+                raise
+            raise BlockcacheError(f"cannot trace the model at batch size {settings.batch_size} here: out of "
+                                  "memory") from None
+    return traces
+
+
+def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: float, progress: bool) -> dict:
     import onnx
 
-    settings = traced.settings
-    master = onnx.ModelProto()
-    master.CopyFrom(traced.proto)  # split_weights moves weights out of it; a handed-in trace stays whole
+    single = len(programs) == 1
+    schedules = {schedule.num_steps: schedule for _, schedule, _ in programs}  # one per step count
+    schedule_files = {}
+    for steps, schedule in schedules.items():  # with scale-shift, also its sidecar file
+        schedule_files[steps] = names.SCHEDULE if len(schedules) == 1 else names.schedule_file(steps)
+        schedule.save(os.path.join(folder, schedule_files[steps]))
+    bar = tqdm(total=len(traces) + sum(len(group_variants(s)[0]) for _, s, _ in programs), desc="export",
+               disable=not progress, leave=False)
+    weights, masters, sources = WeightsFile(), {}, None
+    for settings, traced in sorted(traces.items(), key=lambda item: item[0].batch_size):
+        master = onnx.ModelProto()
+        master.CopyFrom(traced.proto)  # weights move out of the copy; a handed-in trace stays whole
+        found = parameter_sources(master, model.state_dict())
+        sources = sources or found
+        weights.add(master, keep={src["tensor"] for src in found.values()})
+        masters[settings] = master
+        bar.update()
+    entries = []
+    for j, (batch_size, schedule, settings) in enumerate(programs):
+        entries.append(_program(model, schedule, masters[settings], settings, weights, folder,
+                                schedule_files[schedule.num_steps], None if single else j, bar))
+    bar.close()
+    weights.write(os.path.join(folder, names.WEIGHTS))
+    first = programs[0][2]
+    manifest = {
+        "format": names.FORMAT,
+        "version": names.VERSION,
+        "model": {"name": getattr(model, "name", None), "family": family_of(model.config).name,
+                  "config": dict(model.config), "unit_names": list(model.unit_names),
+                  "num_labels": num_labels(model.config)},
+        "guidance": {"enabled": first.guidance, "scale": guidance_scale, "channels": first.guidance_channels},
+        "precision": first.precision,
+        "weights": {"file": names.WEIGHTS, "tensors": weights.index, "parameters": sources},
+    }
+    if single:
+        manifest.update(entries[0])
+    else:
+        manifest["programs"] = entries
+    return write_manifest(folder, manifest)
+
+
+def _program(model, schedule: Schedule, master, settings: StepSettings, weights: "WeightsFile", folder: str,
+             schedule_file: str, index: int | None, bar) -> dict:
+    """The manifest entry of one program (batch size × schedule), its variant graphs written to `folder`."""
+    import onnx
+
     sampler = schedule.make_sampler()
     a, b = sampler.coefficients()
     c = sampler.carry_coefficients()
@@ -145,12 +230,6 @@ def _write_plan(model, schedule: Schedule, folder: str, traced: TracedStep, guid
     rows, step_variant = group_variants(schedule)
     latents = latent_buffers(sampler.carry_source)
     units = schedule.unit_names
-
-    bar = tqdm(total=2 + len(rows), desc="export", disable=not progress, leave=False)
-    sources = parameter_sources(master, model.state_dict())
-    blob, weight_index = split_weights(master, keep={src["tensor"] for src in sources.values()})
-    bar.update()
-
     # A computed unit is a graph output iff some step of this variant has a later reader (liveness).
     outputs = [set() for _ in rows]
     # A read unit is corrected by scale/shift inputs iff some step of this variant has a correction for it.
@@ -162,10 +241,10 @@ def _write_plan(model, schedule: Schedule, folder: str, traced: TracedStep, guid
 
     variants = []
     for k, row in enumerate(rows):
-        bar.set_postfix_str(f"variant {k}")
+        bar.set_postfix_str(f"batch {settings.batch_size}, {schedule.num_steps} steps, variant {k}")
         compute = dict(zip(units, (bool(v) for v in row)))
         graph = derive_variant(master, compute, outputs[k], adjusts[k])
-        name = names.variant_file(k)
+        name = names.variant_file(k, index)
         onnx.save(graph, os.path.join(folder, name))
         variants.append({
             "file": name,
@@ -173,18 +252,11 @@ def _write_plan(model, schedule: Schedule, folder: str, traced: TracedStep, guid
             "reads": [u for u, v in compute.items() if not v],
             "writes": [u for u in units if u in outputs[k]],
             "adjusts": [u for u in units if u in adjusts[k]],
-            "weights": sorted(t.name for t in graph.graph.initializer if t.name in weight_index),
+            "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
             "macs_per_image": step_macs(model.config, row),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
         })
         bar.update()
-    bar.set_postfix_str("weights")
-    with open(os.path.join(folder, names.WEIGHTS), "wb") as f:
-        f.write(blob)
-    schedule.save(os.path.join(folder, names.SCHEDULE))  # with scale-shift, also its sidecar file
-    bar.update()
-    bar.close()
-
     buffers = {}
     for u in units:
         if any(u in v["reads"] for v in variants):
@@ -195,26 +267,18 @@ def _write_plan(model, schedule: Schedule, folder: str, traced: TracedStep, guid
         shape, dtype = tensor_shape(master, name)
         inputs[name] = {"shape": shape, "dtype": dtype}
     full, scheduled = schedule_macs(model.config, schedule)
-    family = family_of(model.config)
-    manifest = {
-        "format": names.FORMAT,
-        "version": names.VERSION,
-        "model": {"name": getattr(model, "name", None), "family": family.name, "config": dict(model.config),
-                  "unit_names": list(units), "num_labels": num_labels(model.config)},
-        "sampler": dict(schedule.sampler),
-        "schedule_source": schedule.source,
-        "guidance": {"enabled": settings.guidance, "scale": guidance_scale, "channels": settings.guidance_channels},
+    return {
         "batch_size": settings.batch_size,
-        "precision": settings.precision,
+        "sampler": dict(schedule.sampler),
+        "schedule": schedule_file,
+        "schedule_source": schedule.source,
         "inputs": inputs,
         "output": {"shape": inputs[names.X]["shape"], "dtype": "float32"},
         "buffers": buffers,
-        "weights": {"file": names.WEIGHTS, "tensors": weight_index, "parameters": sources},
         "variants": variants,
         "steps": [{"variant": k, "timestep": timesteps[s].item(), "a": float(a[s]), "b": float(b[s]),
                    **({"c": float(c[s])} if settings.carry else {}), "latents": list(latents[s])}
                   for s, k in enumerate(step_variant)],
-        "scale_shift": {"file": names.SCALE_SHIFT} if schedule.scale_shift else None,
+        "scale_shift": {"file": scale_shift_file(schedule_file)} if schedule.scale_shift else None,
         "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},
     }
-    return write_manifest(folder, manifest)

@@ -8,7 +8,7 @@ import time
 
 from runtime.plan import names
 from schedules.errors import CLI_FLAGS, BlockcacheError, ParameterError, cli_main
-from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides
+from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_numbers
 from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.schedule import Schedule
 
@@ -17,9 +17,13 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="blockcache-export", description=__doc__)
     add_model_args(p)
     add_weights_args(p, seed_flag="--seed")
-    p.add_argument("--schedule", required=True, metavar="F", help="caching schedule YAML")
+    p.add_argument("--schedule", required=True, action="append", metavar="F",
+                   help="caching schedule YAML; repeat for a plan with several (one per step count)")
     p.add_argument("--out", required=True, metavar="DIR", help="plan folder (replaced atomically if it is a plan)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per run (default 1)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--batch-size", type=int, metavar="B", help="images per run (default 1)")
+    sizes.add_argument("--batch-sizes", metavar="LIST", help="comma-separated batch sizes, e.g. 1,2,4,8: a program "
+                       "for each (and each schedule), the model traced once per batch size, the weights stored once")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--guidance-scale", type=float, metavar="G",
                    help="default classifier-free guidance scale stored in the plan (default: the family's, "
@@ -50,7 +54,7 @@ def main(argv=None):
     from runtime.plan import load_plan
     from runtime.plan.staging import check_destination
 
-    from .export import export_plan
+    from .export import export_plans
     from .models import load_model
 
     if settings is None and args.precision not in names.STORED_PRECISIONS:
@@ -63,7 +67,8 @@ def main(argv=None):
     if args.tolerance is not None and not args.verify:
         raise BlockcacheError("--tolerance is the tolerance of --verify: add --verify")
     check_destination(args.out)  # before loading and tracing the model
-    schedule = Schedule.load(args.schedule)
+    schedules = [Schedule.load(path) for path in args.schedule]
+    batch_sizes = parse_numbers(args.batch_sizes, "--batch-sizes") if args.batch_sizes else [args.batch_size or 1]
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
     start = time.perf_counter()
@@ -77,15 +82,15 @@ def main(argv=None):
         report.extend(verify_plan(model, load_plan(folder), tolerance))
         return manifest
 
-    options = dict(batch_size=args.batch_size, guidance_scale=args.guidance_scale,
-                   guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
-                   progress=not args.quiet, finish=verify if args.verify else None)
-    if settings is None:
-        manifest = export_plan(model, schedule, args.out, precision=args.precision, **options)
-    else:
-        from .engines import export_with_engines
+    finish = verify if args.verify else None
+    precision = args.precision
+    if settings is not None:
+        from .engines import engine_stage
 
-        manifest = export_with_engines(model, schedule, args.out, settings, **options)
+        finish, precision = engine_stage(settings, progress=not args.quiet, then=finish), settings.onnx_precision
+    manifest = export_plans(model, schedules, args.out, batch_sizes=batch_sizes, guidance_scale=args.guidance_scale,
+                            guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
+                            precision=precision, progress=not args.quiet, finish=finish)
     elapsed = time.perf_counter() - start
     print(summary(args.out, manifest, elapsed))
     if report:
@@ -116,18 +121,22 @@ def engine_settings(args):
 
 
 def summary(out: str, manifest: dict, seconds: float) -> str:
+    from runtime.plan.manifest import program_entries
+
     files = manifest["files"]
-    graphs = sum(v["graph_bytes"] for v in manifest["variants"])
-    macs = manifest["macs_per_image"]
-    text = (f"wrote {out} in {seconds:.1f} s: {len(manifest['steps'])} steps, {len(manifest['variants'])} variants "
-            f"(graphs {graphs / 1e6:.2f} MB, weights {files[names.WEIGHTS]['size'] / 1e6:.1f} MB stored once), "
-            f"MACs/image {macs['scheduled'] / 1e9:.3g} G of {macs['full'] / 1e9:.3g} G full, "
-            f"ideal speedup {macs['ideal_speedup']:.2f}x")
+    programs = [entry for _, entry in program_entries(manifest)]
+    graphs = sum(v["graph_bytes"] for p in programs for v in p["variants"])
+    each = "; ".join(f"batch {p['batch_size']} × {len(p['steps'])} steps: {len(p['variants'])} variants, MACs/image "
+                     f"{p['macs_per_image']['scheduled'] / 1e9:.3g} G of {p['macs_per_image']['full'] / 1e9:.3g} G "
+                     f"full, ideal speedup {p['macs_per_image']['ideal_speedup']:.2f}x" for p in programs)
+    text = (f"wrote {out} in {seconds:.1f} s: {each} (graphs {graphs / 1e6:.2f} MB, weights "
+            f"{files[names.WEIGHTS]['size'] / 1e6:.1f} MB stored once)")
     trt = manifest.get("tensorrt")
     if trt:
-        engines = sum(files[e["file"]]["size"] for e in trt["engines"])
-        baked = max(e["baked_bytes"] for e in trt["engines"])
-        text += (f"; {len(trt['engines'])} TensorRT {trt['precision']} engines ({engines / 1e6:.1f} MB; "
+        engines = [e for p in programs for e in p.get("engines") or []]
+        size = sum(files[e["file"]]["size"] for e in engines)
+        baked = max(e["baked_bytes"] for e in engines)
+        text += (f"; {len(engines)} TensorRT {trt['precision']} engines ({size / 1e6:.1f} MB; "
                  f"weights bound as inputs, {trt['weights_bytes'] / 1e6:.1f} MB held once, "
                  f"≤ {baked / 1e6:.2f} MB baked per engine)")
     return text

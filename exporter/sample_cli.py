@@ -12,7 +12,7 @@ import numpy as np
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import check_output
 from schedules.images import save_samples
-from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels
+from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels, parse_numbers
 from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, initial_noise
 from schedules.schedule import Schedule
 from schedules.zoo import family_of
@@ -30,11 +30,14 @@ def build_parser() -> ArgumentParser:
     plan.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s = p.add_argument_group("sampling")
     s.add_argument("--schedule", metavar="F", help="caching schedule YAML (default: full compute)")
-    s.add_argument("--steps", type=int, help=f"full-compute steps when no schedule is given (default {DEFAULT_STEPS})")
+    s.add_argument("--steps", type=int, help=f"full-compute steps when no schedule is given (default {DEFAULT_STEPS}); "
+                   "with --plan, which of the plan's schedules to run")
     s.add_argument("--spacing", choices=SPACINGS, help="DDIM respacing for --steps (default linspace)")
     s.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 1,2,3")
     noise = s.add_mutually_exclusive_group()
-    noise.add_argument("--seed", type=int, help="noise seed (default 0)")
+    noise.add_argument("--seed", type=int, help="noise seed for the whole call (default 0)")
+    noise.add_argument("--seeds", help="comma-separated noise seeds, one per label: image i's noise from seed i alone "
+                       "(the same image whatever it is batched with)")
     noise.add_argument("--noise", metavar="Z.npy", help="starting noise (N, C, H, W) for the N labels")
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the family's "
                    "for eager runs, 4.0 DiT / 0.4 U-ViT in its form; the plan's scale with --plan)")
@@ -61,17 +64,21 @@ def main(argv=None):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     check_output(args.out, (".npy", ".png"), "--out")  # before sampling, not after
     noise = _load_noise(args.noise) if args.noise else None
+    seeds = parse_numbers(args.seeds, "--seeds") if args.seeds else None
+    if seeds is not None and len(seeds) != len(labels):
+        raise BlockcacheError(f"--seeds has {len(seeds)} seeds for {len(labels)} labels: give one per label")
     seed = 0 if args.seed is None else args.seed
     start = time.perf_counter()
     if args.plan:
-        if args.model or args.checkpoint or args.random_init or args.schedule or args.steps is not None:
-            raise BlockcacheError("--plan carries its model and schedule: drop --model/--checkpoint/--schedule/--steps")
+        if args.model or args.checkpoint or args.random_init or args.schedule or args.spacing:
+            raise BlockcacheError("--plan carries its model and schedules: drop --model/--checkpoint/--schedule/"
+                                  "--spacing (--steps chooses among the plan's schedules)")
         from runtime import Sampler
 
         sampler = Sampler(args.plan, backend=args.backend, device=args.device)
         what = f"plan {args.plan} on {sampler.backend_name}"
-        out = sampler(labels, noise=noise, seed=None if noise is not None else seed,
-                      guidance_scale=args.guidance_scale)
+        given = {"noise": noise} if noise is not None else {"seeds": seeds} if seeds is not None else {"seed": seed}
+        out = sampler(labels, guidance_scale=args.guidance_scale, steps=args.steps, **given)
     else:
         if not args.model:
             raise BlockcacheError("give --model (eager reference) or --plan (exported plan)")
@@ -89,7 +96,9 @@ def main(argv=None):
         c, size = model.in_channels, model.config["input_size"]
         if args.out.lower().endswith(".png") and c not in (1, 3):
             raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")
-        if noise is None:
+        if noise is None and seeds is not None:  # as runtime.Sampler: image i from seed i alone
+            noise = np.concatenate([initial_noise((1, c, size, size), s) for s in seeds])
+        elif noise is None:
             noise = initial_noise((len(labels), c, size, size), seed)
         scale, _ = family.guidance_settings(args.guidance_scale)
         out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,

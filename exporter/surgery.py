@@ -19,32 +19,61 @@ from runtime.plan import names
 from .trace import IR_VERSION
 
 
-def split_weights(master, keep: set[str] = frozenset(), min_bytes: int = 1024):
-    """Move every initializer named in `keep` or of at least `min_bytes` out of `master` (in place)
-    into one blob.
+class WeightsFile:
+    """The plan's weights file as it is built: the large initializers of every traced step graph, each
+    stored once. A graph's initializer goes to the file and becomes external data pointing at its
+    offset; an identical one (same name, same bytes) of another graph, e.g. the same weight traced at
+    another batch size, reuses the stored copy; one whose name is taken by other bytes (a constant that
+    depends on the batch size) is renamed in its graph before it is stored."""
 
-    Returns (blob bytes, {name: {offset, length, shape, dtype}}); the initializers keep their names
-    and point to the plan's weights file at those offsets, so every variant graph refers to one
-    stored copy."""
-    import onnx
-    from onnx import external_data_helper
+    ALIGNMENT = 64  # so the runtime can map tensors without copying
 
-    chunks, index, offset = [], {}, 0
-    for tensor in master.graph.initializer:
-        if not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in keep):
-            continue
-        data = tensor.raw_data
-        pad = (-offset) % 64  # aligned, so the runtime can map tensors without copying
-        chunks.append(b"\0" * pad)
-        offset += pad
-        chunks.append(data)
-        index[tensor.name] = {"offset": offset, "length": len(data), "shape": list(tensor.dims),
-                              "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name}
-        external_data_helper.set_external_data(tensor, names.WEIGHTS, offset=offset, length=len(data))
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        offset += len(data)
-    return b"".join(chunks), index
+    def __init__(self):
+        self.chunks, self.index, self.size = [], {}, 0
+        self._digests = {}  # name → digest of its stored bytes
+
+    def add(self, master, keep: set[str] = frozenset(), min_bytes: int = 1024) -> None:
+        """Move every initializer of `master` named in `keep` or of at least `min_bytes` (in place)."""
+        import hashlib
+
+        import onnx
+        from onnx import external_data_helper
+
+        renamed = {}
+        for tensor in master.graph.initializer:
+            if not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in keep):
+                continue
+            data = tensor.raw_data
+            digest = hashlib.blake2b(data, digest_size=16).digest() + str(list(tensor.dims)).encode()
+            name = tensor.name
+            k = 1
+            while name in self._digests and self._digests[name] != digest:
+                k += 1
+                name = f"{tensor.name}.{k}"
+            if name != tensor.name:
+                renamed[tensor.name] = name
+                tensor.name = name
+            if name not in self._digests:
+                pad = (-self.size) % self.ALIGNMENT
+                self.chunks += [b"\0" * pad, data]
+                self.size += pad
+                self.index[name] = {"offset": self.size, "length": len(data), "shape": list(tensor.dims),
+                                    "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name}
+                self._digests[name] = digest
+                self.size += len(data)
+            entry = self.index[name]
+            external_data_helper.set_external_data(tensor, names.WEIGHTS, offset=entry["offset"], length=entry["length"])
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        for node in master.graph.node:  # readers of a renamed initializer read it by its new name
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+
+    def write(self, path: str) -> None:
+        with open(path, "wb") as f:
+            for chunk in self.chunks:
+                f.write(chunk)
 
 
 def parameter_sources(master, state_dict) -> dict[str, dict]:

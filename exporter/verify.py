@@ -15,6 +15,7 @@ import torch
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import CachePolicy
 from runtime.plan import Plan, names
+from runtime.plan.manifest import Program
 from schedules.errors import BlockcacheError
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # fp16 plans are compared with the fp32 model
@@ -25,11 +26,12 @@ def verify_plan(model, plan: Plan, tolerance: float, seed: int = 0) -> list[dict
 
     rng = np.random.default_rng(seed)
     with OnnxRuntimeBackend(plan, device="cpu") as backend:
-        return [_verify_variant(model, plan, k, session, tolerance, rng) for k, session in enumerate(backend.sessions)]
+        return [_verify_variant(model, plan, program, k, session, tolerance, rng)
+                for program in plan.programs for k, session in enumerate(backend.sessions[program.index])]
 
 
-def _verify_variant(model, plan: Plan, k: int, session, tolerance: float, rng) -> dict:
-    variant, inputs = plan.variants[k], plan.inputs
+def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolerance: float, rng) -> dict:
+    variant, inputs = program.variants[k], program.inputs
     x_shape = inputs[names.X].shape
     feeds = {
         names.X: rng.standard_normal(x_shape).astype(np.float32),
@@ -40,14 +42,14 @@ def _verify_variant(model, plan: Plan, k: int, session, tolerance: float, rng) -
         names.B: rng.uniform(-1, 1, (1,)).astype(np.float32),
         names.GUIDANCE_SCALE: np.array([plan.guidance.scale], np.float32),
     }
-    if plan.has_carry:  # solvers with a carry term (DPM-Solver-2)
+    if program.has_carry:  # solvers with a carry term (DPM-Solver-2)
         feeds[names.C] = rng.uniform(0.5, 1.5, (1,)).astype(np.float32)
         feeds[names.X_CARRY] = rng.standard_normal(x_shape).astype(np.float32)
-    cached = {u: rng.standard_normal(plan.cache[u].shape).astype(plan.cache[u].dtype) for u in variant.reads}
+    cached = {u: rng.standard_normal(program.cache[u].shape).astype(program.cache[u].dtype) for u in variant.reads}
     feeds.update({names.cache_input(u): v for u, v in cached.items()})
     corrections = {}
     for u in variant.adjusts:
-        pair = tuple(rng.normal(0, 0.2, plan.cache[u].shape[-1:]).astype(plan.cache[u].dtype) for _ in "ab")
+        pair = tuple(rng.normal(0, 0.2, program.cache[u].shape[-1:]).astype(program.cache[u].dtype) for _ in "ab")
         corrections[u] = pair
         feeds.update(zip(names.correction_inputs(u), pair))
     outputs = [names.X_NEXT] + [names.unit_output(u) for u in variant.writes]
@@ -57,7 +59,7 @@ def _verify_variant(model, plan: Plan, k: int, session, tolerance: float, rng) -
     if not worst <= tolerance:
         raise BlockcacheError(f"verify failed: {variant.file} differs from the eager model by {worst:.3g} "
                               f"(tolerance {tolerance:g})")
-    return {"variant": k, "file": variant.file, "max_rel_error": worst}
+    return {"program": program.index, "variant": k, "file": variant.file, "max_rel_error": worst}
 
 
 @torch.no_grad()

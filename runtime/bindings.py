@@ -32,7 +32,7 @@ from schedules.errors import BlockcacheError
 
 from .plan import Plan, names
 from .plan.graphs import variant_io
-from .plan.manifest import Engine
+from .plan.manifest import Engine, Program
 
 ALIGNMENT = 256
 
@@ -125,21 +125,37 @@ class BindingPlan:
         return buffer
 
 
-def engine_io(plan: Plan) -> tuple[Engine, ...]:
-    """Each engine's inputs, outputs and weight inputs: the plan's TensorRT engines, or for a plan
+def engine_io(program: Program) -> tuple[Engine, ...]:
+    """Each engine's inputs, outputs and weight inputs: the program's TensorRT engines, or for a plan
     without engines its variant graphs' (runtime.plan.graphs.variant_io: weights inside the graphs)."""
-    return plan.engines or variant_io(plan)
+    return program.engines or variant_io(program)
 
 
-def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = None) -> BindingPlan:
-    """The binding plan of `plan`'s steps over `engines` (default: engine_io(plan)). `corrections`: per
-    step {unit: (scale, shift)} (runtime.plan.files.plan_corrections), needed by a plan with Block
-    Caching scale-shift."""
-    engines = engine_io(plan) if engines is None else engines
-    if plan.scale_shift_file and corrections is None:
+def weights_arena(plan: Plan) -> Arena:
+    """One weights arena for the engines of every program of `plan`: each weight an engine takes as an
+    input has one slot, whichever programs' engines bind it."""
+    specs: dict[str, tuple] = {}
+    for program in plan.programs:
+        for k, engine in enumerate(engine_io(program)):
+            for name in engine.weight_inputs:
+                spec = engine.inputs[name]
+                if specs.setdefault(name, (list(spec.shape), spec.dtype)) != (list(spec.shape), spec.dtype):
+                    raise BlockcacheError(f"engine {k} of program {program.index}: weight {name} is {spec.dtype}"
+                                          f"{list(spec.shape)} but another engine has {specs[name][1]}{specs[name][0]}")
+    return Arena.pack((n, *specs[n]) for n in sorted(specs))
+
+
+def plan_bindings(program: Program, engines=None, corrections: list[dict] | None = None,
+                  weights: Arena | None = None) -> BindingPlan:
+    """The binding plan of `program`'s steps over `engines` (default: engine_io(program)).
+    `corrections`: per step {unit: (scale, shift)} (runtime.plan.files.plan_corrections), needed by a
+    program with Block Caching scale-shift. `weights`: the plan's weights arena (`weights_arena`) when
+    several programs share one; by default this program's engines' own."""
+    engines = engine_io(program) if engines is None else engines
+    if program.scale_shift_file and corrections is None:
         raise BlockcacheError("this plan has Block Caching scale-shift: its binding plan needs the per-step vectors")
-    if len(engines) != len(plan.variants):
-        raise BlockcacheError(f"plan has {len(plan.variants)} variants but {len(engines)} engines")
+    if len(engines) != len(program.variants):
+        raise BlockcacheError(f"plan has {len(program.variants)} variants but {len(engines)} engines")
     io_specs: dict[str, tuple] = {}
     weight_specs: dict[str, tuple] = {}
 
@@ -151,15 +167,15 @@ def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = Non
         specs[slot] = (shape, dtype)
 
     bound = []
-    for s, step in enumerate(plan.steps):
+    for s, step in enumerate(program.steps):
         k = step.variant
         eng = engines[k]
         owner = f"engine {k}"
-        weights = set(eng.weight_inputs)
+        weight_inputs = set(eng.weight_inputs)
         table = {}
         for direction, tensors in (("inputs", eng.inputs), ("outputs", eng.outputs)):
             for name, spec in tensors.items():
-                if name in weights:
+                if name in weight_inputs:
                     declare(weight_specs, name, spec, owner)
                     table[name] = ("weights", name)
                     continue
@@ -182,7 +198,7 @@ def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = Non
             raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
         bound.append(table)
 
-    count = plan.num_latents
+    count = program.num_latents
     for k in range(count):
         io_specs[f"x.{k}"] = io_specs["x.0"]
     # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
@@ -190,9 +206,14 @@ def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = Non
     order += sorted(n for n in io_specs if n.startswith(names.CACHE_PREFIX))
     order += [n for n in io_specs if n.startswith("step.")]
     io = Arena.pack((n, *io_specs[n]) for n in order)
-    weights = Arena.pack((n, *weight_specs[n]) for n in sorted(weight_specs))
+    if weights is None:
+        weights = Arena.pack((n, *weight_specs[n]) for n in sorted(weight_specs))
+    for name, (shape, dtype) in weight_specs.items():
+        slot = weights.slots.get(name)
+        if slot is None or (list(slot.shape), slot.dtype) != (shape, dtype):
+            raise BlockcacheError(f"engine weight input {name} has no matching slot in the weights arena")
     constants = {}
-    for s, step in enumerate(plan.steps):
+    for s, step in enumerate(program.steps):
         for name in names.STEP_CONSTANTS:
             slot = f"step.{s}.{name}"
             if slot in io.slots:
@@ -203,9 +224,9 @@ def plan_bindings(plan: Plan, engines=None, corrections: list[dict] | None = Non
                 slot = f"step.{s}.{input_name}"
                 if slot in io.slots:
                     constants[slot] = convert(value, io.slots[slot].dtype)
-    return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in plan.steps], steps=bound,
-                       constants=constants, output=f"x.{plan.steps[-1].latents[2]}",
-                       input=f"x.{plan.steps[0].latents[0]}")
+    return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in program.steps], steps=bound,
+                       constants=constants, output=f"x.{program.steps[-1].latents[2]}",
+                       input=f"x.{program.steps[0].latents[0]}")
 
 
 def pack_weights(blob: np.ndarray, plan: Plan, arena: Arena) -> np.ndarray:

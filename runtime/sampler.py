@@ -1,12 +1,27 @@
-"""`runtime.Sampler`: sample from an exported plan.
+"""`runtime.Sampler`: sample from an exported plan, from any number of threads.
 
-    with Sampler("plans/l2c20") as sampler:
-        latents = sampler([207, 360, 387], seed=0)        # numpy (N, C, H, W)
+    with Sampler("plans/l2c", contexts=4) as sampler:          # e.g. in a web service's thread pool
+        latents = sampler([207, 360, 387], seeds=[1, 2, 3])     # numpy (N, C, H, W); image i from seed i alone
+        latents = sampler([207], seed=0, steps=20)              # the plan's 20-step schedule
 
-Labels beyond the plan's batch size are run in batches of that size (the last one padded).
+Concurrency: a Sampler may be called from any number of threads at once. The plan's heavy state
+(weights, sessions or engines, the network) is loaded once and shared; what a call writes (latents,
+labels, cache buffers, bindings, captured graphs) lives in one of `contexts` execution contexts, and
+a call waits for a free one. Each call's result is bit-identical to the same call made alone: no two
+calls ever share a context, and a context's state is written before it is read in every call.
+Memory grows by one set of buffers per context, never by the weights.
+
+Batching: N images run as batches of the plan's batch sizes for the chosen schedule, the ones that
+cover N with the least padded work (9 images on a plan of 1, 2, 4 and 8: 8 + 1, no padding), the
+padding filled with zeros and dropped.
+
+Noise: `seeds` (one per image) makes image i's starting noise from seed i alone, so an image does
+not depend on what it is batched with; `seed` (one for the call) and `noise` keep their meaning.
 """
 
 from __future__ import annotations
+
+import queue
 
 import numpy as np
 
@@ -17,46 +32,111 @@ from schedules.sampling import (check_finite_result, check_guidance_scale, check
 from .backends import make_backend
 from .plan import load_plan
 
+MAX_CONTEXTS = 64
+
+
+def split_batches(n: int, sizes) -> list[int]:
+    """The batch sizes (largest first) that cover `n` images with the least padded work, and among
+    those the fewest runs: 9 of (1, 2, 4, 8) → [8, 1]; 3 of (2, 8) → [2, 2]; 3 of (8,) → [8]."""
+    sizes = sorted(set(sizes))
+    best = [(0, 0, ())] + [None] * n  # images covered → (padded work, runs, batches)
+    for m in range(1, n + 1):
+        options = []
+        for b in sizes:
+            work, runs, batches = best[max(0, m - b)]
+            options.append((work + b, runs + 1, batches + (b,)))
+        best[m] = min(options)
+    return sorted(best[n][2], reverse=True)
+
 
 class Sampler:
     def __init__(self, plan_dir: str, backend: str = "auto", device: str = "auto", verify: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, contexts: int = 1):
         """`backend`: auto, onnxruntime, torch or tensorrt; `device`: auto, cpu, cuda or cuda:N;
         `verify`: check every plan file's checksum at load; `threads`: intra-op threads of the ONNX
-        Runtime backend (default: ORT's choice)."""
+        Runtime backend (default: ORT's choice); `contexts`: how many calls run at once (others wait)."""
+        if isinstance(contexts, bool) or not isinstance(contexts, int) or not 1 <= contexts <= MAX_CONTEXTS:
+            raise ParameterError("contexts", f"{{name}} must be an integer in 1…{MAX_CONTEXTS}, got {contexts!r}")
         self.plan = load_plan(plan_dir, verify=verify)
         self.backend = make_backend(backend, self.plan, device, **({} if threads is None else {"threads": threads}))
+        try:
+            while len(self.backend.contexts) < contexts:
+                self.backend.new_context()
+        except BaseException:
+            self.backend.close()
+            raise
+        self._idle = queue.Queue()
+        for context in self.backend.contexts[:contexts]:
+            self._idle.put(context)
+        self.contexts = contexts
         self.num_classes = self.plan.num_labels
-        self.batch_size = self.plan.batch_size
         self.latent_shape = self.plan.latent_shape
+        self.step_counts = self.plan.step_counts
 
     @property
     def manifest(self) -> dict:
         return self.plan.document
 
     @property
+    def batch_size(self) -> int:
+        """The largest batch the plan runs in one go."""
+        return max(p.batch_size for p in self.plan.programs)
+
+    @property
     def backend_name(self) -> str:
         return f"{self.backend.name} ({self.backend.device})"
 
-    def __call__(self, class_labels, *, noise=None, seed: int | None = None, guidance_scale: float | None = None):
+    def __call__(self, class_labels, *, noise=None, seed: int | None = None, seeds=None,
+                 guidance_scale: float | None = None, steps: int | None = None):
         labels = check_labels(class_labels, self.num_classes)
         n = len(labels)
-        if noise is not None and seed is not None:
-            raise BlockcacheError("give noise or seed, not both")
-        if noise is None:
-            noise = initial_noise((n,) + self.latent_shape, 0 if seed is None else seed)
-        noise = check_noise(noise, (n,) + self.latent_shape)
+        evaluations = self._steps(steps)
+        noise = self._noise(n, noise, seed, seeds)
         scale = self._guidance_scale(guidance_scale)
-        out = []
-        b = self.batch_size
-        for start in range(0, n, b):
-            x, y = noise[start: start + b], labels[start: start + b]
-            pad = b - len(x)
-            if pad:
-                x = np.concatenate([x, np.zeros((pad,) + self.latent_shape, np.float32)])
-                y = np.concatenate([y, np.zeros(pad, np.int64)])
-            out.append(self.backend.run(x, y, scale)[: b - pad])
+        batches = split_batches(n, self.plan.batch_sizes(evaluations))
+        context = self._idle.get()  # waits for a free context
+        try:
+            out, start = [], 0
+            for b in batches:
+                program = self.plan.find(b, evaluations)
+                x, y = noise[start: start + b], labels[start: start + b]
+                real = len(x)
+                if real < b:
+                    x = np.concatenate([x, np.zeros((b - real,) + self.latent_shape, np.float32)])
+                    y = np.concatenate([y, np.zeros(b - real, np.int64)])
+                out.append(context.run(program, x, y, scale)[:real])
+                start += real
+        finally:
+            self._idle.put(context)  # also after an interrupted call: a call writes all it reads
         return check_finite_result(np.concatenate(out), scale)
+
+    def _steps(self, steps) -> int:
+        """The schedule of the call: the plan's only one, or the one with `steps` model evaluations."""
+        if steps is None:
+            if len(self.step_counts) > 1:
+                raise ParameterError("steps", f"this plan has schedules of {', '.join(map(str, self.step_counts))} "
+                                     "steps: choose one with {name}")
+            return self.step_counts[0]
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) not in self.step_counts:
+            raise ParameterError("steps", f"{{name}} {steps!r}: this plan has schedules of "
+                                 f"{', '.join(map(str, self.step_counts))} steps")
+        return int(steps)
+
+    def _noise(self, n: int, noise, seed, seeds) -> np.ndarray:
+        if sum(v is not None for v in (noise, seed, seeds)) > 1:
+            raise BlockcacheError("give one of noise, seed or seeds")
+        shape = (n,) + self.latent_shape
+        if seeds is not None:
+            try:
+                seeds = list(seeds)
+            except TypeError:
+                raise ParameterError("seeds", "{name} must be a list of seeds, one per image") from None
+            if len(seeds) != n:
+                raise ParameterError("seeds", f"{{name}} has {len(seeds)} seeds for {n} images: give one per image")
+            noise = np.concatenate([initial_noise((1,) + self.latent_shape, s) for s in seeds]) if n else None
+        elif noise is None:
+            noise = initial_noise(shape, 0 if seed is None else seed)
+        return check_noise(noise, shape)
 
     def _guidance_scale(self, guidance_scale) -> float:
         """The scale the graphs are run with: the given one or the plan's; a plan made with guidance runs

@@ -38,7 +38,8 @@ class ParameterError(BlockcacheError):
 CLI_FLAGS = {"out_dir": "--out", "batch_size": "--batch-size", "precision": "--precision", "workspace": "--workspace",
              "timing_cache": "--timing-cache", "opt_level": "--opt-level", "guidance_scale": "--guidance-scale",
              "backend": "--backend", "device": "--device", "threads": "--threads", "random_init": "--random-init",
-             "every_step": "--every-step", "seed": "--init-seed"}  # load_model's seed: the random weights' seed
+             "every_step": "--every-step", "seed": "--init-seed", "steps": "--steps", "seeds": "--seeds",
+             "contexts": "--contexts", "batch_sizes": "--batch-sizes", "schedules": "--schedule"}  # load_model's seed: the random weights' seed
 
 
 def one_line(message: object) -> str:

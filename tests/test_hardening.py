@@ -146,7 +146,7 @@ STRUCTURAL_EDITS = {
                                "writes a unit it does not compute"),
     "a manifest that is a list": (lambda d: (d.clear(),), "not a blockcache plan manifest"),
     "the wrong format": (lambda d: d.__setitem__("format", "other"), "not a blockcache plan manifest"),
-    "parameters at another precision": (lambda d: d.__setitem__("precision", "fp16"), "not float16"),
+    "parameters at another precision": (lambda d: d.__setitem__("precision", "fp16"), "not the plan's float16"),
     "a step with a carry coefficient": (lambda d: d["steps"][1].__setitem__("c", 0.5), "no carry input"),
     "a latent buffer 7": (lambda d: d["steps"][1].__setitem__("latents", [1, 1, 7]), "three buffer numbers"),
     "an unsplittable shape": (lambda d: d["inputs"]["x"].__setitem__("shape", "2x4"), "must be a list"),

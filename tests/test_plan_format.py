@@ -31,7 +31,7 @@ def refused(doc: dict, name: str) -> str:
 @pytest.mark.parametrize("name", ["dit-a93be39", "dit-2aaa9ff", "uvit-2aaa9ff"])
 def test_unedited_plans_parse(name):
     plan = Plan.parse(document(name), str(PLANS / name))
-    assert len(plan.steps) == 4 and plan.batch_size == 2
+    assert len(plan.program.steps) == 4 and plan.program.batch_size == 2 and len(plan.programs) == 1
 
 
 def edited(name: str, edit) -> dict:
@@ -91,7 +91,7 @@ def test_cache_buffers_hold_the_doubled_batch_at_the_plan_precision():
 
 def test_precision_must_be_the_stored_parameters():
     message = refused(edited("dit-2aaa9ff", lambda d: d.__setitem__("precision", "fp16")), "dit-2aaa9ff")
-    assert "is float32[4, 16, 32], not float16[4, 16, 32]" in message  # the caches say fp32 first
+    assert "is stored as float32, not the plan's float16" in message  # the parameters are read first
 
     def edit(doc):  # caches relabelled too: the stored parameters still say fp32
         doc["precision"] = "fp16"

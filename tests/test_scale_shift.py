@@ -118,7 +118,8 @@ def test_plan_applies_scale_shift_like_the_reference(backend, tmp_path):
     tensors["scale/0/blocks.0.attn"] = np.zeros(64, np.float32)  # step 0 computes everything
     save_file(tensors, str(sidecar))
     with pytest.raises(BlockcacheError, match="which no step of the plan corrects"):
-        plan_corrections(load_plan(str(tmp_path / "plan"), verify=False))
+        damaged = load_plan(str(tmp_path / "plan"), verify=False)
+        plan_corrections(damaged, damaged.program)
 
 
 def test_cli_round_trip_and_bad_inputs(tmp_path):

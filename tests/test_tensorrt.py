@@ -76,7 +76,7 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
     if retype_to is not None:  # run fp16 engines' graphs in fp32 (ORT's CPU has few fp16 kernels)
         engines = json.loads(json.dumps(engines).replace('"float16"', '"float32"'))
     parsed = Plan.parse(manifest, plan_dir)
-    plan = plan_bindings(parsed, [Engine.parse(e) for e in engines], plan_corrections(parsed))
+    plan = plan_bindings(parsed.program, [Engine.parse(e) for e in engines], plan_corrections(parsed, parsed.program))
     blob = np.fromfile(os.path.join(plan_dir, "weights.bin"), dtype=np.uint8)
     arenas = {"io": plan.initial_io(), "weights": pack_weights(blob, parsed, plan.weights)}
     sessions = []
@@ -103,7 +103,7 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None):
 
 def test_binding_plan_layout(plans):
     manifest = load_manifest(str(plans["fp32"]))
-    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])))
+    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])).program)
     steps = manifest["steps"]
     # every slot 256-byte aligned, no two overlapping, inside the arena
     for arena in (plan.io, plan.weights):
@@ -140,7 +140,7 @@ def test_binding_plan_without_engines_matches_variants(plans):
     """A plan's ORT view (no engines) binds the same buffers the ONNX Runtime backend binds."""
     manifest = load_manifest(str(plans["fp32"]))
     del manifest["tensorrt"]
-    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])))
+    plan = plan_bindings(Plan.parse(manifest, str(plans["fp32"])).program)
     assert plan.weights.nbytes == 0
     for s, step in enumerate(manifest["steps"]):
         v = manifest["variants"][step["variant"]]
@@ -155,11 +155,11 @@ def test_binding_plan_rejects_inconsistent_engines(plans):
     name = next(n for n in engines[1]["inputs"] if n.startswith("cache."))
     engines[1]["inputs"][name]["dtype"] = "float16"
     with pytest.raises(BlockcacheError, match="another engine"):
-        plan_bindings(Plan.parse(manifest, str(plans["fp32"])), [Engine.parse(e) for e in engines])
+        plan_bindings(Plan.parse(manifest, str(plans["fp32"])).program, [Engine.parse(e) for e in engines])
     engines = json.loads(json.dumps(manifest["tensorrt"]["engines"]))
     engines[0]["inputs"]["mystery"] = {"shape": [1], "dtype": "float32"}
     with pytest.raises(BlockcacheError, match="mystery"):
-        plan_bindings(Plan.parse(manifest, str(plans["fp32"])), [Engine.parse(e) for e in engines])
+        plan_bindings(Plan.parse(manifest, str(plans["fp32"])).program, [Engine.parse(e) for e in engines])
     expected = Engine.parse(manifest["tensorrt"]["engines"][0])
     actual = {n: {"mode": "input", "shape": list(s.shape), "dtype": s.dtype} for n, s in expected.inputs.items()}
     actual.update({n: {"mode": "output", "shape": list(s.shape), "dtype": s.dtype} for n, s in expected.outputs.items()})
@@ -186,8 +186,9 @@ def test_scale_shift_vectors_are_step_constants(tiny, tmp_path):
                         version="10.test", batch_size=2, guidance_scale=4.0)
     manifest = load_manifest(path)
     with pytest.raises(BlockcacheError, match="scale-shift"):
-        plan_bindings(load_plan(path))
-    plan = plan_bindings(load_plan(path), corrections=plan_corrections(load_plan(path)))
+        plan_bindings(load_plan(path).program)
+    loaded = load_plan(path)
+    plan = plan_bindings(loaded.program, corrections=plan_corrections(loaded, loaded.program))
     buffer = plan.initial_io()
     unit = manifest["variants"][1]["adjusts"][0]
     for s in range(schedule.num_steps):
@@ -213,7 +214,7 @@ def test_dpm_solver_plan_binds_three_latents(tmp_path):
     export_with_engines(model, schedule, path, EngineSettings(precision="fp32", min_weight_bytes=SMALL),
                         builder=fake_builder(), version="10.test", batch_size=2, guidance_scale=0.4)
     manifest = load_manifest(path)
-    plan = plan_bindings(load_plan(path))
+    plan = plan_bindings(load_plan(path).program)
     assert {n for n in plan.io.slots if n.startswith("x.")} == {"x.0", "x.1", "x.2"}
     assert plan.steps[1]["x_carry"] == ("io", "x.0") and plan.steps[1]["x"] == ("io", "x.1")
     assert "step.1.c" in plan.constants
@@ -288,7 +289,7 @@ def test_bf16_engine_graphs(plans):
         assert e["inputs"]["x"]["dtype"] == "float32" and e["outputs"]["x_next"]["dtype"] == "float32"
         assert any(v.type.tensor_type.elem_type == bf16 for v in model.graph.input)
     # weights converted from the fp16 weights.bin on packing
-    plan = plan_bindings(Plan.parse(manifest, str(plans["bf16"])))
+    plan = plan_bindings(Plan.parse(manifest, str(plans["bf16"])).program)
     blob = np.fromfile(plans["bf16"] / "weights.bin", dtype=np.uint8)
     packed = pack_weights(blob, Plan.parse(manifest, str(plans["bf16"])), plan.weights)
     name = next(iter(plan.weights.slots))

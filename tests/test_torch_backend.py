@@ -116,11 +116,12 @@ def test_weights_exist_once(plan_dir):
     # transposed-stored linear weights were turned back in place: PyTorch's layout, no copies
     assert all(p.is_contiguous() for p in params)
     # resident cache buffers: one per unit that some step reads, allocated once
-    assert {"cache." + u for u in backend.cache} == set(manifest["buffers"])
-    ptrs = {u: b.data_ptr() for u, b in backend.cache.items()}
+    cache = backend.contexts[0].buffers[2]["cache"]  # the one context's buffers for batch size 2
+    assert {"cache." + u for u in cache} == set(manifest["buffers"])
+    ptrs = {u: b.data_ptr() for u, b in cache.items()}
     x = np.zeros((2, 4, 8, 8), np.float32)
     backend.run(x, np.array([1, 2]), 4.0)
-    assert {u: b.data_ptr() for u, b in backend.cache.items()} == ptrs
+    assert {u: b.data_ptr() for u, b in cache.items()} == ptrs
 
     bf16 = TorchBackend(Plan.parse(manifest, path), "cpu", dtype="bf16")  # one cast copy at half the size
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}

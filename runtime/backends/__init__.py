@@ -43,7 +43,7 @@ def make_backend(name: str, plan: Plan, device: str = "auto", **options) -> Back
             raise ParameterError(unknown[0], f"the {name} backend has no option {{name}} "
                                  f"(its options: {', '.join(cls.OPTIONS) or 'none'})")
         return cls(plan, device, **options)
-    if plan.engines and (device == "auto" or device.startswith("cuda")):
+    if plan.tensorrt is not None and (device == "auto" or device.startswith("cuda")):
         try:
             return make_backend("tensorrt", plan, device, **_taken("tensorrt", options))
         except BlockcacheError as e:

@@ -1,13 +1,18 @@
 """The one backend interface, and device names.
 
-A backend replays a validated plan (`runtime.plan.Plan`) for one batch of the plan's batch size:
+A backend replays a validated plan (`runtime.plan.Plan`), one batch of one of its programs at a time
+per execution context:
 
     with make_backend("onnxruntime", plan, device="cpu", threads=2) as backend:
         x_final = backend.run(x, y, guidance_scale)     # (B, C, H, W) float32 noise, (B,) int64 labels
+        context = backend.new_context()                 # one per concurrent caller (runtime.Sampler's pool)
+        x_final = context.run(plan.programs[1], x, y, guidance_scale)
 
 Every backend is built as `Backend(plan, device="auto", **options)` (each declares its keyword options
-in `OPTIONS`), reports `name` and the resolved `device`, and frees what it holds in `close()` (also on
-leaving a `with` block).
+in `OPTIONS`), reports `name` and the resolved `device`, and frees what it and its contexts hold in
+`close()` (also on leaving a `with` block). The heavy state (weights, sessions or engines, the
+network) exists once per backend; a context holds only what a call writes (latents, labels, caches,
+bindings, a captured graph), so memory grows by those per context, never by the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from schedules.errors import BlockcacheError, ParameterError
 
 from ..plan import Plan, names
+from ..plan.manifest import Program
 
 
 def resolve_device(device, cuda_available: Callable[[], bool]) -> str:
@@ -40,6 +46,10 @@ def device_index(device: str) -> int:
 
 
 class Backend:
+    """The state every call shares: the weights, and the sessions, engines or network of every program.
+    What a call writes lives in an `ExecutionContext` (`new_context`); `run` uses one the backend keeps
+    for single-threaded use."""
+
     name = "backend"
     OPTIONS: tuple[str, ...] = ()  # keyword options of the constructor
     closed = False
@@ -47,25 +57,32 @@ class Backend:
     def __init__(self, plan: Plan, device: str):
         self.plan = plan
         self.device = device
-        self._x_shape = plan.inputs[names.X].shape
-        self._y_shape = plan.inputs[names.Y].shape
+        self.contexts: list[ExecutionContext] = []  # every context made, the first the one `run` uses
 
-    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        """The final latents (B, C, H, W) float32 of one batch: `x` the starting noise, `y` the labels."""
+    def new_context(self) -> "ExecutionContext":
+        """A new execution context: the buffers (latents, labels, caches, bindings, graphs) of one call
+        at a time, for every program of the plan. Contexts run concurrently with each other."""
         if self.closed:
             raise BlockcacheError(f"the {self.name} backend was closed: make a new one to sample")
-        if np.shape(x) != self._x_shape or np.shape(y) != self._y_shape:
-            raise BlockcacheError(f"the {self.name} backend runs batches of exactly {self._x_shape} latents and "
-                                  f"{self._y_shape} labels, got {np.shape(x)} and {np.shape(y)}")
-        return self._run(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64),
-                         float(guidance_scale))
+        context = self._make_context()
+        self.contexts.append(context)
+        return context
 
-    def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _make_context(self) -> "ExecutionContext":
         raise NotImplementedError
 
+    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float, program: Program | None = None) -> np.ndarray:
+        """The final latents (B, C, H, W) float32 of one batch of `program` (default: the plan's only
+        one): `x` the starting noise, `y` the labels. One call at a time; use contexts for more."""
+        context = self.contexts[0] if self.contexts else self.new_context()
+        return context.run(self.plan.program if program is None else program, x, y, guidance_scale)
+
     def close(self) -> None:
-        """Release what the backend holds (device memory first); the backend is not usable afterwards.
-        Subclasses release their own state, then call this."""
+        """Release what the backend and its contexts hold (device memory first); neither is usable
+        afterwards. Subclasses release their own shared state after calling this."""
+        for context in self.contexts:
+            context.close()
+        self.contexts = []
         self.closed = True
 
     def __enter__(self):
@@ -74,3 +91,33 @@ class Backend:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class ExecutionContext:
+    """The per-call state of a backend: what one sampling call writes. A context runs one batch at a
+    time; several contexts of one backend run at the same time, sharing everything else."""
+
+    closed = False
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        """The final latents of one batch of `program`, a program of the backend's plan."""
+        if self.closed or self.backend.closed:
+            raise BlockcacheError(f"the {self.backend.name} backend was closed: make a new one to sample")
+        if self.backend.plan.programs[program.index] is not program:
+            raise BlockcacheError("that program is not one of this backend's plan")
+        x_shape, y_shape = program.inputs[names.X].shape, program.inputs[names.Y].shape
+        if np.shape(x) != x_shape or np.shape(y) != y_shape:
+            raise BlockcacheError(f"this program of the {self.backend.name} backend runs batches of exactly "
+                                  f"{x_shape} latents and {y_shape} labels, got {np.shape(x)} and {np.shape(y)}")
+        return self._run(program, np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64),
+                         float(guidance_scale))
+
+    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the context's buffers (subclasses release theirs, then call this)."""
+        self.closed = True

@@ -6,12 +6,14 @@ how weights are packed and converted, checks of the engines against the manifest
 CUDA runtime, and imports neither until a backend is made.
 
 - Weights: the engines take their large weights as *inputs* (exporter/engines.py says why), so the
-  device holds one packed copy (`weights` arena) that every execution context binds.
-- Activations: one scratch allocation, the largest `device_memory_size_v2` over the engines, shared by
-  every context (contexts are created USER_MANAGED and run one after another on one stream).
-- One execution context per *step*, its addresses set once at load: nothing changes between calls, so
-  after one eager warm-up the loop is captured once as a CUDA graph and each call is
-  copy-in → graph launch → copy-out.
+  device holds one packed copy (`weights` arena, over every program's engines) that every TensorRT
+  execution context binds.
+- Per blockcache execution context (one call at a time; contexts run concurrently on their own
+  streams): one scratch allocation for activations, the largest `device_memory_size_v2` over the
+  engines, shared by the context's TensorRT contexts (created USER_MANAGED, run one after another on
+  the context's stream); per program an `io` arena and one TensorRT execution context per *step*,
+  its addresses set once: nothing changes between calls, so after one eager warm-up each program's
+  loop is captured once as a CUDA graph and each call is copy-in → graph launch → copy-out.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 
 from schedules.errors import BlockcacheError, ParameterError, one_line
 
-from ..bindings import check_engine_io, host_dtype, pack_weights, plan_bindings
+from ..bindings import check_engine_io, host_dtype, pack_weights, plan_bindings, weights_arena
 from ..plan import Plan, names
+from ..plan.manifest import Program
 from ..plan.files import plan_corrections, read_weights
-from .base import Backend
+from .base import Backend, ExecutionContext
 
 log = logging.getLogger("blockcache")
 
@@ -64,7 +67,8 @@ def tensorrt_available() -> bool:
 
 class _Cuda:
     """The few CUDA runtime calls the backend makes, through polygraphy's ctypes binding of libcudart
-    (`polygraphy.cuda.wrapper()`: malloc, memcpy, streams; its `.handle` is the loaded library)."""
+    (`polygraphy.cuda.wrapper()`: malloc, memcpy, streams; its `.handle` is the loaded library). Owns
+    a stream, the allocations and the graphs it made, all freed by `close`."""
 
     def __init__(self):
         from polygraphy import cuda
@@ -73,7 +77,7 @@ class _Cuda:
         self._lib = self._rt.handle
         self._kind = cuda.MemcpyKind
         self._owned: list[int] = []
-        self.graph = self.graph_exec = None
+        self._graphs: list[tuple] = []
         self.stream = self._rt.create_stream()
 
     def alloc(self, nbytes: int) -> int:
@@ -94,8 +98,8 @@ class _Cuda:
         if status != 0:
             raise BlockcacheError(f"CUDA {what} failed with error {status}")
 
-    def capture(self, enqueue) -> None:
-        """Record everything `enqueue()` issues on the stream as one CUDA graph.
+    def capture(self, enqueue):
+        """Record everything `enqueue()` issues on the stream as one CUDA graph; returns its executable.
         CUDA runtime API: cudaStreamBeginCapture(stream, mode) with cudaStreamCaptureModeGlobal = 0;
         cudaStreamEndCapture(stream, cudaGraph_t*); cudaGraphInstantiateWithFlags(cudaGraphExec_t*,
         graph, unsigned long long flags) — the same signature in CUDA 11.4+ and 12/13, unlike
@@ -108,20 +112,21 @@ class _Cuda:
             graph = ctypes.c_void_p()
             status = self._lib.cudaStreamEndCapture(stream, ctypes.byref(graph))
         self._check(status, "end of stream capture")
-        self.graph = graph
         exec_ = ctypes.c_void_p()
-        self._check(self._lib.cudaGraphInstantiateWithFlags(ctypes.byref(exec_), graph, ctypes.c_ulonglong(0)),
-                    "graph instantiation")
-        self.graph_exec = exec_
+        status = self._lib.cudaGraphInstantiateWithFlags(ctypes.byref(exec_), graph, ctypes.c_ulonglong(0))
+        self._graphs.append((graph, exec_ if status == 0 else None))
+        self._check(status, "graph instantiation")
+        return exec_
 
-    def launch(self) -> None:
-        self._check(self._lib.cudaGraphLaunch(self.graph_exec, ctypes.c_void_p(self.stream)), "graph launch")
+    def launch(self, graph_exec) -> None:
+        self._check(self._lib.cudaGraphLaunch(graph_exec, ctypes.c_void_p(self.stream)), "graph launch")
 
     def close(self) -> None:
-        if self.graph_exec is not None:
-            self._lib.cudaGraphExecDestroy(self.graph_exec)
-        if self.graph is not None:
-            self._lib.cudaGraphDestroy(self.graph)
+        for graph, graph_exec in self._graphs:
+            if graph_exec is not None:
+                self._lib.cudaGraphExecDestroy(graph_exec)
+            self._lib.cudaGraphDestroy(graph)
+        self._graphs.clear()
         for ptr in self._owned:
             self._rt.free(ptr)
         self._owned.clear()
@@ -137,20 +142,24 @@ class TensorRTBackend(Backend):
             raise ParameterError("device", f"the tensorrt backend runs on a CUDA GPU, the current one (cuda; choose "
                                  f"it with CUDA_VISIBLE_DEVICES), not on {{name}} {device!r} (the onnxruntime "
                                  "backend runs on the CPU)")
-        if not plan.engines:
+        if not plan.tensorrt or not all(p.engines for p in plan.programs):
             raise BlockcacheError(f"plan {plan.directory} has no TensorRT engines: export it with the tensorrt "
                                   "backend (blockcache-export --backend tensorrt)")
         trt = import_tensorrt()
-        built_with = (plan.tensorrt or {}).get("built_with")
+        built_with = plan.tensorrt.get("built_with")
         if built_with != trt.__version__:
             raise BlockcacheError(f"the plan's engines were built with TensorRT {built_with}, this is "
                                   f"{trt.__version__}: re-export the plan with the tensorrt backend")
         self._cuda = None
         super().__init__(plan, "cuda")
-        self.bindings = plan_bindings(plan, corrections=plan_corrections(plan))
-        host_weights = pack_weights(read_weights(plan), plan, self.bindings.weights)
+        self.use_cuda_graph = cuda_graph
+        self.weights_arena = weights_arena(plan)
+        self.bindings = [plan_bindings(p, corrections=plan_corrections(plan, p), weights=self.weights_arena)
+                         for p in plan.programs]
+        host_weights = pack_weights(read_weights(plan), plan, self.weights_arena)
         try:
-            self._setup(trt, host_weights, cuda_graph)
+            self._setup(trt, host_weights)
+            self.new_context()  # at load: the first context's graphs are captured now, not in the first call
         except BaseException as e:
             self.close()
             if isinstance(e, BlockcacheError) or not isinstance(e, Exception):
@@ -158,56 +167,39 @@ class TensorRTBackend(Backend):
             # polygraphy / TensorRT / CUDA errors (no GPU, out of memory, …): one line
             raise BlockcacheError(f"TensorRT backend could not start: {one_line(e)[:300]}") from None
 
-    def _setup(self, trt, host_weights, cuda_graph):
+    def _setup(self, trt, host_weights):
+        self.trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = self._runtime = trt.Runtime(self._logger)  # kept alive as long as its engines
-        self.engines, self._tensors = [], []
-        for entry in self.plan.engines:
-            with open(self.plan.path(entry.file), "rb") as f:
-                engine = runtime.deserialize_cuda_engine(f.read())
-            if engine is None:
-                raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
-                                      "the plan with the tensorrt backend on this machine")
-            io = self._engine_io(trt, engine)
-            check_engine_io(entry, io, entry.file)
-            self.engines.append(engine)
-            self._tensors.append(set(io))
-
+        self.engines, self.engine_tensors = [], []  # per program, per variant
+        for program in self.plan.programs:
+            engines, tensors = [], []
+            for entry in program.engines:
+                with open(self.plan.path(entry.file), "rb") as f:
+                    engine = runtime.deserialize_cuda_engine(f.read())
+                if engine is None:
+                    raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
+                                          "the plan with the tensorrt backend on this machine")
+                io = self._engine_io(trt, engine)
+                check_engine_io(entry, io, entry.file)
+                engines.append(engine)
+                tensors.append(set(io))
+            self.engines.append(engines)
+            self.engine_tensors.append(tensors)
         cuda = self._cuda = _Cuda()
-        plan = self.bindings
-        self._base = {"io": cuda.alloc(plan.io.nbytes), "weights": cuda.alloc(plan.weights.nbytes)}
-        cuda.upload(self._base["weights"], host_weights)
-        self._io_host = plan.initial_io()  # step constants, uploaded once
-        cuda.upload(self._base["io"], self._io_host)
+        self.weights_base = cuda.alloc(self.weights_arena.nbytes)
+        cuda.upload(self.weights_base, host_weights)
+        cuda.sync()
         # ICudaEngine.device_memory_size_v2 (TensorRT 10.1+): scratch an execution context needs.
-        scratch = max(int(e.device_memory_size_v2) for e in self.engines)
-        scratch_ptr = cuda.alloc(scratch)
-        self.contexts = []
-        for s, k in enumerate(plan.step_engine):
-            # USER_MANAGED: the context allocates no activation memory; set_device_memory(ptr, size)
-            # (TensorRT 10.1+) points it at the shared scratch. Contexts that never run concurrently
-            # may share it.
-            ctx = self.engines[k].create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            ctx.set_device_memory(scratch_ptr, scratch)
-            for name, address in plan.addresses(s, self._base).items():
-                if name in self._tensors[k] and not ctx.set_tensor_address(name, address):
-                    raise BlockcacheError(f"step {s}: TensorRT refused the address of {name!r}")
-            self.contexts.append(ctx)
-        cuda.sync()
-        self.memory = {"weights": plan.weights.nbytes, "io": plan.io.nbytes, "scratch": scratch,
-                       "engine_files": sum(self.plan.files[e.file].size for e in self.plan.engines)}
+        self.scratch = max(int(e.device_memory_size_v2) for engines in self.engines for e in engines)
+        self.memory = {"weights": self.weights_arena.nbytes, "io": sum(b.io.nbytes for b in self.bindings),
+                       "scratch": self.scratch,
+                       "engine_files": sum(self.plan.files[e.file].size for p in self.plan.programs for e in p.engines)}
 
-        # Warm-up: every context enqueues once outside capture (TensorRT does one-time work on the
-        # first enqueue); then the whole loop is recorded as one graph.
-        self._enqueue_all()
-        cuda.sync()
-        self.cuda_graph = False
-        if cuda_graph:
-            try:
-                cuda.capture(self._enqueue_all)
-                self.cuda_graph = True
-            except BlockcacheError as e:
-                log.warning("blockcache: TensorRT loop runs without a CUDA graph: %s", one_line(e))
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether every context replays captured CUDA graphs."""
+        return bool(self.contexts) and all(c.graphs is not None for c in self.contexts)
 
     @staticmethod
     def _engine_io(trt, engine) -> dict:
@@ -220,46 +212,109 @@ class TensorRTBackend(Backend):
                          "dtype": TRT_DTYPES.get(dtype.name, dtype.name)}
         return out
 
-    def _enqueue_all(self):
-        for s, ctx in enumerate(self.contexts):
-            if not ctx.execute_async_v3(self._cuda.stream):
-                raise BlockcacheError(f"TensorRT failed to enqueue step {s}")
-
-    def _write(self, slot: str, value: np.ndarray) -> None:
-        view = self.bindings.io.view(self._io_host, slot)
-        view[...] = value.reshape(view.shape)
-        self._cuda.upload(self._base["io"] + self.bindings.io.slots[slot].offset, np.ascontiguousarray(view))
-
-    def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        self._write(self.bindings.input, x)
-        self._write(names.Y, y)
-        if names.GUIDANCE_SCALE in self.bindings.io.slots:
-            self._write(names.GUIDANCE_SCALE, np.array([guidance_scale], np.float32))
-        if self.cuda_graph:
-            self._cuda.launch()
-        else:
-            self._enqueue_all()
-        slot = self.bindings.io.slots[self.bindings.output]
-        out = np.empty(slot.shape, host_dtype(slot.dtype))
-        self._cuda.download(out, self._base["io"] + slot.offset)
-        self._cuda.sync()
-        return out.astype(np.float32)
+    def _make_context(self) -> "TensorRTContext":
+        return TensorRTContext(self)
 
     def close(self) -> None:
         """Free the device memory now (contexts and engines first, then the buffers they used)."""
+        super().close()
         if getattr(self, "_cuda", None) is not None:
             try:
                 self._cuda.sync()
             except Exception:  # a failed start: free what there is
                 pass
-            self.contexts = []
             self.engines = []
             self._cuda.close()
             self._cuda = None
-        super().close()
 
     def __del__(self):
         try:
             self.close()
         except Exception:  # interpreter shutdown: CUDA may already be gone
             pass
+
+
+class TensorRTContext(ExecutionContext):
+    """A call's device state: a stream, one scratch, and per program an io arena, one TensorRT execution
+    context per step and the captured graph of its loop."""
+
+    def __init__(self, backend: TensorRTBackend):
+        super().__init__(backend)
+        self._cuda = _Cuda()
+        try:
+            self._setup(backend)
+        except BaseException:
+            self.close()  # what was allocated before the failure
+            raise
+
+    def _setup(self, backend: TensorRTBackend) -> None:
+        trt, cuda = backend.trt, self._cuda
+        scratch = cuda.alloc(backend.scratch)
+        self.io_bases, self.io_host, self.steps, self.graphs = [], [], [], None
+        for program, bindings in zip(backend.plan.programs, backend.bindings):
+            bases = {"io": cuda.alloc(bindings.io.nbytes), "weights": backend.weights_base}
+            host = bindings.initial_io()  # step constants, uploaded once
+            cuda.upload(bases["io"], host)
+            contexts = []
+            for s, k in enumerate(bindings.step_engine):
+                # USER_MANAGED: the TensorRT context allocates no activation memory; set_device_memory
+                # (TensorRT 10.1+) points it at this context's scratch, which only its steps use, in order.
+                ctx = backend.engines[program.index][k].create_execution_context(
+                    trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                ctx.set_device_memory(scratch, backend.scratch)
+                for name, address in bindings.addresses(s, bases).items():
+                    if name in backend.engine_tensors[program.index][k] and not ctx.set_tensor_address(name, address):
+                        raise BlockcacheError(f"step {s}: TensorRT refused the address of {name!r}")
+                contexts.append(ctx)
+            self.io_bases.append(bases["io"])
+            self.io_host.append(host)
+            self.steps.append(contexts)
+        cuda.sync()
+        # Warm-up: every TensorRT context enqueues once outside capture (TensorRT does one-time work on
+        # the first enqueue); then each program's loop is recorded as one graph.
+        for program in backend.plan.programs:
+            self._enqueue(program)
+        cuda.sync()
+        if backend.use_cuda_graph:
+            try:
+                self.graphs = [cuda.capture(lambda p=program: self._enqueue(p)) for program in backend.plan.programs]
+            except BlockcacheError as e:
+                log.warning("blockcache: TensorRT loops run without CUDA graphs: %s", one_line(e))
+
+    def _enqueue(self, program: Program):
+        for s, ctx in enumerate(self.steps[program.index]):
+            if not ctx.execute_async_v3(self._cuda.stream):
+                raise BlockcacheError(f"TensorRT failed to enqueue step {s}")
+
+    def _write(self, program: Program, slot: str, value: np.ndarray) -> None:
+        bindings = self.backend.bindings[program.index]
+        view = bindings.io.view(self.io_host[program.index], slot)
+        view[...] = value.reshape(view.shape)
+        self._cuda.upload(self.io_bases[program.index] + bindings.io.slots[slot].offset, np.ascontiguousarray(view))
+
+    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        bindings = self.backend.bindings[program.index]
+        self._write(program, bindings.input, x)
+        self._write(program, names.Y, y)
+        if names.GUIDANCE_SCALE in bindings.io.slots:
+            self._write(program, names.GUIDANCE_SCALE, np.array([guidance_scale], np.float32))
+        if self.graphs is not None:
+            self._cuda.launch(self.graphs[program.index])
+        else:
+            self._enqueue(program)
+        slot = bindings.io.slots[bindings.output]
+        out = np.empty(slot.shape, host_dtype(slot.dtype))
+        self._cuda.download(out, self.io_bases[program.index] + slot.offset)
+        self._cuda.sync()
+        return out.astype(np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_cuda", None) is not None:
+            try:
+                self._cuda.sync()
+            except Exception:
+                pass
+            self.steps, self.graphs = [], None
+            self._cuda.close()
+            self._cuda = None
+        super().close()

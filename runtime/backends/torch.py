@@ -9,18 +9,21 @@ The one runtime backend that needs torch and the networks (runtime/nn):
 - Weights: every parameter is a view of the plan's single weights copy (torch_weights.py), so the
   weights exist once whatever the number of variants: all variants run the same module.
 - Steps: each step runs `DenoisingStep.denoise` (CFG, network, solver update with DPM-Solver-2's
-  carry term, as the eager reference and the traced graphs do) with a `ResidentCache` unit policy made
-  at load for its step: units its variant reads return their cache buffer (corrected by the step's
-  Block Caching scale/shift where the plan has one), units it writes are copied into theirs. Cache
-  buffers, the latents, labels, guidance scale and every step's timestep, a, b (and c) are device
-  tensors allocated once at load; the latents follow the manifest's per-step (input, carry, output)
-  buffers.
+  carry term, as the eager reference and the traced graphs do) with a `ResidentCache` unit policy: units
+  its variant reads return their cache buffer (corrected by the step's Block Caching scale/shift where
+  the plan has one), units it writes are copied into theirs. Every step's timestep, a, b (and c) and
+  scale/shift vectors are device tensors made once per program and shared by every execution context.
+- Per execution context (one call at a time; contexts run concurrently): for each batch size, the
+  latents, labels, guidance scale and cache buffers, shared by that batch size's programs (a context
+  runs one program at a time); each program's steps with their policies over those buffers; and on
+  CUDA each program's captured graph (a context's graphs share one memory pool).
 - Optionally (`compile=`, DiT plans only), each DiT block runs through one `torch.compile`d function
   shared by all blocks and variants (at most four graphs: attention and MLP each computed or read).
-- CUDA: the whole sampling loop (every step of the schedule) is captured as one CUDA graph at load,
-  after a warm-up run on a side stream (shapes and the schedule are static); a call copies noise,
-  labels and the guidance scale into the static inputs, replays the graph and copies the static
-  output to the host. Capture runs with TF32 off (`exact_fp32`), so fp32 plans replay IEEE fp32
+- CUDA: each program's whole sampling loop is captured as one CUDA graph when a context is made (the
+  backend makes its first at load), after a warm-up run on a side stream (shapes and the schedule are
+  static); a call copies noise, labels and the guidance scale into the static inputs, replays the graph
+  and copies the static output to the host. Compiled blocks without CUDA graphs run one call at a time
+  (a lock): torch.compile's generated code is not made to be entered by several threads. Capture runs with TF32 off (`exact_fp32`), so fp32 plans replay IEEE fp32
   kernels. If capture fails the backend runs the same loop eagerly and says why in `graph_error`
   (with a warning).
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 
 import numpy as np
@@ -46,7 +50,8 @@ from schedules.errors import BlockcacheError, one_line
 
 from ..nn.units import CachePolicy  # plain Python: importing it needs no torch
 from ..plan import Plan, names
-from .base import Backend, resolve_device
+from ..plan.manifest import Program
+from .base import Backend, ExecutionContext, resolve_device
 
 # Documented bound on max abs error / max abs value of the fp32 eager reference for a full sampling
 # run (measured on CPU, depth-28 random DiT, DDIM-20: fp16 1.4e-3, bf16 1.0e-2).
@@ -99,7 +104,7 @@ class TorchBackend(Backend):
     def __init__(self, plan: Plan, device: str = "auto", dtype=None, cuda_graph: bool = True,
                  compile: str | None = None, compile_backend: str = "inductor", warmup: int = 2):
         """`dtype`: fp32, fp16 or bf16 instead of the plan's stored precision. `cuda_graph`: capture the
-        loop on CUDA (default). `compile`: a `torch.compile` mode (e.g. "max-autotune-no-cudagraphs";
+        loops on CUDA (default). `compile`: a `torch.compile` mode (e.g. "max-autotune-no-cudagraphs";
         inductor's own CUDA graphs would nest in ours) applied per DiT block, see `_block_step`;
         compiled at load. `warmup`: loop runs before capture."""
         torch = _torch()
@@ -112,46 +117,41 @@ class TorchBackend(Backend):
         self.dtype = torch_dtype(self.precision)
         self.model = model_from_plan(plan, self.dtype, self.device)
         self.step = DenoisingStep(self.model, plan.guidance.enabled, plan.guidance.channels)
-        self._allocate()
+        self.constants = [self._constants(program) for program in plan.programs]
         self.compile = compile
         self._uncompile = None
+        self.compiled_calls = threading.Lock()  # compiled blocks without CUDA graphs: one call at a time
         if compile is not None:
             self._compile_blocks(compile, compile_backend)
-        self.cuda_graph = False
+        self.use_cuda_graph = self.device.startswith("cuda") and cuda_graph
+        self.warmup = warmup
         self.graph_error = None
-        self._graph = self._graph_out = None
-        with self._compile_limits():
-            if self.device.startswith("cuda") and cuda_graph:
-                self._capture(warmup)
-            elif compile is not None:  # compile now, not in the first timed call
-                with torch.no_grad():
-                    self._loop()
+        self.new_context()  # at load: compiles the blocks and captures the graphs, not in the first call
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether every context replays captured CUDA graphs."""
+        return bool(self.contexts) and all(c.graphs is not None for c in self.contexts)
 
     # -- load -----------------------------------------------------------------------------------
-    def _allocate(self) -> None:
+    def _constants(self, program: Program) -> list[tuple]:
+        """Per step: timestep, a, b, c (None without a carry term), scale/shift tensors, on the device once."""
         torch = _torch()
         from ..plan.files import plan_corrections
 
-        plan, dev = self.plan, self.device
-        self.x = torch.zeros(plan.inputs[names.X].shape, dtype=torch.float32, device=dev)
-        self.y = torch.zeros(plan.inputs[names.Y].shape, dtype=torch.int64, device=dev)
-        self.guidance_scale = torch.ones(1, dtype=torch.float32, device=dev)
-        self.cache = {unit: torch.zeros(spec.shape, dtype=self.dtype, device=dev) for unit, spec in plan.cache.items()}
-        time_dtype = getattr(torch, plan.inputs[names.TIMESTEP].dtype)  # int64 (DDIM) or float32 (DPM-Solver)
+        dev = self.device
+        time_dtype = getattr(torch, program.inputs[names.TIMESTEP].dtype)  # int64 (DDIM) or float32 (DPM-Solver)
 
         def scalar(value, dtype=torch.float32):
             return torch.tensor([value], dtype=dtype, device=dev)
 
-        self.steps = []
-        for step, corrections in zip(plan.steps, plan_corrections(plan)):
-            variant = plan.variants[step.variant]
-            # the step's scale/shift, made on the device once
+        out = []
+        for step, corrections in zip(program.steps, plan_corrections(self.plan, program)):
             corrections = {u: tuple(torch.from_numpy(v).to(device=dev, dtype=self.dtype) for v in pair)
                            for u, pair in corrections.items()}
-            policy = ResidentCache(self.cache, variant.reads, variant.writes, corrections)
-            c = scalar(step.c) if plan.has_carry else None
-            self.steps.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, policy,
-                               step.latents))
+            c = scalar(step.c) if program.has_carry else None
+            out.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, corrections))
+        return out
 
     def _compile_blocks(self, mode: str, backend: str) -> None:
         """Route every block through one compiled `_block_step` (the unit policy decides what it reads);
@@ -172,7 +172,7 @@ class TorchBackend(Backend):
 
         self._uncompile = uncompile
 
-    def _compile_limits(self):
+    def compile_limits(self):
         """Enough dynamo cache entries for 4 read patterns × the precisions a process may load."""
         if self.compile is None:
             return contextlib.nullcontext()
@@ -180,60 +180,8 @@ class TorchBackend(Backend):
 
         return torch._dynamo.config.patch(recompile_limit=64)
 
-    # -- run ------------------------------------------------------------------------------------
-    def _loop(self):
-        """Every step of the plan on the resident tensors; returns the final latent (a new tensor)."""
-        buffers = [None] * self.plan.num_latents  # the latents by the manifest's buffer numbers
-        buffers[self.steps[0][5][0]] = self.x
-        for timestep, a, b, c, policy, (latent, carry, out) in self.steps:
-            x_carry = buffers[carry] if c is not None else None
-            buffers[out] = self.step.denoise(buffers[latent], self.y, timestep, a, b, self.guidance_scale, policy,
-                                             c, x_carry)
-        return buffers[out]
-
-    def _capture(self, warmup: int) -> None:
-        """Capture `_loop` as one CUDA graph: warm-up on a side stream (lazy initialisation, kernel
-        selection, workspaces), then capture; the graph's output tensor is the static output."""
-        torch = _torch()
-        from ..nn.precision import exact_fp32
-
-        try:
-            with torch.no_grad(), exact_fp32():
-                side = torch.cuda.Stream(device=self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(max(1, warmup)):
-                        self._loop()
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self._loop()
-            self._graph, self._graph_out, self.cuda_graph = graph, out, True
-        except Exception as e:  # run eagerly rather than not at all; say why
-            self._graph = self._graph_out = None
-            self.graph_error = one_line(e)[:300]
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize(self.device)
-            warnings.warn(f"torch backend: CUDA graph capture failed, running eagerly: {self.graph_error}")
-
-    def _run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        torch = _torch()
-        from ..nn.precision import exact_fp32
-
-        with torch.no_grad():
-            self.x.copy_(torch.from_numpy(x))
-            self.y.copy_(torch.from_numpy(y))
-            self.guidance_scale.fill_(guidance_scale)
-            if self._graph is not None:
-                self._graph.replay()
-                out = self._graph_out
-            elif self.device.startswith("cuda"):
-                with exact_fp32():
-                    out = self._loop()
-            else:
-                out = self._loop()
-            return out.cpu().numpy().copy()
+    def _make_context(self) -> "TorchContext":
+        return TorchContext(self)
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's parameters (views of one storage are counted once)."""
@@ -246,12 +194,116 @@ class TorchBackend(Backend):
         return total
 
     def close(self) -> None:
+        super().close()
         if self._uncompile is not None:
             self._uncompile()
             self._uncompile = None
-        self._graph = self._graph_out = None
-        self.steps, self.cache = [], {}
-        self.model = self.step = self.x = self.y = None
+        self.constants, self.model, self.step = [], None, None
         if self.device.startswith("cuda"):
             _torch().cuda.empty_cache()
+
+
+class TorchContext(ExecutionContext):
+    """A call's tensors (per batch size, shared by that batch size's programs), each program's steps
+    over them, and on CUDA each program's captured graph."""
+
+    def __init__(self, backend: TorchBackend):
+        super().__init__(backend)
+        torch = _torch()
+        dev, plan = backend.device, backend.plan
+        self.buffers = {}  # batch size → {"x", "y", "guidance_scale", "cache": {unit: tensor}}
+        for program in plan.programs:
+            held = self.buffers.setdefault(program.batch_size, {
+                "x": torch.zeros(program.inputs[names.X].shape, dtype=torch.float32, device=dev),
+                "y": torch.zeros(program.inputs[names.Y].shape, dtype=torch.int64, device=dev),
+                "guidance_scale": torch.ones(1, dtype=torch.float32, device=dev), "cache": {}})
+            for unit, spec in program.cache.items():
+                if unit not in held["cache"]:
+                    held["cache"][unit] = torch.zeros(spec.shape, dtype=backend.dtype, device=dev)
+        self.steps = [self._program_steps(program) for program in plan.programs]
+        self.graphs = None  # per program: (graph, static output)
+        with backend.compile_limits():
+            if backend.use_cuda_graph:
+                self._capture()
+            elif backend.compile is not None:  # compile now, not in the first timed call
+                with torch.no_grad():
+                    for program in plan.programs:
+                        self._loop(program)
+
+    def _program_steps(self, program: Program) -> list[tuple]:
+        """Per step: its shared constants, and a unit policy over this context's cache buffers."""
+        cache = self.buffers[program.batch_size]["cache"]
+        out = []
+        for step, (timestep, a, b, c, corrections) in zip(program.steps, self.backend.constants[program.index]):
+            variant = program.variants[step.variant]
+            out.append((timestep, a, b, c, ResidentCache(cache, variant.reads, variant.writes, corrections),
+                        step.latents))
+        return out
+
+    def _loop(self, program: Program):
+        """Every step of `program` on the resident tensors; returns the final latent (a new tensor)."""
+        held, steps = self.buffers[program.batch_size], self.steps[program.index]
+        latents = [None] * program.num_latents  # the latents by the manifest's buffer numbers
+        latents[steps[0][5][0]] = held["x"]
+        for timestep, a, b, c, policy, (latent, carry, out) in steps:
+            x_carry = latents[carry] if c is not None else None
+            latents[out] = self.backend.step.denoise(latents[latent], held["y"], timestep, a, b,
+                                                     held["guidance_scale"], policy, c, x_carry)
+        return latents[out]
+
+    def _capture(self) -> None:
+        """Capture each program's `_loop` as one CUDA graph: warm-up on a side stream (lazy initialisation,
+        kernel selection, workspaces), then capture; the graph's output tensor is the static output. The
+        context's graphs share one memory pool: a context runs one of them at a time."""
+        torch = _torch()
+        from ..nn.precision import exact_fp32
+
+        backend, device = self.backend, self.backend.device
+        try:
+            graphs, pool = [], torch.cuda.graph_pool_handle()
+            with torch.no_grad(), exact_fp32():
+                for program in backend.plan.programs:
+                    side = torch.cuda.Stream(device=device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        for _ in range(max(1, backend.warmup)):
+                            self._loop(program)
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    torch.cuda.synchronize(device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._loop(program)
+                    graphs.append((graph, out))
+            self.graphs = graphs
+        except Exception as e:  # run eagerly rather than not at all; say why
+            self.graphs = None
+            backend.graph_error = one_line(e)[:300]
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(device)
+            warnings.warn(f"torch backend: CUDA graph capture failed, running eagerly: {backend.graph_error}")
+
+    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        torch = _torch()
+        from ..nn.precision import exact_fp32
+
+        backend, held = self.backend, self.buffers[program.batch_size]
+        with torch.no_grad():
+            held["x"].copy_(torch.from_numpy(x))
+            held["y"].copy_(torch.from_numpy(y))
+            held["guidance_scale"].fill_(guidance_scale)
+            if self.graphs is not None:
+                graph, out = self.graphs[program.index]
+                graph.replay()
+            elif backend.device.startswith("cuda"):
+                with exact_fp32():
+                    out = self._loop(program)
+            elif backend.compile is not None:
+                with backend.compiled_calls:
+                    out = self._loop(program)
+            else:
+                out = self._loop(program)
+            return out.cpu().numpy().copy()
+
+    def close(self) -> None:
+        self.graphs, self.steps, self.buffers = None, [], {}
         super().close()

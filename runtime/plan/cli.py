@@ -29,9 +29,10 @@ def main(argv=None):
         print(f"sealed {args.plan}: version {manifest['version']}, {len(manifest['files'])} files checked")
         return 0
     plan = load_plan(args.plan)
+    programs = ", ".join(f"batch {p.batch_size} × {p.evaluations} steps ({len(p.variants)} variants)"
+                         for p in plan.programs)
     print(f"{args.plan}: sealed version {plan.document['version']} plan of {plan.model_name or 'a model'} "
-          f"({plan.family}), {len(plan.steps)} steps, {len(plan.variants)} variants, batch {plan.batch_size}, "
-          f"{plan.precision}: every file and graph checked")
+          f"({plan.family}, {plan.precision}): {programs}; every file and graph checked")
     return 0
 
 

@@ -23,7 +23,7 @@ from schedules.schedule import scale_shift_key
 
 from . import names
 from .graphs import verify_graphs
-from .manifest import Plan, manifest_seal
+from .manifest import Plan, Program, manifest_seal
 
 MAX_MANIFEST_BYTES = 64 << 20  # a DiT-XL/2 manifest is about 0.3 MB
 
@@ -178,25 +178,25 @@ def stored_array(blob: np.ndarray, plan: Plan, name: str) -> np.ndarray:
     return blob[t.offset: t.offset + t.length].view(dtype).reshape(t.shape)
 
 
-def plan_corrections(plan: Plan) -> list[dict]:
-    """Per step, {unit: (scale, shift)} float32 vectors for every unit its variant corrects (`adjusts`);
-    zeros where the schedule has no correction for that step. Empty dicts for a plan without
-    scale-shift. Read with safetensors' numpy loader: plain tensors, no code runs."""
-    if plan.scale_shift_file is None:
-        return [{} for _ in plan.steps]
+def plan_corrections(plan: Plan, program: Program) -> list[dict]:
+    """Per step of `program`, {unit: (scale, shift)} float32 vectors for every unit its variant
+    corrects (`adjusts`); zeros where the schedule has no correction for that step. Empty dicts for a
+    program without scale-shift. Read with safetensors' numpy loader: plain tensors, no code runs."""
+    if program.scale_shift_file is None:
+        return [{} for _ in program.steps]
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    path = plan.path(plan.scale_shift_file)
+    path = plan.path(program.scale_shift_file)
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError) as e:
         raise BlockcacheError(f"cannot read the plan's scale-shift file {path}: {e}") from None
     out, used = [], set()
-    for s, step in enumerate(plan.steps):
+    for s, step in enumerate(program.steps):
         adjust = {}
-        for unit in plan.variants[step.variant].adjusts:
-            width = plan.cache[unit].shape[-1]
+        for unit in program.variants[step.variant].adjusts:
+            width = program.cache[unit].shape[-1]
             keys = [scale_shift_key(kind, s, unit) for kind in ("scale", "shift")]
             used.update(keys)
             pair = tuple(tensors.get(key, np.zeros(width, np.float32)) for key in keys)

@@ -13,22 +13,22 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 from . import names
-from .manifest import Engine, Plan, TensorSpec
+from .manifest import Engine, Plan, Program, TensorSpec
 
 
-def variant_io(plan: Plan) -> tuple[Engine, ...]:
+def variant_io(program: Program) -> tuple[Engine, ...]:
     """Each variant graph's inputs and outputs as the manifest implies them (what ONNX Runtime binds),
     with no weight inputs: the weights live inside the graphs as external data."""
-    x = plan.inputs[names.X]
+    x = program.inputs[names.X]
     out = []
-    for v in plan.variants:
-        inputs = dict(plan.inputs)  # the step inputs (with x_carry and c for solvers with a carry)
-        inputs.update({names.cache_input(u): plan.cache[u] for u in v.reads})
+    for v in program.variants:
+        inputs = dict(program.inputs)  # the step inputs (with x_carry and c for solvers with a carry)
+        inputs.update({names.cache_input(u): program.cache[u] for u in v.reads})
         for u in v.adjusts:
-            vector = TensorSpec(plan.cache[u].shape[-1:], plan.cache[u].dtype)
+            vector = TensorSpec(program.cache[u].shape[-1:], program.cache[u].dtype)
             inputs.update({name: vector for name in names.correction_inputs(u)})
         outputs = {names.X_NEXT: x}
-        outputs.update({names.unit_output(u): plan.cache[u] for u in v.writes})
+        outputs.update({names.unit_output(u): program.cache[u] for u in v.writes})
         out.append(Engine(v.file, inputs, outputs, ()))
     return tuple(out)
 
@@ -55,9 +55,14 @@ def graph_io(model) -> dict:
 def verify_graphs(plan: Plan) -> None:
     """Every variant graph declares exactly the I/O its manifest entry implies and reads exactly the
     stored weights the variant lists, each at the manifest's offset and length; one line otherwise."""
+    for program in plan.programs:
+        _verify_program_graphs(plan, program)
+
+
+def _verify_program_graphs(plan: Plan, program: Program) -> None:
     import onnx
 
-    for k, (variant, expected) in enumerate(zip(plan.variants, variant_io(plan))):
+    for k, (variant, expected) in enumerate(zip(program.variants, variant_io(program))):
         path = plan.path(variant.file)
         try:
             model = onnx.load(path, load_external_data=False)

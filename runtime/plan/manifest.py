@@ -1,6 +1,13 @@
-"""The plan manifest (`plan.json`) as a typed, validated object: `Plan`.
+"""The plan manifest (`plan.json`) as a typed, validated object: `Plan`, with its `Program`s.
 
-`Plan.parse(document, directory)` checks the manifest once, for every backend alike:
+(One module over 400 lines on purpose: it is the format's one validator, every check in one place.)
+
+A plan holds one or more programs, each a compiled sampling loop for one batch size and one schedule
+(at most one schedule per step count); the weights are shared by all. A manifest with one program
+keeps the program's entries at the top level (as every plan before multi-program plans did); one
+with several lists them under `programs`.
+
+`Plan.parse(document, directory)` checks the manifest once, for every backend alike, per program:
 - types, and the shape and dtype of every graph input and cache buffer against the model config,
   the batch size, guidance and the stored precision;
 - the model's units against its config; every variant's split of the units into computed and read,
@@ -195,33 +202,23 @@ class Engine:
 
 
 @dataclass(frozen=True)
-class Plan:
-    directory: str
-    document: dict  # the manifest as stored
-    model_name: str | None
-    config: dict  # the model's zoo config (with its family)
-    unit_names: tuple[str, ...]
-    num_labels: int
-    sampler: dict
-    guidance: Guidance
+class Program:
+    """One compiled sampling loop of a plan: a batch size and a schedule, with its graphs and steps."""
+    index: int
     batch_size: int
-    precision: str
+    sampler: dict  # {name, steps, spacing}: the schedule's sampler
+    schedule_file: str  # the schedule (YAML) the program was made from, a file of the plan
     inputs: dict  # step-graph input name → TensorSpec
     cache: dict  # unit → TensorSpec of its cache buffer
-    weights: Weights
     variants: tuple[Variant, ...]
     steps: tuple[Step, ...]
     scale_shift_file: str | None
-    files: dict  # file name → FileEntry
     engines: tuple[Engine, ...] | None  # TensorRT engines, one per variant
-    tensorrt: dict | None  # the manifest's TensorRT entry (build settings, versions)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
 
     @property
-    def family(self) -> str:
-        return self.config["family"]
+    def evaluations(self) -> int:
+        """Model evaluations per sample (the schedule's rows): what `steps=` selects a program by."""
+        return len(self.steps)
 
     @property
     def has_carry(self) -> bool:
@@ -235,6 +232,55 @@ class Plan:
     def latent_shape(self) -> tuple[int, ...]:
         return self.inputs[names.X].shape[1:]
 
+
+@dataclass(frozen=True)
+class Plan:
+    directory: str
+    document: dict  # the manifest as stored
+    model_name: str | None
+    config: dict  # the model's zoo config (with its family)
+    unit_names: tuple[str, ...]
+    num_labels: int
+    guidance: Guidance
+    precision: str
+    weights: Weights
+    programs: tuple[Program, ...]  # at most one per (batch size, evaluations); one schedule per evaluations
+    files: dict  # file name → FileEntry
+    tensorrt: dict | None  # the manifest's TensorRT entry (build settings, versions)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    @property
+    def family(self) -> str:
+        return self.config["family"]
+
+    @property
+    def program(self) -> Program:
+        """The plan's program, for a plan with one."""
+        if len(self.programs) != 1:
+            raise BlockcacheError(f"this plan has {len(self.programs)} programs (batch sizes × schedules): choose one")
+        return self.programs[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.programs[0].latent_shape
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """The evaluations of the plan's schedules, ascending."""
+        return tuple(sorted({p.evaluations for p in self.programs}))
+
+    def batch_sizes(self, evaluations: int) -> tuple[int, ...]:
+        """The batch sizes the plan has for the schedule of `evaluations` steps, ascending."""
+        return tuple(sorted(p.batch_size for p in self.programs if p.evaluations == evaluations))
+
+    def find(self, batch_size: int, evaluations: int) -> Program:
+        for p in self.programs:
+            if p.batch_size == batch_size and p.evaluations == evaluations:
+                return p
+        raise BlockcacheError(f"this plan has no program for batch {batch_size} with {evaluations} steps")
+
     @classmethod
     def parse(cls, document, directory: str) -> "Plan":
         """The validated plan of manifest `document` for the plan folder `directory`."""
@@ -246,11 +292,8 @@ class Plan:
             raise BlockcacheError(f"{check.where}: plan version {doc.get('version')!r} is not supported (this "
                                   f"runtime reads versions {', '.join(map(str, names.READABLE_VERSIONS))}); "
                                   "re-export the plan")
-        check.mapping(doc, "the manifest", ("model", "sampler", "guidance", "batch_size", "inputs", "buffers",
-                                            "weights", "variants", "steps", "files"))
+        check.mapping(doc, "the manifest", ("model", "guidance", "weights", "files"))
         files = _files(check, doc["files"])
-        if names.SCHEDULE not in files:  # the exporter always writes it: its absence means an edited list
-            check.fail("files", f"lack {names.SCHEDULE!r}, the schedule the plan was made from")
         model = check.mapping(doc["model"], "model", ("config",))
         config = {"family": model.get("family", "dit"), **check.mapping(model["config"], "model.config")}
         try:
@@ -263,39 +306,93 @@ class Plan:
         labels = check.integer(model.get("num_labels", num_labels(config)), "model.num_labels", low=1)
         if labels > num_labels(config):
             check.fail("model.num_labels", f"is {labels}, more than the model's {num_labels(config)} classes")
-        batch = check.integer(doc["batch_size"], "batch_size", low=1)
         precision = doc.get("precision", "fp32")
         if precision not in names.STORED_PRECISIONS:
             check.fail("precision", f"must be one of {', '.join(names.STORED_PRECISIONS)}, not {precision!r}")
         guidance = _guidance(check, doc["guidance"])
         if abs(guidance.scale) > MAX_GUIDANCE_SCALE:
             check.fail("guidance.scale", f"is {guidance.scale}, beyond the ±{MAX_GUIDANCE_SCALE:g} a plan may sample with")
-        sampler = _sampler(check, doc["sampler"])
-        inputs = _inputs(check, doc["inputs"], batch, config, sampler)
-        cache = _cache(check, doc["buffers"], units, (batch * (2 if guidance.enabled else 1),
-                                                      _tokens(config), config["hidden_size"]),
-                       PRECISION_DTYPE[precision])
         weights = _weights(check, doc["weights"], files, PRECISION_DTYPE[precision])
-        variants = tuple(_variant(check, v, f"variants[{k}]", units, cache, weights, files)
-                         for k, v in enumerate(check.sequence(doc["variants"], "variants", nonempty=True)))
-        steps = tuple(_step(check, s, f"steps[{i}]", i, len(variants), names.X_CARRY in inputs)
-                      for i, s in enumerate(check.sequence(doc["steps"], "steps", nonempty=True)))
-        _check_constants(check, steps, sampler)
-        _check_latents(check, steps, sampler.carry_source)
-        _check_cache_flow(check, variants, steps)
-        scale_shift = doc.get("scale_shift")
-        scale_shift_file = None
-        if scale_shift is not None:
-            scale_shift_file = check.file_name(check.mapping(scale_shift, "scale_shift", ("file",))["file"],
-                                               "scale_shift.file", files)
-        elif any(v.adjusts for v in variants):
-            check.fail("variants", "correct cache reads but the plan has no scale-shift file")
         tensorrt = doc.get("tensorrt")
-        engines = None if tensorrt is None else _engines(check, tensorrt, len(variants), files)
-        return cls(directory=directory, document=doc, model_name=model.get("name"), config=config,
-                   unit_names=units, num_labels=labels, sampler=doc["sampler"], guidance=guidance, batch_size=batch,
-                   precision=precision, inputs=inputs, cache=cache, weights=weights, variants=variants, steps=steps,
-                   scale_shift_file=scale_shift_file, files=files, engines=engines, tensorrt=tensorrt)
+        if tensorrt is not None:
+            check.mapping(tensorrt, "tensorrt")
+        entries = program_entries(doc)
+        programs = tuple(_program(check, entry, path, j, config, units, guidance, precision, weights, files,
+                                  tensorrt is not None)
+                         for j, (path, entry) in enumerate(entries))
+        _check_programs(check, programs)
+        return cls(directory=directory, document=doc, model_name=model.get("name"), config=config, unit_names=units,
+                   num_labels=labels, guidance=guidance, precision=precision, weights=weights, programs=programs,
+                   files=files, tensorrt=tensorrt)
+
+
+PROGRAM_KEYS = ("batch_size", "sampler", "schedule", "schedule_source", "inputs", "output", "buffers", "variants",
+                "steps", "scale_shift", "macs_per_image", "engines")
+
+
+def program_entries(doc: dict) -> list[tuple[str, dict]]:
+    """(where, entry) of each program of a manifest: `programs[j]`, or for a plan with one program its
+    entries at the top level (its TensorRT engines then under `tensorrt.engines`)."""
+    if "programs" in doc:
+        programs = doc["programs"]
+        if not isinstance(programs, list) or not programs or any(k in doc for k in PROGRAM_KEYS):
+            raise BlockcacheError("the manifest's programs must be a non-empty list, with no program entries "
+                                  "beside it")
+        return [(f"programs[{j}].", p) for j, p in enumerate(programs)]
+    entry = {k: doc[k] for k in PROGRAM_KEYS if k in doc}
+    entry.setdefault("schedule", names.SCHEDULE)
+    if isinstance(doc.get("tensorrt"), dict) and "engines" in doc["tensorrt"]:
+        entry["engines"] = doc["tensorrt"]["engines"]
+    return [("", entry)]
+
+
+def _program(check: _Check, value, where: str, index: int, config: dict, units, guidance: Guidance, precision: str,
+             weights: Weights, files: dict, tensorrt: bool) -> Program:
+    if not isinstance(value, dict):
+        check.fail(where.rstrip(".") or "the manifest", "must be a mapping")
+    for key in ("batch_size", "sampler", "inputs", "buffers", "variants", "steps"):
+        if key not in value:
+            check.fail(where.rstrip(".") or "the manifest", f"lacks '{key}'")
+    batch = check.integer(value["batch_size"], where + "batch_size", low=1)
+    schedule_file = check.file_name(value.get("schedule"), where + "schedule", files)
+    sampler = _sampler(check, value["sampler"], where)
+    inputs = _inputs(check, value["inputs"], batch, config, sampler, where)
+    cache = _cache(check, value["buffers"], units, (batch * (2 if guidance.enabled else 1), _tokens(config),
+                                                     config["hidden_size"]), PRECISION_DTYPE[precision], where)
+    variants = tuple(_variant(check, v, f"{where}variants[{k}]", units, cache, weights, files)
+                     for k, v in enumerate(check.sequence(value["variants"], where + "variants", nonempty=True)))
+    steps = tuple(_step(check, s, f"{where}steps[{i}]", i, len(variants), names.X_CARRY in inputs)
+                  for i, s in enumerate(check.sequence(value["steps"], where + "steps", nonempty=True)))
+    _check_constants(check, steps, sampler, where)
+    _check_latents(check, steps, sampler.carry_source, where)
+    _check_cache_flow(check, variants, steps, where)
+    scale_shift = value.get("scale_shift")
+    scale_shift_file = None
+    if scale_shift is not None:
+        scale_shift_file = check.file_name(check.mapping(scale_shift, where + "scale_shift", ("file",))["file"],
+                                           where + "scale_shift.file", files)
+    elif any(v.adjusts for v in variants):
+        check.fail(where + "variants", "correct cache reads but the plan has no scale-shift file")
+    engines = None
+    if tensorrt:
+        engines = _engines(check, value.get("engines"), len(variants), files, where)
+    elif value.get("engines") is not None:
+        check.fail(where + "engines", "are listed but the plan has no tensorrt entry")
+    return Program(index, batch, value["sampler"], schedule_file, inputs, cache, variants, steps, scale_shift_file,
+                   engines)
+
+
+def _check_programs(check: _Check, programs) -> None:
+    """One program per (batch size, evaluations); the programs of one step count run one schedule."""
+    seen, schedules = set(), {}
+    for p in programs:
+        key = (p.batch_size, p.evaluations)
+        if key in seen:
+            check.fail("programs", f"have two programs for batch {p.batch_size} with {p.evaluations} steps")
+        seen.add(key)
+        if schedules.setdefault(p.evaluations, p.schedule_file) != p.schedule_file:
+            check.fail("programs", f"run two schedules of {p.evaluations} steps ({schedules[p.evaluations]} and "
+                       f"{p.schedule_file}): a plan holds one schedule per step count")
 
 
 def plain_file_name(name) -> bool:
@@ -326,15 +423,16 @@ def _guidance(check: _Check, value) -> Guidance:
     return Guidance(value["enabled"], check.number(value["scale"], "guidance.scale"), value["channels"])
 
 
-def _sampler(check: _Check, value):
+def _sampler(check: _Check, value, where: str = ""):
     """The sampler the manifest records (schedules.sampling.make_sampler), or one line why not."""
-    value = check.mapping(value, "sampler", ("name", "steps"))
+    value = check.mapping(value, where + "sampler", ("name", "steps"))
     spacing = value.get("spacing")
     try:
-        return make_sampler(check.text(value["name"], "sampler.name"), check.integer(value["steps"], "sampler.steps", 1),
-                            None if spacing is None else check.text(spacing, "sampler.spacing"))
+        return make_sampler(check.text(value["name"], where + "sampler.name"),
+                            check.integer(value["steps"], where + "sampler.steps", 1),
+                            None if spacing is None else check.text(spacing, where + "sampler.spacing"))
     except BlockcacheError as e:
-        raise BlockcacheError(f"{check.where}: sampler: {e}") from None
+        raise BlockcacheError(f"{check.where}: {where}sampler: {e}") from None
 
 
 def _files(check: _Check, value) -> dict:
@@ -348,9 +446,10 @@ def _files(check: _Check, value) -> dict:
     return out
 
 
-def _inputs(check: _Check, value, batch: int, config: dict, sampler) -> dict:
+def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str = "") -> dict:
     """The step graph's inputs, each pinned: what every backend writes into them is fixed."""
-    inputs = {name: check.spec(spec, f"inputs[{name!r}]") for name, spec in check.mapping(value, "inputs").items()}
+    inputs = {name: check.spec(spec, f"{where}inputs[{name!r}]")
+              for name, spec in check.mapping(value, where + "inputs").items()}
     carry = bool(np.any(sampler.carry_coefficients()))
     size, channels = config["input_size"], config["in_channels"]
     time_dtype = model_timesteps(sampler).dtype.name
@@ -361,21 +460,21 @@ def _inputs(check: _Check, value, batch: int, config: dict, sampler) -> dict:
         expected.update({names.C: TensorSpec((1,), "float32"), names.X_CARRY: expected[names.X]})
     for name in sorted(expected.keys() | inputs.keys()):
         if name not in inputs:
-            check.fail("inputs", f"lack {name!r}, which a {sampler.name} plan's graphs take")
+            check.fail(where + "inputs", f"lack {name!r}, which a {sampler.name} plan's graphs take")
         if name not in expected:
-            check.fail("inputs", f"have {name!r}, which no {sampler.name} plan's graph takes")
+            check.fail(where + "inputs", f"have {name!r}, which no {sampler.name} plan's graph takes")
         if inputs[name] != expected[name]:
-            check.fail(f"inputs[{name!r}]", f"is {inputs[name].dtype}{list(inputs[name].shape)}, not "
+            check.fail(f"{where}inputs[{name!r}]", f"is {inputs[name].dtype}{list(inputs[name].shape)}, not "
                        f"{expected[name].dtype}{list(expected[name].shape)}")
     return inputs
 
 
-def _cache(check: _Check, value, units, shape: tuple, dtype: str) -> dict:
+def _cache(check: _Check, value, units, shape: tuple, dtype: str, where: str = "") -> dict:
     """unit → its cache buffer, which holds the raw branch output of the (doubled) batch at the plan's precision."""
     cache = {}
-    for name, spec in check.mapping(value, "buffers").items():
-        unit = name.removeprefix(names.CACHE_PREFIX)
-        path = f"buffers[{name!r}]"
+    for name, spec in check.mapping(value, where + "buffers").items():
+        unit = name.removeprefix(names.CACHE_PREFIX) if isinstance(name, str) else name
+        path = f"{where}buffers[{name!r}]"
         if not name.startswith(names.CACHE_PREFIX) or unit not in units:
             check.fail(path, "is not the cache buffer of a model unit")
         cache[unit] = check.spec(spec, path)
@@ -451,11 +550,11 @@ def _step(check: _Check, value, path: str, index: int, num_variants: int, carry:
                 tuple(latents))
 
 
-def _check_constants(check: _Check, steps, sampler) -> None:
+def _check_constants(check: _Check, steps, sampler, where: str = "") -> None:
     """Each step's timestep and coefficients are the ones the recorded sampler derives for it."""
     evaluations = len(sampler.timesteps)
     if len(steps) != evaluations:
-        check.fail("steps", f"are {len(steps)}, but the {sampler.name} sampler makes {evaluations} model evaluations")
+        check.fail(where + "steps", f"are {len(steps)}, but the {sampler.name} sampler makes {evaluations} model evaluations")
     a, b = sampler.coefficients()
     expected = {"timestep": model_timesteps(sampler).astype(np.float64), "a": a, "b": b,
                 "c": sampler.carry_coefficients()}
@@ -463,25 +562,25 @@ def _check_constants(check: _Check, steps, sampler) -> None:
         for name, values in expected.items():
             got = getattr(step, name)
             if got is not None and not math.isclose(got, float(values[s]), rel_tol=COEFFICIENT_RTOL, abs_tol=1e-12):
-                check.fail(f"steps[{s}].{name}", f"is {got!r}, but the recorded sampler derives {float(values[s])!r}")
+                check.fail(f"{where}steps[{s}].{name}", f"is {got!r}, but the recorded sampler derives {float(values[s])!r}")
 
 
-def _check_latents(check: _Check, steps, carry_source) -> None:
+def _check_latents(check: _Check, steps, carry_source, where: str = "") -> None:
     """Each step reads the latent the previous step wrote, and carries the input of evaluation
     `carry_source[s]` from a buffer no later step has overwritten (exporter/export.py:latent_buffers)."""
     holds = {steps[0].latents[0]: 0}  # buffer → the evaluation whose input it holds
     for s, step in enumerate(steps):
         latent, carry, out = step.latents
         if holds.get(latent) != s:
-            check.fail(f"steps[{s}].latents", "do not start from the previous step's output buffer")
+            check.fail(f"{where}steps[{s}].latents", "do not start from the previous step's output buffer")
         if holds.get(carry) != int(carry_source[s]):
-            check.fail(f"steps[{s}].latents", f"carry buffer {carry} does not hold the input of evaluation "
+            check.fail(f"{where}steps[{s}].latents", f"carry buffer {carry} does not hold the input of evaluation "
                        f"{int(carry_source[s])}")
         holds = {buffer: e for buffer, e in holds.items() if buffer != out}
         holds[out] = s + 1
 
 
-def _check_cache_flow(check: _Check, variants, steps) -> None:
+def _check_cache_flow(check: _Check, variants, steps, where: str = "") -> None:
     """Every unit a step reads was last computed by a step that wrote it to the cache."""
     last_computed = {}  # unit → index of the last step that computed it
     for s, step in enumerate(steps):
@@ -489,19 +588,19 @@ def _check_cache_flow(check: _Check, variants, steps) -> None:
         for unit in variant.reads:
             r = last_computed.get(unit)
             if r is None:
-                check.fail(f"steps[{s}]", f"reads unit {unit} from the cache before any step computed it")
+                check.fail(f"{where}steps[{s}]", f"reads unit {unit} from the cache before any step computed it")
             if unit not in variants[steps[r].variant].writes:
-                check.fail(f"steps[{s}]", f"reads unit {unit}, which step {r} computed but did not write to the cache")
+                check.fail(f"{where}steps[{s}]", f"reads unit {unit}, which step {r} computed but did not write to the cache")
         for unit in variant.computes:
             last_computed[unit] = s
 
 
-def _engines(check: _Check, value, num_variants: int, files) -> tuple[Engine, ...]:
-    value = check.mapping(value, "tensorrt", ("engines",))
-    entries = check.sequence(value["engines"], "tensorrt.engines")
+def _engines(check: _Check, entries, num_variants: int, files, where: str = "") -> tuple[Engine, ...]:
+    path = f"{where}engines" if where else "tensorrt.engines"
+    entries = check.sequence(entries, path)
     if len(entries) != num_variants:
-        check.fail("tensorrt.engines", f"has {len(entries)} engines for {num_variants} variants")
-    engines = tuple(Engine.parse(e, f"tensorrt.engines[{k}]", check) for k, e in enumerate(entries))
+        check.fail(path, f"has {len(entries)} engines for {num_variants} variants")
+    engines = tuple(Engine.parse(e, f"{path}[{k}]", check) for k, e in enumerate(entries))
     for k, e in enumerate(engines):
-        check.file_name(e.file, f"tensorrt.engines[{k}].file", files)
+        check.file_name(e.file, f"{path}[{k}].file", files)
     return engines

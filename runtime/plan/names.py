@@ -16,12 +16,18 @@ SCHEDULE = "schedule.yaml"
 SCALE_SHIFT = scale_shift_file(SCHEDULE)  # the sidecar Schedule.save writes beside SCHEDULE
 
 
-def variant_file(k: int) -> str:
-    return f"variant_{k}.onnx"
+def schedule_file(steps: int) -> str:
+    """A schedule of a plan with several: `schedule-<steps>.yaml` (a plan with one has SCHEDULE)."""
+    return f"schedule-{steps}.yaml"
 
 
-def engine_file(k: int) -> str:
-    return f"engine_{k}.plan"
+def variant_file(k: int, program: int | None = None) -> str:
+    """Variant k's graph: `variant_<k>.onnx` in a plan of one program, `variant_<j>_<k>.onnx` for program j."""
+    return f"variant_{k}.onnx" if program is None else f"variant_{program}_{k}.onnx"
+
+
+def engine_file(k: int, program: int | None = None) -> str:
+    return f"engine_{k}.plan" if program is None else f"engine_{program}_{k}.plan"
 
 
 # Tensor dtypes a plan may hold (numpy names, and bfloat16) and their item sizes in bytes.
