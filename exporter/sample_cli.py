@@ -75,10 +75,10 @@ def main(argv=None):
                                   "--spacing (--steps chooses among the plan's schedules)")
         from runtime import Sampler
 
-        sampler = Sampler(args.plan, backend=args.backend, device=args.device)
-        what = f"plan {args.plan} on {sampler.backend_name}"
         given = {"noise": noise} if noise is not None else {"seeds": seeds} if seeds is not None else {"seed": seed}
-        out = sampler(labels, guidance_scale=args.guidance_scale, steps=args.steps, **given)
+        with Sampler(args.plan, backend=args.backend, device=args.device) as sampler:
+            what = f"plan {args.plan} on {sampler.backend_name}"
+            out = sampler(labels, guidance_scale=args.guidance_scale, steps=args.steps, **given)
     else:
         if not args.model:
             raise BlockcacheError("give --model (eager reference) or --plan (exported plan)")

@@ -1,27 +1,32 @@
 """`runtime.Sampler`: sample from an exported plan, from any number of threads.
 
-    with Sampler("plans/l2c", contexts=4) as sampler:          # e.g. in a web service's thread pool
-        latents = sampler([207, 360, 387], seeds=[1, 2, 3])     # numpy (N, C, H, W); image i from seed i alone
-        latents = sampler([207], seed=0, steps=20)              # the plan's 20-step schedule
+    with Sampler("plans/l2c", contexts=4) as sampler:               # e.g. in a web service's thread pool
+        latents = sampler([207, 360, 387], seeds=[1, 2, 3], steps=50)  # (N, C, H, W); image i from seed i alone
+        latents = sampler([207], seed=0, steps=20)                   # the plan's 20-step schedule
 
 Concurrency: a Sampler may be called from any number of threads at once. The plan's heavy state
 (weights, sessions or engines, the network) is loaded once and shared; what a call writes (latents,
 labels, cache buffers, bindings, captured graphs) lives in one of `contexts` execution contexts, and
 a call waits for a free one. Each call's result is bit-identical to the same call made alone: no two
 calls ever share a context, and a context's state is written before it is read in every call.
-Memory grows by one set of buffers per context, never by the weights.
+Memory grows by one set of buffers per context, never by the weights. A call interrupted (an
+exception, KeyboardInterrupt) returns its context, and the next call on it is correct.
 
 Batching: N images run as batches of the plan's batch sizes for the chosen schedule, the ones that
 cover N with the least padded work (9 images on a plan of 1, 2, 4 and 8: 8 + 1, no padding), the
-padding filled with zeros and dropped.
+padding filled with zeros and dropped. Where a run's time is far from proportional to its batch (a
+small model on a CPU), `batch_costs` (measured latencies per batch size) makes the split the one of
+least time instead. The split depends only on N and the costs, never on timing or load.
 
 Noise: `seeds` (one per image) makes image i's starting noise from seed i alone, so an image does
-not depend on what it is batched with; `seed` (one for the call) and `noise` keep their meaning.
+not depend on what it is batched with: bit-identical inside any batch of the same size, and across
+batch sizes equal up to the GEMMs' rounding (benchmarks/runtime_cpu.py measures it). `seed` (one for
+the call) and `noise` keep their meaning.
 """
 
 from __future__ import annotations
 
-import queue
+import threading
 
 import numpy as np
 
@@ -35,29 +40,49 @@ from .plan import load_plan
 MAX_CONTEXTS = 64
 
 
-def split_batches(n: int, sizes) -> list[int]:
-    """The batch sizes (largest first) that cover `n` images with the least padded work, and among
-    those the fewest runs: 9 of (1, 2, 4, 8) → [8, 1]; 3 of (2, 8) → [2, 2]; 3 of (8,) → [8]."""
+def split_batches(n: int, sizes, costs=None) -> list[int]:
+    """The batch sizes (largest first) that cover `n` images at the least total cost, and among those
+    the fewest runs. A run's cost is `costs[b]`, by default `b` itself, the padded work: 9 of
+    (1, 2, 4, 8) → [8, 1]; 3 of (2, 8) → [2, 2]; 3 of (8,) → [8]."""
     sizes = sorted(set(sizes))
-    best = [(0, 0, ())] + [None] * n  # images covered → (padded work, runs, batches)
+    costs = costs or {b: b for b in sizes}
+    best = [(0, 0, ())] + [None] * n  # images covered → (cost, runs, batches)
     for m in range(1, n + 1):
         options = []
         for b in sizes:
-            work, runs, batches = best[max(0, m - b)]
-            options.append((work + b, runs + 1, batches + (b,)))
+            cost, runs, batches = best[max(0, m - b)]
+            options.append((cost + costs[b], runs + 1, batches + (b,)))
         best[m] = min(options)
     return sorted(best[n][2], reverse=True)
 
 
+def check_batch_costs(costs, sizes) -> dict | None:
+    """`batch_costs` of a Sampler: a positive finite cost for each of the plan's batch sizes, or None."""
+    if costs is None:
+        return None
+    if not isinstance(costs, dict) or set(costs) != set(sizes) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in costs.values()):
+        raise ParameterError("batch_costs", f"{{name}} must map each of the plan's batch sizes "
+                             f"({', '.join(map(str, sorted(sizes)))}) to a positive number, got {costs!r}"[:300])
+    return {int(b): float(v) for b, v in costs.items()}
+
+
 class Sampler:
+    """Samples from a plan; safe to call from any number of threads at once, each call's result
+    bit-identical to the same call made alone (the module docstring says how). `close()` or leaving a
+    `with` block waits for the calls in progress and frees the backend."""
+
     def __init__(self, plan_dir: str, backend: str = "auto", device: str = "auto", verify: bool = True,
-                 threads: int | None = None, contexts: int = 1):
+                 threads: int | None = None, contexts: int = 1, batch_costs: dict | None = None):
         """`backend`: auto, onnxruntime, torch or tensorrt; `device`: auto, cpu, cuda or cuda:N;
         `verify`: check every plan file's checksum at load; `threads`: intra-op threads of the ONNX
-        Runtime backend (default: ORT's choice); `contexts`: how many calls run at once (others wait)."""
+        Runtime backend (default: ORT's choice); `contexts`: how many calls run at once (others wait);
+        `batch_costs`: {batch size: cost of one run} for splitting requests (default: the batch size,
+        the padded work); measured latencies make the split the fastest for a lone request."""
         if isinstance(contexts, bool) or not isinstance(contexts, int) or not 1 <= contexts <= MAX_CONTEXTS:
             raise ParameterError("contexts", f"{{name}} must be an integer in 1…{MAX_CONTEXTS}, got {contexts!r}")
         self.plan = load_plan(plan_dir, verify=verify)
+        self.batch_costs = check_batch_costs(batch_costs, {p.batch_size for p in self.plan.programs})
         self.backend = make_backend(backend, self.plan, device, **({} if threads is None else {"threads": threads}))
         try:
             while len(self.backend.contexts) < contexts:
@@ -65,9 +90,9 @@ class Sampler:
         except BaseException:
             self.backend.close()
             raise
-        self._idle = queue.Queue()
-        for context in self.backend.contexts[:contexts]:
-            self._idle.put(context)
+        self._idle = list(self.backend.contexts[:contexts])  # the contexts no call holds
+        self._pool = threading.Condition()
+        self._closing = False
         self.contexts = contexts
         self.num_classes = self.plan.num_labels
         self.latent_shape = self.plan.latent_shape
@@ -93,8 +118,8 @@ class Sampler:
         evaluations = self._steps(steps)
         noise = self._noise(n, noise, seed, seeds)
         scale = self._guidance_scale(guidance_scale)
-        batches = split_batches(n, self.plan.batch_sizes(evaluations))
-        context = self._idle.get()  # waits for a free context
+        batches = split_batches(n, self.plan.batch_sizes(evaluations), self.batch_costs)
+        context = self._acquire()
         try:
             out, start = [], 0
             for b in batches:
@@ -107,8 +132,22 @@ class Sampler:
                 out.append(context.run(program, x, y, scale)[:real])
                 start += real
         finally:
-            self._idle.put(context)  # also after an interrupted call: a call writes all it reads
+            self._release(context)  # also after an interrupted call: every call writes all it reads
         return check_finite_result(np.concatenate(out), scale)
+
+    def _acquire(self):
+        """A free execution context, waiting for one while all are busy."""
+        with self._pool:
+            while not self._idle and not self._closing:
+                self._pool.wait()
+            if self._closing:
+                raise BlockcacheError("this Sampler was closed: make a new one to sample")
+            return self._idle.pop()
+
+    def _release(self, context) -> None:
+        with self._pool:
+            self._idle.append(context)
+            self._pool.notify()
 
     def _steps(self, steps) -> int:
         """The schedule of the call: the plan's only one, or the one with `steps` model evaluations."""
@@ -151,7 +190,13 @@ class Sampler:
         return scale
 
     def close(self) -> None:
-        """Release the backend's memory (device memory first); the sampler is not usable afterwards."""
+        """Release the backend's memory (device memory first) once the calls in progress have finished;
+        calls made or waiting afterwards are refused in one line."""
+        with self._pool:
+            self._closing = True
+            self._pool.notify_all()
+            while len(self._idle) < self.contexts:
+                self._pool.wait()
         self.backend.close()
 
     def __enter__(self):

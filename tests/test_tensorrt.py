@@ -22,14 +22,15 @@ import onnx
 import pytest
 
 from conftest import TINY_FLAGS, assert_one_line_error
-from exporter.engines import (EngineSettings, build_engines, config_kwargs, export_with_engines, parse_size,
-                              prepare_graph, retype)
-from exporter.export import export_plan
+from exporter.engines import (EngineSettings, build_engines, config_kwargs, engine_stage, export_with_engines,
+                              parse_size, prepare_graph, retype)
+from exporter.export import export_plan, export_plans
 from runtime import Sampler
-from runtime.bindings import (ALIGNMENT, Arena, check_engine_io, pack_weights, plan_bindings, to_bfloat16)
+from runtime.bindings import (ALIGNMENT, Arena, check_engine_io, pack_weights, plan_bindings, to_bfloat16,
+                              weights_arena)
 from runtime.plan import Plan, load_manifest, load_plan
 from runtime.plan.files import plan_corrections
-from runtime.plan.manifest import Engine
+from runtime.plan.manifest import Engine, program_entries
 from schedules import BlockcacheError, Schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -67,20 +68,23 @@ def noise():
     return np.random.default_rng(0).standard_normal((len(LABELS), 4, 8, 8)).astype(np.float32)
 
 
-def replay(plan_dir, manifest, x, y, scale, retype_to=None):
-    """The runtime's binding plan executed on host arenas: every 'engine' (an ONNX graph here) reads
-    and writes exactly the slots the TensorRT backend would bind."""
+def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0):
+    """The runtime's binding plan of program `index` executed on host arenas: every 'engine' (an ONNX
+    graph here) reads and writes exactly the slots the TensorRT backend would bind, the weights in the
+    one arena every program shares."""
     import onnxruntime as ort
 
-    engines = manifest["tensorrt"]["engines"]
+    parsed = Plan.parse(manifest, plan_dir)
+    program = parsed.programs[index]
+    engines = stored = [entry["engines"] for _, entry in program_entries(manifest)][index]
     if retype_to is not None:  # run fp16 engines' graphs in fp32 (ORT's CPU has few fp16 kernels)
         engines = json.loads(json.dumps(engines).replace('"float16"', '"float32"'))
-    parsed = Plan.parse(manifest, plan_dir)
-    plan = plan_bindings(parsed.program, [Engine.parse(e) for e in engines], plan_corrections(parsed, parsed.program))
+    arena = weights_arena(parsed) if len(parsed.programs) > 1 else None  # (a retyped single plan: its own)
+    plan = plan_bindings(program, [Engine.parse(e) for e in engines], plan_corrections(parsed, program), arena)
     blob = np.fromfile(os.path.join(plan_dir, "weights.bin"), dtype=np.uint8)
     arenas = {"io": plan.initial_io(), "weights": pack_weights(blob, parsed, plan.weights)}
     sessions = []
-    for e in manifest["tensorrt"]["engines"]:
+    for e in stored:
         model = onnx.load(os.path.join(plan_dir, e["file"]))
         if retype_to is not None:
             retype(model, onnx.TensorProto.FLOAT16, retype_to)
@@ -199,6 +203,32 @@ def test_scale_shift_vectors_are_step_constants(tiny, tmp_path):
     want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
     got = replay(path, manifest, x, y, 4.0)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_engines_of_every_program_share_one_weights_arena(tiny, tmp_path):
+    """A plan of batch sizes 1 and 2 × two schedules gets an engine per variant of every program, all
+    binding one weights arena (the parameters once, as a single-program plan's); each program's
+    engines replayed reproduce ONNX Runtime on that program."""
+    settings = EngineSettings(precision="fp32", min_weight_bytes=SMALL)
+    stage = engine_stage(settings, builder=fake_builder(), version="10.test")
+    path = str(tmp_path / "plan")
+    manifest = export_plans(tiny, [Schedule.uniform(tiny.unit_names, 5, 2), Schedule.uniform(tiny.unit_names, 3, 3)],
+                            path, batch_sizes=[1, 2], guidance_scale=4.0, finish=stage)
+    assert "engines" not in manifest["tensorrt"]
+    files = [e["file"] for p in manifest["programs"] for e in p["engines"]]
+    assert [len(p["engines"]) for p in manifest["programs"]] == [len(p["variants"]) for p in manifest["programs"]]
+    assert len(set(files)) == len(files) and all(f in manifest["files"] for f in files)
+    single = export_with_engines(tiny, Schedule.uniform(tiny.unit_names, 5, 2), str(tmp_path / "single"), settings,
+                                 builder=fake_builder(), version="10.test", batch_size=1, guidance_scale=4.0)
+    assert manifest["tensorrt"]["weights_bytes"] == single["tensorrt"]["weights_bytes"]
+    plan = load_plan(path)
+    with Sampler(path, backend="onnxruntime", device="cpu", threads=1) as sampler:
+        for program in plan.programs:
+            x = np.random.default_rng(program.index).standard_normal((program.batch_size, 4, 8, 8)).astype(np.float32)
+            y = np.arange(program.batch_size, dtype=np.int64)
+            want = sampler.backend.run(x, y, 4.0, program=sampler.plan.programs[program.index])
+            got = replay(path, manifest, x, y, 4.0, index=program.index)
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), program.index
 
 
 def test_dpm_solver_plan_binds_three_latents(tmp_path):

@@ -173,6 +173,64 @@ def test_compiled_blocks_run_the_same_variants(narrow, noise, plan_dir):
     np.testing.assert_array_equal(compiled.run(noise[:2], np.array(LABELS[:2]), 4.0), plain)
 
 
+def test_compiled_blocks_in_several_contexts_at_once(narrow, noise, plan_dir):
+    """Two contexts of a compiled backend called from two threads at once: each result equals the plain
+    backend's (compiled code runs one call at a time, the contexts keep their own buffers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = plan_dir("uniform")
+    manifest = load_manifest(path)
+    y = np.array(LABELS[:2])
+    plain = TorchBackend(Plan.parse(manifest, path), "cpu")
+    want = [plain.run(noise[i: i + 2], y, 4.0) for i in (0, 1)]
+    compiled = TorchBackend(Plan.parse(manifest, path), "cpu", compile="default", compile_backend="eager")
+    contexts = [compiled.contexts[0], compiled.new_context()]
+    program = compiled.plan.program
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda i: [contexts[i].run(program, noise[i: i + 2], y, 4.0) for _ in range(3)],
+                            (0, 1)))
+    for i in (0, 1):
+        for out in got[i]:
+            np.testing.assert_array_equal(out, want[i])
+
+
+def test_exact_fp32_holds_until_the_last_thread_leaves():
+    """exact_fp32 changes process-wide settings: with two threads inside, the first to leave must not
+    turn TF32 back on under the other; the last restores what was there before."""
+    import threading
+
+    import torch
+
+    from runtime.nn.precision import exact_fp32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    inside, first_left, seen = threading.Barrier(2), threading.Event(), {}
+
+    def first():
+        with exact_fp32():
+            inside.wait()
+        first_left.set()
+
+    def second():
+        with exact_fp32():
+            inside.wait()
+            first_left.wait(30)
+            seen["after the first left"] = matmul.fp32_precision
+
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert seen == {"after the first left": "ieee"}
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_bad_plans_and_options(plan_dir, tmp_path):
     path, _ = plan_dir("uniform")
     manifest = load_manifest(path)

@@ -16,7 +16,8 @@ The one runtime backend that needs torch and the networks (runtime/nn):
 - Per execution context (one call at a time; contexts run concurrently): for each batch size, the
   latents, labels, guidance scale and cache buffers, shared by that batch size's programs (a context
   runs one program at a time); each program's steps with their policies over those buffers; and on
-  CUDA each program's captured graph (a context's graphs share one memory pool).
+  CUDA a stream of its own and each program's captured graph (a context's graphs share one memory
+  pool).
 - Optionally (`compile=`, DiT plans only), each DiT block runs through one `torch.compile`d function
   shared by all blocks and variants (at most four graphs: attention and MLP each computed or read).
 - CUDA: each program's whole sampling loop is captured as one CUDA graph when a context is made (the
@@ -222,6 +223,8 @@ class TorchContext(ExecutionContext):
                     held["cache"][unit] = torch.zeros(spec.shape, dtype=backend.dtype, device=dev)
         self.steps = [self._program_steps(program) for program in plan.programs]
         self.graphs = None  # per program: (graph, static output)
+        # On CUDA a context's work runs on its own stream, so contexts in several threads overlap.
+        self.stream = torch.cuda.Stream(device=dev) if dev.startswith("cuda") else None
         with backend.compile_limits():
             if backend.use_cuda_graph:
                 self._capture()
@@ -287,7 +290,8 @@ class TorchContext(ExecutionContext):
         from ..nn.precision import exact_fp32
 
         backend, held = self.backend, self.buffers[program.batch_size]
-        with torch.no_grad():
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with torch.no_grad(), on_stream:
             held["x"].copy_(torch.from_numpy(x))
             held["y"].copy_(torch.from_numpy(y))
             held["guidance_scale"].fill_(guidance_scale)
@@ -305,5 +309,5 @@ class TorchContext(ExecutionContext):
             return out.cpu().numpy().copy()
 
     def close(self) -> None:
-        self.graphs, self.steps, self.buffers = None, [], {}
+        self.graphs, self.steps, self.buffers, self.stream = None, [], {}, None
         super().close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -27,11 +28,37 @@ def torch_dtype(precision) -> torch.dtype:
     return DTYPES[precision_name(precision)]
 
 
+_fp32_lock = threading.Lock()
+_fp32_users = 0  # threads inside exact_fp32(); the settings are restored when the last one leaves
+_fp32_saved: list = []
+
+
 @contextlib.contextmanager
 def exact_fp32():
     """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block, restored afterwards, so
     fp32 work on a GPU is IEEE fp32 like the eager reference and ONNX Runtime (cuDNN convolutions
-    default to TF32). Kernels captured in a CUDA graph keep the setting they were captured with."""
+    default to TF32). Kernels captured in a CUDA graph keep the setting they were captured with.
+    The settings are process-wide, so concurrent blocks (a Sampler's contexts in several threads)
+    count their users: the first to enter turns TF32 off, the last to leave restores it; one thread
+    leaving never turns TF32 back on under another."""
+    global _fp32_users
+    with _fp32_lock:
+        if _fp32_users == 0:
+            _fp32_saved[:] = _set_ieee()
+        _fp32_users += 1
+    try:
+        yield
+    finally:
+        with _fp32_lock:
+            _fp32_users -= 1
+            if _fp32_users == 0:
+                for obj, attr, before in reversed(_fp32_saved):
+                    setattr(obj, attr, before)
+                _fp32_saved.clear()
+
+
+def _set_ieee() -> list:
+    """Turn TF32 off; the (object, attribute, previous value) of each setting changed."""
     new = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (torch.backends.cudnn.conv, "fp32_precision", "ieee")]
     old = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
     settings = new if all(hasattr(obj, attr) for obj, attr, _ in new) else old  # torch >= 2.9 / older
@@ -43,8 +70,4 @@ def exact_fp32():
             applied.append((obj, attr, before))
     except (RuntimeError, AttributeError):  # mixed legacy/new TF32 settings elsewhere: leave the rest
         pass
-    try:
-        yield
-    finally:
-        for obj, attr, before in reversed(applied):
-            setattr(obj, attr, before)
+    return applied

@@ -52,6 +52,11 @@ def graph_io(model) -> dict:
             "outputs": {v.name: spec(v) for v in model.graph.output}}
 
 
+def spec_text(spec: dict) -> str:
+    """float32[2, 4, 8, 8] for {"shape": [2, 4, 8, 8], "dtype": "float32"}."""
+    return f"{spec['dtype']}{spec['shape']}"
+
+
 def verify_graphs(plan: Plan) -> None:
     """Every variant graph declares exactly the I/O its manifest entry implies and reads exactly the
     stored weights the variant lists, each at the manifest's offset and length; one line otherwise."""
@@ -62,8 +67,9 @@ def verify_graphs(plan: Plan) -> None:
 def _verify_program_graphs(plan: Plan, program: Program) -> None:
     import onnx
 
+    prefix = "" if len(plan.programs) == 1 else f"programs[{program.index}]."
     for k, (variant, expected) in enumerate(zip(program.variants, variant_io(program))):
-        path = plan.path(variant.file)
+        path, owner = plan.path(variant.file), f"{prefix}variants[{k}]"
         try:
             model = onnx.load(path, load_external_data=False)
         except Exception as e:  # protobuf's own errors for a damaged file
@@ -72,10 +78,15 @@ def _verify_program_graphs(plan: Plan, program: Program) -> None:
         for direction, want in (("inputs", expected.inputs), ("outputs", expected.outputs)):
             want = {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in want.items()}
             if io[direction] != want:
-                name = sorted(set(io[direction]) ^ set(want)) or \
-                    sorted(n for n in want if io[direction][n] != want[n])
-                raise BlockcacheError(f"{path}: the graph's {direction} do not match the manifest's variant {k} "
-                                      f"(first difference: {name[0]!r})")
+                extra = sorted(set(io[direction]) ^ set(want))
+                if extra:
+                    difference = f"{extra[0]!r} is in one of them only"
+                else:
+                    name = sorted(n for n in want if io[direction][n] != want[n])[0]
+                    difference = f"{name!r} is {spec_text(io[direction][name])} in the graph, " \
+                                 f"{spec_text(want[name])} in the manifest"
+                raise BlockcacheError(f"{path}: the graph's {direction} do not match the manifest's {owner} "
+                                      f"({difference})")
         external = {}
         for init in model.graph.initializer:
             if init.data_location == onnx.TensorProto.EXTERNAL:

@@ -384,7 +384,7 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
 
 def _check_programs(check: _Check, programs) -> None:
     """One program per (batch size, evaluations); the programs of one step count run one schedule."""
-    seen, schedules = set(), {}
+    seen, schedules, counts = set(), {}, {}
     for p in programs:
         key = (p.batch_size, p.evaluations)
         if key in seen:
@@ -393,6 +393,9 @@ def _check_programs(check: _Check, programs) -> None:
         if schedules.setdefault(p.evaluations, p.schedule_file) != p.schedule_file:
             check.fail("programs", f"run two schedules of {p.evaluations} steps ({schedules[p.evaluations]} and "
                        f"{p.schedule_file}): a plan holds one schedule per step count")
+        if counts.setdefault(p.schedule_file, p.evaluations) != p.evaluations:
+            check.fail("programs", f"run {p.schedule_file} with {counts[p.schedule_file]} and with {p.evaluations} "
+                       "steps: a schedule has one step count")
 
 
 def plain_file_name(name) -> bool:
