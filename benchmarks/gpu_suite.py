@@ -20,7 +20,9 @@ whole suite runs on a CPU in minutes.
 
 Writes `<out>/<tag>.json`, `.md` (table and targets) and `.png` (latency vs fidelity). The run can be
 split (`--steps 50`, `--precision bf16`, `--no-compile`), e.g. to fit a per-command time limit;
-`--plans DIR` keeps exported plans for the next part.
+`--plans DIR` keeps exported plans for the next part. `--peers all` adds the run-time caches users pick
+instead (diffusers' hooks, cache-dit, torch.compile; blockcache-bench --peers) on the same weights, with
+blockcache schedules matched to each; `--batch-size 1` measures the launch-bound case.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ TARGETS = {"efficiency_gpu": 0.95, "efficiency_cpu": 0.9, "vs_eager_branches": 3
 
 def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precisions=SUITE_PRECISIONS, repeats=None,
                  warmup=None, compile_full: bool = True, compile_mode: str = "max-autotune", plans_dir=None,
-                 threads=None, progress: bool = True, methods=None, fewer_steps: bool = True) -> BenchConfig:
+                 threads=None, progress: bool = True, methods=None, fewer_steps: bool = True, peers=(),
+                 batch_size=None) -> BenchConfig:
     size = SMALL if small else XL
+    batch = batch_size or size["batch_size"]
     bad = [s for s in steps if s not in SCHEDULES]
     if bad or not steps:
         raise BlockcacheError(f"--steps must be some of {', '.join(map(str, SCHEDULES))}, got {bad or 'nothing'}")
@@ -60,9 +64,10 @@ def suite_config(*, small: bool, device: str = "auto", steps=(50, 20), precision
     return BenchConfig(
         model=size["model"], overrides=dict(size["overrides"]), random_init=True, init_seed=0,
         schedules=[SCHEDULES[s] for s in steps], methods=methods, precisions=list(precisions), device=device,
-        batch_size=size["batch_size"], labels=LABELS[: size["batch_size"]], seed=0, guidance_scale=4.0,
+        batch_size=batch, labels=[LABELS[i % len(LABELS)] for i in range(batch)], seed=0, guidance_scale=4.0,
         repeats=repeats or (3 if small else 5), warmup=warmup or (1 if small else 2), fewer_steps=fewer_steps,
-        compile_mode=compile_mode, bf16_plan="fp16", plans_dir=plans_dir, threads=threads, progress=progress)
+        compile_mode=compile_mode, bf16_plan="fp16", plans_dir=plans_dir, threads=threads, progress=progress,
+        peers=list(peers), steps=steps[0])  # peers run DDIM-<first of steps>
 
 
 def _rows(results, **match):
@@ -216,6 +221,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the equal-MACs fewer-steps DDIM runs")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
     p.add_argument("--plans", metavar="DIR", help="keep exported plans in DIR and reuse them in later runs")
+    p.add_argument("--peers", metavar="LIST", help="peer settings side by side (blockcache-bench --peers; e.g. all), "
+                   "at DDIM-<first of --steps>, with blockcache schedules matched to each")
+    p.add_argument("--batch-size", type=int, metavar="B", help="images per batch (default 8; 2 with --small)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's; 1 with --small on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -237,12 +245,14 @@ def main(argv=None):
                        repeats=args.repeats, warmup=args.warmup, compile_full=not args.no_compile,
                        compile_mode=args.compile_mode, plans_dir=args.plans, threads=threads,
                        progress=not args.quiet, fewer_steps=not args.no_fewer_steps,
-                       methods=split_list(args.methods) if args.methods else None)
+                       methods=split_list(args.methods) if args.methods else None,
+                       peers=split_list(args.peers) if args.peers else (), batch_size=args.batch_size)
     cfg.check()
     device = torch_device(args.device)
     size = "small" if args.small else "xl"
     parts = "" if (set(steps), set(precisions)) == ({50, 20}, set(SUITE_PRECISIONS)) else \
         "-" + "-".join([f"ddim{s}" for s in steps] + list(precisions))
+    parts += (f"-b{args.batch_size}" if args.batch_size else "") + ("-peers" if args.peers else "")
     tag = args.tag or f"suite-{size}-{device.replace(':', '')}{parts}"
     os.makedirs(args.out, exist_ok=True)
     partial = os.path.join(args.out, f"{tag}.partial.json")

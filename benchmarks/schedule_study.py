@@ -42,27 +42,6 @@ SCALE_SHIFT_SEEDS = (1, 2, 3, 4)
 PER_CLASS = 10
 
 
-def spread_schedule(units, steps: int, full_steps: int):
-    """`full_steps` steps (step 0 among them) spread evenly; every unit reused at the others."""
-    from schedules import Schedule
-
-    compute = np.zeros((steps, len(units)), dtype=bool)
-    compute[np.unique(np.round(np.linspace(0, steps, full_steps, endpoint=False)).astype(int))] = True
-    return Schedule(units, compute, {"name": "ddim", "steps": steps, "spacing": "linspace"}, "dit-digits",
-                    source=f"uniform spread full_steps={full_steps}")
-
-
-def uniform_for(units, steps: int, config: dict, target: float):
-    """The all-or-nothing schedule with the most full steps whose ideal speedup reaches `target`."""
-    from schedules.cost import ideal_speedup
-
-    for full_steps in range(steps, 0, -1):
-        schedule = spread_schedule(units, steps, full_steps)
-        if ideal_speedup(config, schedule) >= target:
-            return schedule
-    raise BlockcacheError(f"no uniform schedule of {steps} steps reaches {target}x")
-
-
 def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA, progress: bool = True) -> dict:
     import torch
 
@@ -74,7 +53,7 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     from exporter.reference import DEFAULT_GUIDANCE_SCALE, sample
     from schedules import Schedule
     from schedules.blockcaching import search_delta
-    from schedules.cost import ideal_speedup, search_speedup
+    from schedules.cost import ideal_speedup, search_speedup, spread_for_speedup
     from schedules.l2c import schedule_from_l2c
     from schedules.sampling import initial_noise
 
@@ -116,7 +95,8 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
         for target in targets:
             fewer = Schedule.full(units, max(1, round(steps / target)), model="dit-digits")
             evaluate("fewer-steps", steps, target, fewer, reference)
-            evaluate("uniform", steps, target, uniform_for(units, steps, config, target), reference)
+            evaluate("uniform", steps, target, spread_for_speedup(units, steps, config, target, model="dit-digits"),
+                     reference)
             bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
             evaluate("block-caching", steps, target, bc, reference, analyze_s)
             start = time.perf_counter()

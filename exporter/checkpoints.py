@@ -44,23 +44,26 @@ def state_dict_from(obj, path="checkpoint") -> dict:
     return obj
 
 
+# diffusers `DiTTransformer2DModel` key prefixes → official DiT ones (DESIGN.md, "diffusers format").
+_FROM_DIFFUSERS = {
+    "pos_embed.proj.": "x_embedder.proj.",
+    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+    "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.": "y_embedder.embedding_table.",
+    "proj_out_1.": "final_layer.adaLN_modulation.1.",
+    "proj_out_2.": "final_layer.linear.",
+}
+_FROM_DIFFUSERS_BLOCK = {"norm1.linear.": "adaLN_modulation.1.", "attn1.to_out.0.": "attn.proj.",
+                         "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2."}
+
+
 def from_diffusers(sd: dict) -> dict:
     """Map a diffusers `DiTTransformer2DModel` state dict onto the official DiT keys.
 
     diffusers keeps identical copies of the embedders in every block; block 0's are taken. Known
     numeric differences of diffusers' own model (time frequencies divided by half−1, MLP-norm eps 1e-5)
     are not reproduced: the weights run in the official architecture."""
-    out = {}
-    renames = {
-        "pos_embed.proj.": "x_embedder.proj.",
-        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
-        "transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
-        "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.": "y_embedder.embedding_table.",
-        "proj_out_1.": "final_layer.adaLN_modulation.1.",
-        "proj_out_2.": "final_layer.linear.",
-    }
-    block_renames = {"norm1.linear.": "adaLN_modulation.1.", "attn1.to_out.0.": "attn.proj.",
-                     "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2."}
+    out, renames, block_renames = {}, _FROM_DIFFUSERS, _FROM_DIFFUSERS_BLOCK
     for key, value in sd.items():
         if key == "pos_embed.pos_embed":
             out["pos_embed"] = value
@@ -90,6 +93,60 @@ def from_diffusers(sd: dict) -> dict:
             parts = [sd.get(f"transformer_blocks.{i}.attn1.to_{n}.{suffix}") for n in "qkv"]
             if all(p is not None for p in parts):
                 out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, 0)
+    return out
+
+
+def diffusers_config(config: dict) -> dict:
+    """The `DiTTransformer2DModel` config that holds a blockcache DiT `config` (its keyword arguments).
+
+    diffusers' DiT block always has a 4x MLP and a class table of num_classes + 1 rows: other DiT
+    configs have no diffusers form and are refused."""
+    if config.get("family", "dit") != "dit":
+        raise BlockcacheError(f"only DiT has a diffusers DiTTransformer2DModel form, not {config['family']}")
+    if config["mlp_ratio"] != 4:
+        raise BlockcacheError(f"diffusers' DiT block has a 4x MLP; this model's mlp_ratio is {config['mlp_ratio']:g}")
+    d, heads = config["hidden_size"], config["num_heads"]
+    return {"num_attention_heads": heads, "attention_head_dim": d // heads, "in_channels": config["in_channels"],
+            "out_channels": config["in_channels"] * (2 if config["learn_sigma"] else 1),
+            "num_layers": config["depth"], "sample_size": config["input_size"], "patch_size": config["patch_size"],
+            "num_embeds_ada_norm": config["num_classes"], "norm_type": "ada_norm_zero",
+            "norm_elementwise_affine": False, "activation_fn": "gelu-approximate", "attention_bias": True}
+
+
+def to_diffusers(sd: dict, depth: int) -> dict:
+    """The official DiT state dict `sd` in diffusers' `DiTTransformer2DModel` keys: the inverse of
+    `from_diffusers`. The embedders are copied into every block (diffusers keeps one copy per block),
+    and `attn.qkv` is split in three along dim 0."""
+    renames = {value: key for key, value in _FROM_DIFFUSERS.items()}
+    block_renames = {value: key for key, value in _FROM_DIFFUSERS_BLOCK.items()}
+    out = {}
+    for key, value in sd.items():
+        if key == "pos_embed":
+            out["pos_embed.pos_embed"] = value
+            continue
+        for old, new in renames.items():
+            if key.startswith(old):
+                new_key = new + key[len(old):]
+                if new_key.startswith("transformer_blocks.0."):  # the embedders, in every block
+                    for i in range(depth):
+                        out[f"transformer_blocks.{i}." + new_key.removeprefix("transformer_blocks.0.")] = value
+                else:
+                    out[new_key] = value
+                break
+        else:
+            if not key.startswith("blocks."):
+                raise BlockcacheError(f"{key} is not a DiT weight")
+            _, i, rest = key.split(".", 2)
+            if rest.startswith("attn.qkv."):
+                for name, part in zip("qkv", value.chunk(3, 0)):
+                    out[f"transformer_blocks.{i}.attn1.to_{name}.{rest.removeprefix('attn.qkv.')}"] = part
+                continue
+            for old, new in block_renames.items():
+                if rest.startswith(old):
+                    out[f"transformer_blocks.{i}.{new}{rest[len(old):]}"] = value
+                    break
+            else:
+                raise BlockcacheError(f"{key} is not a DiT weight")
     return out
 
 

@@ -106,3 +106,14 @@ def search_speedup(make, low: float, high: float, target: float, config: dict, w
         else:
             low = mid
     return make(high)
+
+
+def spread_for_speedup(unit_names, steps: int, config: dict, target: float, spacing: str | None = None,
+                       model: str | None = None) -> Schedule:
+    """The all-or-nothing schedule (`Schedule.spread`) with the most full steps whose ideal speedup
+    reaches `target`."""
+    for full_steps in range(steps, 0, -1):
+        schedule = Schedule.spread(unit_names, steps, full_steps, spacing, model)
+        if ideal_speedup(config, schedule) >= target:
+            return schedule
+    raise BlockcacheError(f"no all-or-nothing schedule of {steps} steps reaches {target:.3f}x")

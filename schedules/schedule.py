@@ -341,6 +341,20 @@ class Schedule:
         return cls(unit_names, compute, {"name": sampler, "steps": steps, "spacing": spacing}, model,
                    source=f"uniform interval={interval}")
 
+    @classmethod
+    def spread(cls, unit_names, steps: int, full_steps: int, spacing: str | None = None,
+               model: str | None = None) -> "Schedule":
+        """All-or-nothing DDIM steps (FORA / DeepCache generalised to any budget): `full_steps` steps,
+        step 0 among them, spread as evenly as rounding allows; every unit reused at the others."""
+        spacing = spacing or default_spacing("ddim")
+        make_sampler("ddim", steps, spacing)
+        if not isinstance(full_steps, int) or not 1 <= full_steps <= steps:
+            raise BlockcacheError(f"full steps must be an integer in 1…{steps}, got {full_steps!r}")
+        compute = np.zeros((steps, len(unit_names)), dtype=bool)
+        compute[np.unique(np.round(np.linspace(0, steps, full_steps, endpoint=False)).astype(int))] = True
+        return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
+                   source=f"uniform spread full_steps={full_steps}")
+
 
 def scale_shift_file(schedule_file: str) -> str:
     """The name of the scale-shift sidecar that `Schedule.save` writes beside `schedule_file`."""

@@ -148,6 +148,8 @@ def test_memory_monitor():
     (["--batch-size", "0"], "batch size"),
     (["--labels", "1,2,3"], "3 labels given for a batch of 2"),
     (["--repeats", "0"], "repeats"),
+    (["--peers", "fbc:0.1,nope"], "unknown peer 'nope'"),
+    (["--peers", "fbc:0.1", "--matched", "uniform,oracle"], "unknown matched maker 'oracle'"),
 ])
 def test_bench_bad_inputs(args, message, tmp_path, capsys):
     assert bench.main(TINY_FLAGS + ["--out", str(tmp_path), "--quiet"] + args) == 2

@@ -166,16 +166,16 @@ def test_search_speedup_finds_the_smallest_parameter():
         search_speedup(make, 0.0, 0.05, 5.0, config)
 
 
-def test_study_uniform_spread():
-    from benchmarks.schedule_study import spread_schedule, uniform_for
-    from schedules.cost import ideal_speedup
+def test_uniform_spread():
+    from schedules import Schedule
+    from schedules.cost import ideal_speedup, spread_for_speedup
 
     model = tiny_model()
-    s = spread_schedule(model.unit_names, 10, 4)
+    s = Schedule.spread(model.unit_names, 10, 4)
     # steps round(0, 2.5, 5, 7.5) with numpy's round-half-to-even: 0, 2, 5, 8
     assert np.flatnonzero(s.compute.all(axis=1)).tolist() == [0, 2, 5, 8]
     assert not s.compute[~s.compute.all(axis=1)].any()  # all-or-nothing rows
-    u = uniform_for(model.unit_names, 20, model.config, 1.5)
+    u = spread_for_speedup(model.unit_names, 20, model.config, 1.5)
     assert ideal_speedup(model.config, u) >= 1.5
-    more = spread_schedule(model.unit_names, 20, int(u.compute.all(axis=1).sum()) + 1)
+    more = Schedule.spread(model.unit_names, 20, int(u.compute.all(axis=1).sum()) + 1)
     assert ideal_speedup(model.config, more) < 1.5  # one more full step would miss the target

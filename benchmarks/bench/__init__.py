@@ -19,6 +19,13 @@ Methods:
 - `torch-inductor`: the torch backend with each DiT block compiled by inductor (`--compile-mode`,
   without inductor's CUDA graphs: the backend captures the whole loop itself).
 
+Peers (`--peers all` or a list; bench/peers.py): diffusers' full compute (eager, and `compile`),
+FirstBlockCache, TaylorSeer, MagCache (calibrated on one run), PyramidAttentionBroadcast, FasterCache and
+cache-dit's DBCache presets, on the same weights in diffusers' `DiTTransformer2DModel`, each compared with
+diffusers' own full compute; their compute share is what their first call really ran. For each peer,
+blockcache schedules with the same ideal speedup (`--matched`: uniform, block-caching, l2c) run as plans,
+and a summary compares the fastest peer and plan at each fidelity (bench/side_by_side.py).
+
 Schedules: for each cached schedule the harness adds its sampler's full-compute run (`full<N>`) and a
 fewer-steps DDIM run with about the same MACs (`ddim<M>`, M = round(N / ideal speedup)). Specs:
 `l2c20` / `l2c50` (committed L2C imports for 28-block DiTs), `uniform:K` (every K-th step, `--steps`),
@@ -33,8 +40,11 @@ Output: `<out>/<tag>.json`, `<out>/<tag>.md` (table) and `<out>/<tag>.png` (late
 Timings on a shared machine are noisy; no test asserts one.
 
 Modules: `config` (BenchConfig), `cases` (schedule specs → cases), `plans` (exported plans, one trace
-per step settings), `runners` (eager, compiled and plan runners), `memory` (peak memory), `harness`
-(the measurement loop), `report` (JSON, markdown, plot), `cli` (`blockcache-bench`).
+per step settings), `runners` (eager, compiled and plan runners), `memory` (peak memory), `measure`
+(timing, fidelity), `harness` (the measurement loop), `diffusers_dit` (the weights in diffusers' DiT,
+its loop, the compute counter), `peers` (peer settings), `matched` (schedules matched to a peer's
+compute), `side_by_side` (peer rows, matched cases, summary), `report` (JSON, markdown, plot), `cli`
+(`blockcache-bench`).
 """
 from .cases import build_cases
 from .cli import main

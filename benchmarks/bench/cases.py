@@ -51,13 +51,21 @@ def resolve_schedule(spec: str, units, steps: int, spacing: str) -> tuple[str, S
                           "L2C router .pt)")
 
 
-def build_cases(cfg: BenchConfig, units, config: dict) -> list[Case]:
-    """Full-compute cases first (one per sampler), then each cached schedule and its fewer-steps run."""
+def group_name(schedule: Schedule) -> str:
+    """The name of the full-compute case that runs `schedule`'s sampler (`full20`, `full50-ddim`)."""
+    spacing = schedule.sampler["spacing"]
+    return f"full{schedule.num_steps}" + ("" if spacing == "linspace" else f"-{spacing}")
+
+
+def build_cases(cfg: BenchConfig, units, config: dict, extra=()) -> list[Case]:
+    """Full-compute cases first (one per sampler), then each cached schedule (`cfg.schedules`, then the
+    already made (name, Schedule) pairs of `extra`) and its fewer-steps run."""
     from schedules.cost import schedule_macs
 
     fulls, pairs = {}, []
-    for spec in cfg.schedules:
-        name, schedule = resolve_schedule(spec, units, cfg.steps, cfg.spacing)
+    given = [(spec, None) for spec in cfg.schedules] + [(name, schedule) for name, schedule in extra]
+    for spec, made in given:
+        name, schedule = (spec, made) if made is not None else resolve_schedule(spec, units, cfg.steps, cfg.spacing)
         if schedule.sampler["name"] != "ddim":  # its eager and compiled loops and fewer-steps runs are DDIM's
             raise BlockcacheError(f"schedule {spec!r} is a {schedule.sampler['name']} schedule: blockcache-bench "
                                   "compares DDIM schedules only (sample and time other plans with runtime.Sampler)")
@@ -67,7 +75,7 @@ def build_cases(cfg: BenchConfig, units, config: dict) -> list[Case]:
             raise BlockcacheError(f"schedule {spec!r} is given twice")
         n, spacing = schedule.num_steps, schedule.sampler["spacing"]
         suffix = "" if spacing == "linspace" else f"-{spacing}"
-        group = f"full{n}{suffix}"
+        group = group_name(schedule)
         fulls.setdefault(group, Schedule.full(units, n, spacing))
         fewer = None
         if cfg.fewer_steps:

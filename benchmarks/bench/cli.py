@@ -40,6 +40,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--out", default=RESULTS, metavar="DIR", help="results folder (default benchmarks/results)")
     p.add_argument("--tag", help="file name stem (default <date>-bench-<model>-<device>)")
+    p.add_argument("--peers", metavar="LIST",
+                   help="comma-separated peer settings run on the same weights in diffusers' DiT (bench/peers.py): "
+                        "compile, fbc:T, taylorseer:INTERVAL:ORDER, magcache:T, pab, fastercache, dbcache:PRESET, or all; "
+                        "diffusers' own full compute is always added")
+    p.add_argument("--matched", default="uniform,block-caching,l2c", metavar="LIST",
+                   help="with --peers: blockcache schedules made to each peer's measured compute, by these makers "
+                        "(uniform, block-caching, l2c; none for no matched schedules)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -59,12 +66,14 @@ def split_list(text: str) -> list[str]:
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(
         model=args.model, overrides=model_overrides(args), checkpoint=args.checkpoint, random_init=args.random_init,
-        init_seed=args.init_seed, schedules=args.schedule or ["l2c20"], steps=args.steps, spacing=args.spacing,
+        init_seed=args.init_seed, schedules=args.schedule or ([] if args.peers else ["l2c20"]), steps=args.steps, spacing=args.spacing,
         methods=split_list(args.backends), precisions=split_list(args.precision), device=args.device,
         batch_size=args.batch_size, labels=parse_labels(args.labels) if args.labels else None, seed=args.seed,
         guidance_scale=args.guidance_scale, repeats=args.repeats, warmup=args.warmup,
         fewer_steps=not args.no_fewer_steps, compile_mode=args.compile_mode, bf16_plan=args.bf16_plan,
-        plans_dir=args.plans, threads=args.threads, progress=not args.quiet)
+        plans_dir=args.plans, threads=args.threads, progress=not args.quiet,
+        peers=split_list(args.peers) if args.peers else [],
+        matched=[] if args.matched.strip() == "none" else split_list(args.matched))
 
 
 @cli_main

@@ -42,10 +42,20 @@ class BenchConfig:
     plans_dir: str | None = None  # keep exported plans there and reuse them; default: a temporary folder
     threads: int | None = None
     progress: bool = True
+    peers: list = field(default_factory=list)  # peer specs (peers.py); their rows run `steps` DDIM steps
+    matched: list = field(default_factory=lambda: ["uniform", "block-caching", "l2c"])  # makers (matched.py)
 
     def check(self) -> None:
-        if not self.schedules:
-            raise BlockcacheError("give at least one schedule")
+        if not self.schedules and not self.peers:
+            raise BlockcacheError("give at least one schedule or peer")
+        if self.peers:
+            from .matched import MAKERS
+            from .peers import parse_peers
+
+            parse_peers(self.peers)  # one line for an unknown spec, before anything runs
+            for m in self.matched:
+                if m not in MAKERS:
+                    raise BlockcacheError(f"unknown matched maker {m!r} (expected some of {', '.join(MAKERS)})")
         for m in self.methods:
             if m not in METHODS:
                 raise BlockcacheError(f"unknown method {m!r} (expected some of {', '.join(METHODS)})")

@@ -4,7 +4,6 @@ against eager fp32 full compute and speedups derived (see the package docstring)
 from __future__ import annotations
 
 import copy
-import math
 import os
 import platform
 import statistics
@@ -18,10 +17,12 @@ from schedules.schedule import Schedule
 
 from .cases import build_cases
 from .config import FIDELITY_REFERENCE, PLAN_METHODS, BenchConfig
+from .measure import Skip, fidelity, is_digits, time_calls
 from .memory import MemoryMonitor
 from .plans import PlanStore
 from .report import method_label
 from .runners import BackendRunner, EagerRunner, block_compile_mode, compiled_step, plan_precision
+from .side_by_side import matched_schedules, run_peers, summary
 
 
 def torch_device(device: str) -> str:
@@ -38,44 +39,6 @@ def default_labels(num_classes: int, n: int) -> list[int]:
         return [i % num_classes for i in range(n)]
     demo = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
     return [(demo[i % len(demo)] + 7 * (i // len(demo))) % num_classes for i in range(n)]
-
-
-def is_digits(model) -> bool:
-    return getattr(model, "name", None) == "dit-digits" and model.in_channels == 1 and \
-        model.config["input_size"] % 8 == 0
-
-
-def fidelity(run: np.ndarray, ref: np.ndarray, digits: bool, labels) -> dict:
-    run64, ref64 = run.astype(np.float64), ref.astype(np.float64)
-    if digits:
-        from benchmarks import digits_metric as dm
-
-        out = {"psnr_db": dm.psnr(run, ref), "relative_error": dm.relative_error(run, ref)}
-        out["class_accuracy"] = dm.class_accuracy(run, labels)
-        out["digits_fd"] = dm.frechet_distance(run) if len(run) >= 2 else None
-        return out
-    mse = float(np.mean((run64 - ref64) ** 2))
-    data_range = float(ref64.max() - ref64.min())
-    psnr = float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
-    rel = float(np.linalg.norm(run64 - ref64) / np.linalg.norm(ref64))
-    return {"psnr_db": psnr, "relative_error": rel}
-
-
-def _time_calls(runner, noise, labels, cfg: BenchConfig, monitor: MemoryMonitor):
-    """(latents of the first call, its seconds, timed seconds); memory is watched during warm-up only
-    (the timed calls repeat the same work, and a polling thread would disturb them)."""
-    with monitor:
-        start = time.perf_counter()
-        output = runner(noise, labels)  # first (warm-up) call: its latents are the ones compared
-        first = time.perf_counter() - start
-        for _ in range(cfg.warmup - 1):
-            runner(noise, labels)
-    times = []
-    for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        runner(noise, labels)
-        times.append(time.perf_counter() - start)
-    return output, first, times
 
 
 def run_benchmark(cfg: BenchConfig, model=None, on_row=None) -> dict:
@@ -118,7 +81,6 @@ def _run(cfg: BenchConfig, model, on_row=None) -> dict:
         model = copy.deepcopy(model).float()  # the fp32 master copy; the caller's model is not touched
     model.eval()
     units, config = model.unit_names, model.config
-    cases = build_cases(cfg, units, config)
     labels_list = cfg.labels if cfg.labels is not None else default_labels(model.num_classes, cfg.batch_size)
     if any(not 0 <= int(v) < model.num_classes for v in labels_list):
         raise BlockcacheError(f"labels must be in 0…{model.num_classes - 1}")
@@ -140,6 +102,14 @@ def _run(cfg: BenchConfig, model, on_row=None) -> dict:
         "psnr_data_range": "2 (digit images in [-1, 1])" if digits else "max - min of the reference latents",
         "schedules": {}, "rows": [], "notes": [],
     }
+    cases = build_cases(cfg, units, config) if cfg.schedules else []  # unknown specs fail before the peers run
+    matched_to = {}
+    if cfg.peers:
+        peer_rows = run_peers(cfg, model, device, noise, labels, digits, results,
+                              None if on_row is None else lambda row: on_row(results))
+        matched = matched_schedules(cfg, model, peer_rows, labels)
+        cases = build_cases(cfg, units, config, [(name, schedule) for name, schedule, _ in matched])
+        matched_to = {name: peers for name, _, peers in matched}
     for c in cases:
         full, scheduled = schedule_macs(config, c.schedule)
         group = next(g for g in cases if g.name == c.group)
@@ -149,7 +119,10 @@ def _run(cfg: BenchConfig, model, on_row=None) -> dict:
             "spacing": c.schedule.sampler["spacing"], "source": c.schedule.source,
             "macs_per_image": scheduled, "ideal_speedup": group_full / scheduled,
             "distinct_variants": len({row.tobytes() for row in c.schedule.compute}),
+            "compute_share": float(c.schedule.compute.mean()),
         }
+        if c.name in matched_to:
+            results["schedules"][c.name]["matched_to"] = matched_to[c.name]
 
     work = [(p, m, c) for p in cfg.precisions for m in cfg.methods for c in cases
             if not (m == "compile" and c.role == "cached")]
@@ -193,11 +166,8 @@ def _run(cfg: BenchConfig, model, on_row=None) -> dict:
         store.close()
     results["export_seconds"] = store.export_seconds
     derive(results)
+    results["summary"] = summary(results)
     return results
-
-
-class Skip(Exception):
-    """A method that does not apply to this precision or machine (recorded, not an error)."""
 
 
 def plan_backend(method: str, precision: str, cfg: BenchConfig, device: str, plan):
@@ -242,7 +212,7 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
                 info.update(cuda_graph=backend.cuda_graph, graph_error=backend.graph_error, plan_precision=stored)
             runner = BackendRunner(backend, cfg.guidance_scale)
     setup = time.perf_counter() - start
-    output, first, times = _time_calls(runner, noise, labels, cfg, monitor)
+    output, first, times = time_calls(runner, noise, labels, cfg.warmup, cfg.repeats, monitor)
     info.update(monitor.report())
     if method in PLAN_METHODS and device.startswith("cuda") and not method.startswith("torch"):
         info["peak_device_mb"] = info["device_increase_mb"] = None  # not PyTorch's memory
@@ -261,14 +231,16 @@ def derive(results: dict) -> None:
     index = {(r["precision"], r["method"], r["schedule"]): r for r in rows if r["status"] == "ok"}
     for r in rows:
         info = results["schedules"][r["schedule"]]
-        r["ideal_speedup"] = info["ideal_speedup"]
+        # a peer's compute is what its run counted; a plan's is its schedule's
+        r["ideal_speedup"] = r.get("counted_ideal_speedup", info["ideal_speedup"])
+        r.setdefault("compute_share", info.get("compute_share"))
         r["speedup"] = r["efficiency"] = None
         if r["status"] != "ok":
             continue
         base = index.get((r["precision"], r["method"], info["compared_with"]))
         if base is not None:
             r["speedup"] = base["latency_s"]["median"] / r["latency_s"]["median"]
-            r["efficiency"] = r["speedup"] / r["ideal_speedup"]
+            r["efficiency"] = r["speedup"] / r["ideal_speedup"] if r["ideal_speedup"] else None
 
 
 def machine_info(device: str) -> dict:

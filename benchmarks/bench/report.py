@@ -55,7 +55,7 @@ def markdown(results: dict, title: str | None = None) -> str:
              ""]
     digits = any("class_accuracy" in r for r in results["rows"])
     header = ["precision", "method", "schedule", "steps", "latency s (min–max)", "speedup", "ideal", "efficiency",
-              "PSNR dB", "rel. error"]
+              "compute share", "PSNR dB", "rel. error"]
     if digits:
         header += ["class acc.", "digits-FD"]
     header += ["peak host MB (+load/run)", "peak device MB (+load/run)", "notes"]
@@ -76,18 +76,45 @@ def markdown(results: dict, title: str | None = None) -> str:
             notes.append(f"no CUDA graph: {r['graph_error'][:80]}")
         if r.get("plan_precision") and r["plan_precision"] != r["precision"]:
             notes.append(f"cast from {r['plan_precision']} plan")
+        if r.get("computed_steps") and r["role"] == "cached":
+            notes.append(f"steps computed: {r['computed_steps']}")
+        if s.get("matched_to"):
+            notes.append(f"matched to {', '.join(s['matched_to'])}")
         cells = [r["precision"], r["label"], sched, str(s["steps"]),
                  f"{lat['median']:.4g} ({lat['min']:.4g}–{lat['max']:.4g})", _fmt(r["speedup"], ".3f"),
-                 _fmt(r["ideal_speedup"], ".3f"), _fmt(r["efficiency"], ".2f"), _fmt(r.get("psnr_db"), ".1f"),
+                 _fmt(r["ideal_speedup"], ".3f"), _fmt(r["efficiency"], ".2f"), _fmt(r.get("compute_share"), ".3f"),
+                 _fmt(r.get("psnr_db"), ".1f"),
                  _fmt(r.get("relative_error"), ".2e")]
         if digits:
             cells += [_fmt(r.get("class_accuracy"), ".3f"), _fmt(r.get("digits_fd"), ".2f")]
         cells += [_memory(r.get("peak_host_mb"), r.get("host_increase_mb")),
                   _memory(r.get("peak_device_mb"), r.get("device_increase_mb")), "; ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("summary"):
+        lines += summary_markdown(results["summary"])
     if results.get("notes"):
         lines += [""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: dict) -> list[str]:
+    """The side-by-side summary (side_by_side.summary) as markdown lines."""
+    lines = []
+    for precision, s in summary.items():
+        lines += ["", f"## Peers vs blockcache plans, {precision}", "",
+                  f"At equal or better fidelity, fastest peer latency / fastest plan latency: median "
+                  f"{_fmt(s['ratio_median'], '.2f')}x (min {_fmt(s['ratio_min'], '.2f')}x, max "
+                  f"{_fmt(s['ratio_max'], '.2f')}x; > 1: the plan is faster).", "",
+                  "| PSNR at least, dB | fastest peer | latency s | fastest plan | latency s | ratio |", "|---|---|---|---|---|---|"]
+        for lv in s["at_equal_fidelity"]:
+            lines.append(f"| {_fmt(lv['psnr_db'], '.1f')} | {lv['peer']} | {lv['peer_latency_s']:.4g} | "
+                         f"{lv['plan'] or 'none'} | {_fmt(lv['plan_latency_s'], '.4g')} | {_fmt(lv['ratio'], '.2f')} |")
+        lines += ["", "| latency at most, s | most faithful peer | PSNR dB | most faithful plan | PSNR dB |",
+                  "|---|---|---|---|---|"]
+        for b in s["at_equal_latency"]:
+            lines.append(f"| {b['latency_s']:.4g} | {b['peer']} | {_fmt(b['peer_psnr_db'], '.1f')} | "
+                         f"{b['plan'] or 'none'} | {_fmt(b['plan_psnr_db'], '.1f')} |")
+    return lines
 
 
 def plot(results: dict, path: str) -> None:

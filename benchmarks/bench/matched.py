@@ -1,0 +1,86 @@
+"""blockcache schedules matched to the peers' measured compute: for each peer setting's ideal speedup
+(the MACs its run really spent), one schedule per maker reaching at least that speedup, made from the
+model's own statistics on calibration inputs the measured run does not use.
+
+Makers: `uniform` (all-or-nothing steps spread evenly), `block-caching` (Block Caching's δ rule on
+`analyze` change statistics, the smallest δ that reaches the target) and `l2c` (one router learned on
+the model's trajectories, thresholded at the θ that reaches it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from schedules.errors import BlockcacheError
+
+MAKERS = ("uniform", "block-caching", "l2c")
+CALIBRATION_SEEDS = (1, 2)  # the measured run's noise is seed cfg.seed (0 by default): not among these
+L2C_LAMBDA = 1e-5
+
+
+class MatchedMaker:
+    """Makes the matched schedules of one model and sampler (the statistics and the router are
+    computed once, on first use)."""
+
+    def __init__(self, model, full, guidance_scale: float, conditions, makers=MAKERS, seeds=CALIBRATION_SEEDS):
+        unknown = [m for m in makers if m not in MAKERS]
+        if unknown:
+            raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)})")
+        self.model, self.full, self.scale = model, full, guidance_scale
+        self.conditions, self.makers, self.seeds = np.asarray(conditions), tuple(makers), tuple(seeds)
+        self._change = self._router = None
+        self.seconds = {}
+
+    def schedules(self, target: float) -> list[tuple[str, object]]:
+        """[(maker, Schedule)] reaching ideal speedup `target`; a maker that cannot is left out."""
+        out = []
+        for maker in self.makers:
+            try:
+                out.append((maker, self._make(maker, target)))
+            except BlockcacheError:
+                continue  # e.g. no all-or-nothing schedule is that fast
+        return out
+
+    def _make(self, maker: str, target: float):
+        from schedules.cost import search_speedup, spread_for_speedup
+
+        units, config, name = self.model.unit_names, self.model.config, getattr(self.model, "name", None)
+        n, spacing = self.full.num_steps, self.full.sampler["spacing"]
+        if maker == "uniform":
+            return spread_for_speedup(units, n, config, target, spacing, name)
+        if maker == "block-caching":
+            from schedules.blockcaching import search_delta
+
+            return search_delta(self._statistics(), config, units, self.full.sampler, target_speedup=target, model=name)
+        from schedules.l2c import schedule_from_l2c
+
+        logits = self._learned_router()
+        return search_speedup(lambda theta: schedule_from_l2c(logits, units, n, threshold=theta, every_step=True,
+                                                              spacing=spacing, model=name,
+                                                              source=f"learn-l2c lambda={L2C_LAMBDA:g} threshold={theta:.6g}"),
+                              1e-6, 1 - 1e-6, target, config, what="threshold")
+
+    def _statistics(self):
+        if self._change is None:
+            import time
+
+            from exporter.makers.analyze import measure_change
+
+            start = time.perf_counter()
+            self._change = measure_change(self.model, self.full, self.conditions, self.seeds,
+                                          guidance_scale=self.scale)
+            self.seconds["analyze"] = time.perf_counter() - start
+        return self._change
+
+    def _learned_router(self):
+        if self._router is None:
+            import time
+
+            from exporter.makers.learn_l2c import learn_router, router_logits, trajectory_inputs
+
+            start = time.perf_counter()
+            xs, y = trajectory_inputs(self.model, self.full, self.conditions, self.seeds, self.scale)
+            logits, _ = learn_router(self.model, self.full, xs, y, lam=L2C_LAMBDA, guidance_scale=self.scale)
+            self._router = router_logits(logits)
+            self.seconds["learn-l2c"] = time.perf_counter() - start
+        return self._router
