@@ -124,6 +124,9 @@ def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_s
         raise ParameterError("schedules", "{name} is empty: give at least one schedule")
     for schedule in schedules:
         check_schedule(model, schedule)
+        if schedule.span.any():
+            raise ParameterError("schedules", "{name} skip spans of blocks ('s'): span-residual reuse runs in the "
+                                 "eager reference (blockcache-sample without --plan) but is not compiled into plans yet")
     counts = [s.num_steps for s in schedules]
     if len(set(counts)) != len(counts):
         raise ParameterError("schedules", f"{{name}} have step counts {counts}: a plan holds one schedule per step "

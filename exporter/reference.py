@@ -90,7 +90,8 @@ def schedule_policy(schedule: Schedule, corrections: list[dict] | None = None):
     one cache carried across the evaluations (`corrections`: `correction_tensors(schedule)`)."""
     cache = {}
     corrections = correction_tensors(schedule) if corrections is None else corrections
-    return lambda s: CachePolicy(cache, schedule.reused(s), corrections=corrections[s])
+    return lambda s: CachePolicy(cache, schedule.reused(s), corrections=corrections[s], spans=schedule.spans(s),
+                                 span_writes=schedule.span_writes(s))
 
 
 def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +108,9 @@ def check_schedule(model, schedule: Schedule) -> None:
     name = getattr(model, "name", None) or "the model"
     schedule.check_units(model.unit_names, name)
     check_sampler(model.config, schedule.sampler["name"], name)
+    if schedule.span.any() and not family_of(model.config).spans:
+        raise BlockcacheError(f"{name} is a {family_of(model.config).name} model: its long skips leave no span of "
+                              "blocks to replace by a residual ('s' rows are for DiT)")
     width = model.config["hidden_size"]  # every unit's output has the model's width
     for (step, unit), (scale, _) in schedule.scale_shift.items():
         if scale.shape != (width,):

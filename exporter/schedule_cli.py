@@ -4,6 +4,7 @@ a model, which live here so that `schedules` never imports the network code:
     blockcache-schedule analyze --model dit-digits --steps 50 [--labels 0,1,…] [--seeds 0,1] -o stats.npz [--png P]
     blockcache-schedule learn-l2c --model dit-digits --steps 20 [--lambda L] [--threshold θ] -o l2c.yaml
     blockcache-schedule scale-shift --model dit-digits --schedule bc.yaml -o bc-ss.yaml
+    blockcache-schedule calibrate --model dit-digits --steps 50 --method first-block --threshold 0.1 -o fbc.yaml
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output, check_output
 from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
-from schedules.sampling import SPACINGS, check_labels
+from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, check_labels
 from schedules.zoo import family_of
 
 
@@ -28,7 +29,7 @@ def build_parser():
 def add_model_commands(sub) -> None:
     """The subcommands that run a model, added to `blockcache-schedule`'s subparsers."""
 
-    def runs_model(name, help, what, sampler=True, seeds="0,1"):
+    def runs_model(name, help, what, sampler=True, seeds="0,1", channels=False):
         """A subcommand that samples the model: weights, sampler, the conditions it samples."""
         p = sub.add_parser(name, help=help)
         add_model_args(p)
@@ -41,10 +42,14 @@ def add_model_commands(sub) -> None:
         p.add_argument("--seeds", default=seeds, help=f"comma-separated noise seeds {what} (default {seeds})")
         p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the family's, 4 for DiT, 0.4 "
                        "for U-ViT in its form)")
+        if channels:
+            p.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS,
+                           help="guidance form, as the plan will use it (default: the model family's)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
 
-    p = runs_model("analyze", "Block Caching's change analysis of a model (runs it eagerly)", "to sample")
+    p = runs_model("analyze", "Block Caching's change analysis of a model (runs it eagerly)", "to sample",
+                   channels=True)
     p.add_argument("-o", "--output", required=True, help="change statistics to write (.npz)")
     p.add_argument("--png", metavar="P", help="also draw a step × unit heatmap")
 
@@ -69,6 +74,18 @@ def add_model_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--held-out-seed", type=int, default=1000, help="seed for the reported held-out error (default 1000)")
     p.add_argument("-o", "--output", required=True, help="corrected schedule YAML (tensors beside it)")
+
+    p = runs_model("calibrate", "freeze a run-time cache's decisions (FirstBlockCache, MagCache, TeaCache) into "
+                   "a span schedule by running its rule on calibration inputs", "to calibrate on", channels=True)
+    p.add_argument("--method", required=True, choices=("first-block", "magcache", "teacache"),
+                   help="whose decision rule runs (exporter/makers/calibrate.py cites each reference)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--threshold", type=float, help="the method's threshold")
+    budget.add_argument("--target-speedup", type=float, metavar="X",
+                        help="the smallest threshold whose schedule reaches this ideal (MAC) speedup")
+    p.add_argument("--aggregate", choices=("any", "most"), default="any",
+                   help="a step computes if any (default) or most calibration runs (one per seed) computed it")
+    p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
 
 
 def _check_scale(value: float | None) -> None:
@@ -166,12 +183,41 @@ def _scale_shift(args) -> int:
         raise BlockcacheError(f"--held-out-seed {args.held_out_seed} is one of the training seeds")
     corrected, history = learn_scale_shift(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
                                            epochs=args.epochs, lr=args.lr, progress=not args.quiet)
-    plain = Schedule(schedule.unit_names, schedule.compute, schedule.sampler)
+    plain = Schedule(schedule.unit_names, schedule.compute, schedule.sampler, span=schedule.span)
     before = distillation_error(model, plain, labels, [args.held_out_seed], args.guidance_scale)
     after = distillation_error(model, corrected, labels, [args.held_out_seed], args.guidance_scale)
     schedule_cli.write_schedule(corrected, out)
     print(f"wrote {out}: training error {history[0]:.3e} → {history[-1]:.3e}; held-out seed "
           f"{args.held_out_seed}: {before:.3e} without scale-shift, {after:.3e} with")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from schedules.schedule import Schedule
+
+    from .makers.calibrate import calibrated_schedule, search_threshold
+
+    out = check_output(args.output, (".yaml", ".yml"), "-o")
+    _check_scale(args.guidance_scale)
+    for name, value, low in (("--threshold", args.threshold, 0), ("--target-speedup", args.target_speedup, 1)):
+        if value is not None and (not math.isfinite(value) or value < low):
+            raise BlockcacheError(f"{name} must be a finite number >= {low}, got {value}")
+    seeds = parse_labels(args.seeds, "--seeds")
+    model, sampler, args.guidance_scale = _load(args)
+    if sampler != "ddim":
+        raise BlockcacheError(f"calibrate freezes DDIM schedules; {args.model} samples with {sampler}")
+    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
+    full = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
+    options = dict(guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
+                   aggregate=args.aggregate)
+    if args.target_speedup is not None:
+        schedule = search_threshold(model, full, args.method, args.target_speedup, labels, seeds, **options)
+    else:
+        schedule, _ = calibrated_schedule(model, full, args.method, args.threshold, labels, seeds, **options)
+    schedule_cli.write_schedule(schedule, out)
+    s = schedule_cli.stats(model.config, schedule)
+    print(f"wrote {out}: {schedule.source}; {s['cached_steps']} of {s['steps']} steps reuse a span, ideal "
+          f"speedup {s['ideal_speedup']:.3f}x")
     return 0
 
 
@@ -191,7 +237,7 @@ def _analyze(args) -> int:
     labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model, sampler=sampler)
     change = measure_change(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
-                            progress=not args.quiet)
+                            guidance_channels=args.guidance_channels, progress=not args.quiet)
     save_change(args.output, change=change, unit_names=model.unit_names,
                 timesteps=schedule.make_sampler().timesteps, sampler=schedule.sampler, config=model.config,
                 model=args.model, labels=labels, seeds=seeds, guidance_scale=args.guidance_scale)
@@ -211,6 +257,8 @@ def main(argv=None):
         return _learn_l2c(args)
     if args.command == "scale-shift":
         return _scale_shift(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     return schedule_cli.run(args)
 
 

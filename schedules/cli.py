@@ -158,6 +158,8 @@ def format_stats(s: dict) -> str:
              f"units reused: {s['skipped_share']:.1%} overall, {s['skipped_share_in_cached_steps']:.1%} in the "
              f"{s['cached_steps']} cached {step}s",
              "by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in s["skipped_share_by_kind"].items())]
+    if s.get("spans"):
+        lines.append(f"spans: {s['spans']} skipped (their residual reused), {s['span_share']:.1%} of all units")
     if "ideal_speedup" in s:
         lines.append(f"MACs per image: full {s['macs_per_image_full'] / 1e9:.2f} G, scheduled "
                      f"{s['macs_per_image_scheduled'] / 1e9:.2f} G, ideal speedup {s['ideal_speedup']:.3f}x")

@@ -73,6 +73,8 @@ def stats(config: dict | None, schedule: Schedule) -> dict:
         "skipped_share_in_cached_steps": float(skipped[cached_steps].mean()) if cached_steps.any() else 0.0,
         "skipped_share_by_kind": {k: float(skipped[:, [u.endswith("." + k) for u in schedule.unit_names]].mean())
                                   for k in kinds},
+        "span_share": float(schedule.span.mean()),  # units skipped inside spans (their residual added)
+        "spans": sum(len(schedule.spans(s)) for s in range(schedule.num_steps)),
     }
     if config is not None:
         full, scheduled = schedule_macs(config, schedule)

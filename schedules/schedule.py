@@ -12,8 +12,11 @@ File format (YAML, version 1), one line per step so that a person can read and d
     - ".. x. .. ..."                     # step 1, t=946
 
 Each row has one character per unit in `units` order: `x` computes the unit, `.` reuses its
-cached output from the last step that computed it. Spaces are ignored (the writer puts one between
-blocks). Step 0 must compute everything: nothing is cached yet.
+cached output from the last step that computed it, `s` skips it inside a *span*: a run of
+consecutive blocks whose units are all `s` is replaced by its total residual (hidden state after the
+span minus before it) from the last step that ran those blocks, added to the current input of the span
+(FirstBlockCache / TeaCache / MagCache's reuse; docs/ARCHITECTURE.md, "Caching semantics"). Spaces are
+ignored (the writer puts one between blocks). Step 0 must compute everything: nothing is cached yet.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .files import atomic_output
 from .sampling import SAMPLER_SPACINGS, SAMPLERS, default_spacing, make_sampler
 
 VERSION = 1
-COMPUTE, REUSE = "x", "."
+COMPUTE, REUSE, SPAN = "x", ".", "s"
 MAX_BYTES = 2 << 20  # a DiT-XL/2 schedule of 1000 steps is about 0.1 MB
 MAX_ROWS = 2000  # no sampler makes more model evaluations (1000 DDIM steps, 1000 DPM-Solver-2 steps)
 MAX_DEPTH = 8  # the format nests three levels deep
@@ -77,10 +80,14 @@ class Schedule:
     # Block Caching's correction of reused values: {(step, unit): (scale, shift)}, float32 vectors over
     # the unit's channels; a reused value v becomes v·(1 + scale) + shift. Stored beside the YAML.
     scale_shift: dict = field(default_factory=dict)
+    # bool like `compute`: True where a reused unit is skipped inside a span (`s`) rather than reused
+    # alone (`.`); None: no spans
+    span: np.ndarray | None = None
 
     def __post_init__(self):
         self.unit_names = tuple(self.unit_names)
         self.compute = np.asarray(self.compute, dtype=bool)
+        self.span = np.zeros_like(self.compute) if self.span is None else np.asarray(self.span, dtype=bool)
         self.sampler = dict(self.sampler)
         self.scale_shift = {(int(k[0]), str(k[1])): tuple(np.asarray(a, dtype=np.float32) for a in v)
                             for k, v in self.scale_shift.items()}
@@ -116,6 +123,25 @@ class Schedule:
         if steps != self.num_steps:
             raise BlockcacheError(f"sampler has {steps} steps but the schedule has {self.num_steps} rows")
         self._validate_scale_shift()
+        self._validate_spans()
+
+    def _validate_spans(self) -> None:
+        if self.span.shape != self.compute.shape:
+            raise BlockcacheError(f"span marks have shape {self.span.shape}, not the schedule's {self.compute.shape}")
+        both = self.span & self.compute
+        if both.any():
+            step, j = np.argwhere(both)[0]
+            raise BlockcacheError(f"step {step} both computes and span-skips {self.unit_names[j]}")
+        for step in range(self.num_steps):
+            for block, columns in self.blocks().items():
+                marks = self.span[step, columns]
+                if marks.any() and not marks.all():
+                    raise BlockcacheError(f"step {step} span-skips only part of {block}: a span skips whole blocks "
+                                          f"(every unit of {block} 's', or none)")
+        for (step, unit) in self.scale_shift:
+            if self.span[step, self.unit_names.index(unit)]:
+                raise BlockcacheError(f"scale-shift for step {step} unit {unit}, which that step span-skips (a span "
+                                      "adds its residual uncorrected)")
 
     def _validate_scale_shift(self) -> None:
         index = {u: j for j, u in enumerate(self.unit_names)}
@@ -150,25 +176,50 @@ class Schedule:
 
     # -- caching structure ---------------------------------------------------------------------
     def reused(self, step: int) -> tuple[str, ...]:
-        """Units read from the cache at `step`."""
-        return tuple(u for u, c in zip(self.unit_names, self.compute[step]) if not c)
+        """Units read from the cache at `step`, each alone (`.`)."""
+        return tuple(u for u, c, s in zip(self.unit_names, self.compute[step], self.span[step]) if not c and not s)
 
-    def live_after(self, step: int) -> tuple[str, ...]:
-        """Units computed at `step` whose value a later step reuses before recomputing it (liveness)."""
-        live = []
+    def blocks(self) -> dict[str, list[int]]:
+        """{block: its unit columns}, blocks in execution order (a unit `<block>.<branch>` belongs to `<block>`)."""
+        out = {}
         for j, u in enumerate(self.unit_names):
-            if not self.compute[step, j]:
-                continue
-            for later in range(step + 1, self.num_steps):
-                if self.compute[later, j]:
-                    break
-                live.append(u)
-                break
-        return tuple(live)
+            out.setdefault(u.rsplit(".", 1)[0], []).append(j)
+        return out
+
+    def spans(self, step: int) -> list[tuple[str, str]]:
+        """The spans `step` skips, as (first block, last block): maximal runs of consecutive span-skipped
+        blocks."""
+        out, start, previous = [], None, None
+        for block, columns in self.blocks().items():
+            if self.span[step, columns[0]]:
+                start = start or block
+                previous = block
+            elif start is not None:
+                out.append((start, previous))
+                start = None
+        if start is not None:
+            out.append((start, previous))
+        return out
+
+    def span_writes(self, step: int) -> list[tuple[str, str]]:
+        """The spans whose residual `step` records: every span a later step skips whose blocks all run at
+        `step` and are not skipped again before that later step (so `step` is the last to run them)."""
+        columns = self.blocks()
+        order = list(columns)
+        out = []
+        for later in range(step + 1, self.num_steps):
+            for first, last in self.spans(later):
+                members = [columns[b][0] for b in order[order.index(first):order.index(last) + 1]]
+                k = later - 1
+                while self.span[k, members].any():  # ends at step 0 at the latest: it computes everything
+                    k -= 1
+                if k == step and (first, last) not in out:
+                    out.append((first, last))
+        return out
 
     # -- file format -------------------------------------------------------------------------
     def row_string(self, step: int) -> str:
-        chars = [COMPUTE if c else REUSE for c in self.compute[step]]
+        chars = [COMPUTE if c else SPAN if sp else REUSE for c, sp in zip(self.compute[step], self.span[step])]
         groups, current, prefix = [], [], None
         for u, ch in zip(self.unit_names, chars):
             block = u.rsplit(".", 1)[0]
@@ -215,7 +266,8 @@ class Schedule:
         if self.scale_shift:
             lines.append(f"scale_shift: {{file: {_scalar(scale_shift_file or 'scaleshift.safetensors')}, "
                          f"sha256: {self.scale_shift_digest()}}}")
-        lines.append(f"# one row per sampling step (first = noisiest); '{COMPUTE}' compute, '{REUSE}' reuse")
+        lines.append(f"# one row per sampling step (first = noisiest); '{COMPUTE}' compute, '{REUSE}' reuse"
+                     + (f", '{SPAN}' skip inside a span (its residual reused)" if self.span.any() else ""))
         lines.append("steps:")
         for i in range(self.num_steps):
             note = f"step {i}" + (f", t={timesteps[i]:.6g}" if timesteps is not None else "")
@@ -279,23 +331,27 @@ class Schedule:
         if len(rows) > MAX_ROWS:
             raise BlockcacheError(f"{where}: {len(rows)} rows, more than any sampler's {MAX_ROWS} model evaluations")
         compute = np.zeros((len(rows), len(units)), dtype=bool)
+        span = np.zeros_like(compute)
         for i, row in enumerate(rows):
             if not isinstance(row, str):
-                raise BlockcacheError(f"{where}: step {i} must be a quoted string of '{COMPUTE}' and '{REUSE}'")
+                raise BlockcacheError(f"{where}: step {i} must be a quoted string of '{COMPUTE}', '{REUSE}' and "
+                                      f"'{SPAN}'")
             chars = row.replace(" ", "")
-            bad = set(chars) - {COMPUTE, REUSE}
+            bad = set(chars) - {COMPUTE, REUSE, SPAN}
             if bad:
-                raise BlockcacheError(f"{where}: step {i} has character {sorted(bad)[0]!r} (only '{COMPUTE}' and '{REUSE}')")
+                raise BlockcacheError(f"{where}: step {i} has character {sorted(bad)[0]!r} (only '{COMPUTE}', "
+                                      f"'{REUSE}' and '{SPAN}')")
             if len(chars) != len(units):
                 raise BlockcacheError(f"{where}: step {i} has {len(chars)} entries but there are {len(units)} units")
             compute[i] = [ch == COMPUTE for ch in chars]
+            span[i] = [ch == SPAN for ch in chars]
         name = sampler.get("name", "ddim")
         sampler = {"name": name, "steps": sampler.get("steps", len(rows)),
                    "spacing": sampler.get("spacing", SAMPLER_SPACINGS.get(name, ("linspace",))[0])}
         scale_shift = _read_scale_shift(doc["scale_shift"], where, base_dir) if doc.get("scale_shift") else {}
         try:
             schedule = cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"),
-                           scale_shift=scale_shift)
+                           scale_shift=scale_shift, span=span)
         except BlockcacheError as e:
             raise BlockcacheError(f"{where}: {e}") from None
         if scale_shift and schedule.scale_shift_digest() != doc["scale_shift"].get("sha256"):

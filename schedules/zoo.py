@@ -31,6 +31,9 @@ class Family:
     guidance: str  # guidance form: "first3" (DiT), "uvit" (cond + s·(cond − uncond), all channels)
     guidance_scale: float  # the published demo / sampling setting in that form
     extra_tokens: int  # tokens beside the patches (U-ViT: label and time)
+    # whether the blocks form one chain, so that a span of them can be replaced by its residual (U-ViT's
+    # long skips connect in-blocks to out-blocks: a skipped in-block would leave its skip missing)
+    spans: bool = True
 
     def guidance_settings(self, scale: float | None = None, channels: str | None = None) -> tuple[float, str]:
         """(scale, form): the given ones, or the family's published defaults where None."""
@@ -54,7 +57,7 @@ DIT = Family("dit", dict(input_size=32, patch_size=2, in_channels=4, hidden_size
 # (1000 is the null class), no qkv bias, no time MLP, no final conv.
 UVIT = Family("uvit", dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                            mlp_ratio=4.0, num_classes=1001, qkv_bias=False, mlp_time_embed=False, conv=False),
-              samplers=("dpm-solver-2",), guidance="uvit", guidance_scale=0.4, extra_tokens=2)
+              samplers=("dpm-solver-2",), guidance="uvit", guidance_scale=0.4, extra_tokens=2, spans=False)
 FAMILIES = {f.name: f for f in (DIT, UVIT)}
 
 # The zoo: each model an explicit entry over its family's defaults. DiT's sizes are the paper's

@@ -42,7 +42,7 @@ class ChangeRecorder(UnitPolicy):
 
 @torch.no_grad()
 def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: float | None = None,
-                   progress: bool = False) -> np.ndarray:
+                   guidance_channels: str | None = None, progress: bool = False) -> np.ndarray:
     """(steps, units) float64 change statistics for `schedule`'s sampler (its compute rows are ignored:
     the analysis always computes everything)."""
     check_schedule(model, schedule)
@@ -51,7 +51,7 @@ def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: 
     if not seeds or any(s < 0 for s in seeds):
         raise BlockcacheError("seeds must be a non-empty list of non-negative integers")
     x, y = seeded_batch(model, labels, seeds)
-    denoiser = Denoiser(model, schedule, guidance_scale)
+    denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     recorder = ChangeRecorder(model.unit_names, schedule.num_steps)
 
     def policy(s):

@@ -37,7 +37,8 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     denoiser = Denoiser(model, schedule, guidance_scale)
     cache, errors, inputs = {}, [], {}
     for s in range(len(denoiser)):
-        student = _Student(cache, schedule.reused(s), corrections=params.get(s, {}))
+        student = _Student(cache, schedule.reused(s), corrections=params.get(s, {}), spans=schedule.spans(s),
+                           span_writes=schedule.span_writes(s))
         carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)
@@ -88,5 +89,5 @@ def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scal
     learned = {(s, unit): (scale.detach().numpy().copy(), shift.detach().numpy().copy())
                for s, step in params.items() for unit, (scale, shift) in step.items()}
     corrected = Schedule(schedule.unit_names, schedule.compute, schedule.sampler, schedule.model,
-                         source=f"{schedule.source or 'schedule'} + scale-shift", scale_shift=learned)
+                         source=f"{schedule.source or 'schedule'} + scale-shift", scale_shift=learned, span=schedule.span)
     return corrected, history

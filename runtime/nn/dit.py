@@ -16,7 +16,7 @@ from schedules.errors import BlockcacheError
 from schedules.zoo import unit_names
 
 from .layers import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify
-from .units import COMPUTE
+from .units import COMPUTE, run_block
 
 
 class LabelEmbedder(nn.Module):
@@ -103,6 +103,6 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, policy, prefix=f"blocks.{i}")
+            x = run_block(policy, f"blocks.{i}", x, lambda h, block=block, i=i: block(h, c, policy, prefix=f"blocks.{i}"))
         x = self.final_layer(x, c)
         return unpatchify(x, self.out_channels, self.patch_size, self.x_embedder.grid_size)

@@ -8,8 +8,13 @@ protocol with two hooks, and the classes here are the policies blockcache itself
 - `UnitPolicy()`: compute every unit (the official forward; what a network does without a policy).
 - `CachePolicy`: blockcache's caching semantics for one model evaluation: reused units return their
   cached value, corrected by Block Caching's scale-shift where the schedule has one; computed units
-  are stored for later evaluations. The eager reference, the torch backend, `--verify` and the
-  schedule makers all run through it (subclasses change only where a fresh value is kept).
+  are stored for later evaluations; a skipped span of blocks adds its cached residual. The eager
+  reference, the torch backend, `--verify` and the schedule makers all run through it (subclasses
+  change only where a fresh value is kept).
+
+Blocks: a network whose blocks form one chain runs each through `run_block(policy, name, x, run)`, so
+that a policy with a `block` hook can replace a span of blocks by a residual; any other policy just
+runs them.
 """
 
 from __future__ import annotations
@@ -42,8 +47,23 @@ class UnitPolicy:
     def computed(self, name: str, value):
         return value
 
+    def block(self, name: str, x, run):
+        """Block `name` on hidden state `x`: `run(x)` is the block's output."""
+        return run(x)
+
 
 COMPUTE = UnitPolicy()  # the policy of a network called without one
+
+
+def run_block(policy, name: str, x, run):
+    """`run(x)`, or what the policy's `block` hook makes of it (a plain callable policy has none)."""
+    hook = getattr(policy, "block", None)
+    return run(x) if hook is None else hook(name, x, run)
+
+
+def span_key(first: str, last: str) -> str:
+    """The cache entry of a span's residual (blocks `first` … `last`)."""
+    return f"span:{first}:{last}"
 
 
 class CachePolicy(UnitPolicy):
@@ -51,14 +71,25 @@ class CachePolicy(UnitPolicy):
 
     `cache` maps unit names to cached values (read and updated in place); units in `reads` return
     `cache[name]`, corrected by `corrections[name]` = (scale, shift) where present; every other unit is
-    computed, and those in `writes` (default: all computed units) are stored with `store`."""
+    computed, and those in `writes` (default: all computed units) are stored with `store`.
+
+    `spans`: the (first block, last block) spans this evaluation skips: at `first` the hidden state
+    becomes x + cache[span_key(first, last)] and the span's blocks do not run. `span_writes`: the spans
+    whose residual (hidden state after `last` minus before `first`) this evaluation records."""
 
     def __init__(self, cache: MutableMapping, reads: Collection[str] = (), writes: Collection[str] | None = None,
-                 corrections: Mapping | None = None):
+                 corrections: Mapping | None = None, spans=(), span_writes=()):
         self.cache = cache
         self.reads = frozenset(reads)
         self.writes = None if writes is None else frozenset(writes)
         self.corrections = corrections or {}
+        self.skips = {first: last for first, last in spans}
+        self.records = {}  # last block → [first blocks of the spans ending there]
+        for first, last in span_writes:
+            self.records.setdefault(last, []).append(first)
+        self.starts = {first for first, _ in span_writes}
+        self._inside = None  # the last block of the span being skipped
+        self._before = {}  # first block → hidden state before it, for the spans being recorded
 
     def reuse(self, name: str):
         if name not in self.reads:
@@ -74,3 +105,19 @@ class CachePolicy(UnitPolicy):
 
     def store(self, name: str, value) -> None:
         self.cache[name] = value
+
+    def block(self, name: str, x, run):
+        if self._inside is not None:  # a later block of a skipped span: its residual is already in x
+            if name == self._inside:
+                self._inside = None
+            return x
+        if name in self.skips:
+            last = self.skips[name]
+            self._inside = None if last == name else last
+            return x + self.cache[span_key(name, last)]
+        if name in self.starts:
+            self._before[name] = x
+        out = run(x)
+        for first in self.records.get(name, ()):
+            self.cache[span_key(first, name)] = out - self._before[first]
+        return out

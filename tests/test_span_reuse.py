@@ -1,0 +1,128 @@
+"""Span-residual reuse (`s` in a schedule row): a run of skipped blocks replaced by its residual from the
+last step that ran them, checked against a sampling loop written out by hand from the blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from schedules import BlockcacheError, Schedule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# step 0 full; step 1: block 0 runs, blocks 1–3 one span; step 2 full; step 3: span 1–2, block 3's units
+# reused alone (from step 2)
+ROWS = ["xx xx xx xx", "xx ss ss ss", "xx xx xx xx", "xx ss ss .."]
+
+
+def _schedule(units, rows=ROWS, steps=4):
+    text = (f"version: 1\nsampler: {{name: ddim, steps: {steps}, spacing: linspace}}\nunits: [" + ", ".join(units)
+            + "]\nsteps:\n" + "".join(f'- "{r}"\n' for r in rows))
+    return Schedule.from_yaml(text)
+
+
+def test_span_rows_read_write_and_name_their_spans():
+    units = tiny_model(depth=4).unit_names
+    schedule = _schedule(units)
+    assert [schedule.row_string(s) for s in range(4)] == ROWS
+    assert Schedule.from_yaml(schedule.to_yaml()).span.tolist() == schedule.span.tolist()
+    assert [schedule.spans(s) for s in range(4)] == [[], [("blocks.1", "blocks.3")], [], [("blocks.1", "blocks.2")]]
+    # each span's residual is recorded at the last step before its skip that ran its blocks
+    assert [schedule.span_writes(s) for s in range(4)] == [[("blocks.1", "blocks.3")], [], [("blocks.1", "blocks.2")], []]
+    assert schedule.reused(3) == ("blocks.3.attn", "blocks.3.mlp")  # units reused alone; span units are not
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["xx xx xx xx", "xx sx ss ss", "xx xx xx xx", "xx xx xx xx"], "only part of blocks.1"),
+    (["xx xx xx xx", "xx s. ss ss", "xx xx xx xx", "xx xx xx xx"], "only part of blocks.1"),
+    (["ss xx xx xx", "xx xx xx xx", "xx xx xx xx", "xx xx xx xx"], "step 0 must compute every unit"),
+    (["xx xx xx xx", "xx xx xx xq", "xx xx xx xx", "xx xx xx xx"], "character 'q'"),
+])
+def test_malformed_span_rows_are_refused_in_one_line(rows, message):
+    with pytest.raises(BlockcacheError, match=message):
+        _schedule(tiny_model(depth=4).unit_names, rows)
+
+
+def test_span_reuse_equals_the_loop_written_by_hand():
+    from exporter.reference import sample
+    from schedules.sampling import guided_eps, initial_noise, model_timesteps
+
+    model = tiny_model(depth=4)
+    schedule = _schedule(model.unit_names)
+    labels, noise = np.array([1, 3]), initial_noise((2, 4, 8, 8), 5)
+    got = sample(model, schedule, labels, noise, guidance_scale=4.0)
+
+    sampler = schedule.make_sampler()
+    a, b = sampler.coefficients()
+    x, y = torch.from_numpy(noise), torch.from_numpy(labels)
+    y_in = torch.cat([y, torch.full_like(y, model.null_class)])
+    residual, raw = {}, {}
+
+    def keep(name, compute):  # computes the unit and keeps its raw output
+        raw[name] = compute()
+        return raw[name]
+
+    with torch.no_grad():
+        for s, t in enumerate(model_timesteps(sampler)):
+            x_in = torch.cat([x, x])
+            h = model.x_embedder(x_in) + model.pos_embed
+            c = model.t_embedder(torch.full((4,), float(t))) + model.y_embedder(y_in)
+            blocks = model.blocks
+            if s in (0, 2):  # full steps: record the span residuals the next step needs
+                h = blocks[0](h, c, keep, "blocks.0")
+                before = h
+                h = blocks[1](h, c, keep, "blocks.1")
+                h = blocks[2](h, c, keep, "blocks.2")
+                residual["1-2"] = h - before
+                h = blocks[3](h, c, keep, "blocks.3")
+                residual["1-3"] = h - before
+            elif s == 1:
+                h = blocks[0](h, c, keep, "blocks.0")
+                h = h + residual["1-3"]  # from step 0
+            else:
+                h = blocks[0](h, c, keep, "blocks.0")
+                h = h + residual["1-2"]  # from step 2
+                h = blocks[3](h, c, lambda name, compute: raw[name], "blocks.3")  # raw outputs of step 2, current gates
+            out = model.final_layer(h, c)
+            from runtime.nn.layers import unpatchify
+
+            eps = unpatchify(out, model.out_channels, model.patch_size, model.x_embedder.grid_size)[:, :4]
+            eps = guided_eps(eps[:2], eps[2:], 4.0, "first3")
+            x = float(a[s]) * x + float(b[s]) * eps
+    want = x.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    full = sample(model, Schedule.full(model.unit_names, 4), labels, noise, guidance_scale=4.0)
+    assert np.abs(got - full).max() > 1e-3  # the spans changed the result: the comparison is not vacuous
+
+
+def test_span_reuse_differs_from_unit_reuse():
+    """`s` adds the span's total residual from the cached step; `.` reuses each raw branch output under
+    the current gates: two different approximations."""
+    from exporter.reference import sample
+    from schedules.sampling import initial_noise
+
+    model = tiny_model(depth=4)
+    span = _schedule(model.unit_names, ["xx xx xx xx", "xx ss ss ss", "xx xx xx xx", "xx ss ss ss"])
+    unit = _schedule(model.unit_names, ["xx xx xx xx", "xx .. .. ..", "xx xx xx xx", "xx .. .. .."])
+    labels, noise = np.array([0]), initial_noise((1, 4, 8, 8), 0)
+    assert np.abs(sample(model, span, labels, noise) - sample(model, unit, labels, noise)).max() > 1e-4
+
+
+def test_span_schedules_are_refused_where_they_cannot_run(tmp_path):
+    from exporter.export import export_plan
+    from exporter.models import load_model
+    from exporter.reference import sample
+
+    model = tiny_model(depth=4)
+    schedule = _schedule(model.unit_names)
+    with pytest.raises(BlockcacheError, match="not compiled into plans yet"):
+        export_plan(model, schedule, str(tmp_path / "plan"))
+    uvit = load_model("uvit-l2", random_init=True, depth=2, hidden_size=64, num_heads=4, input_size=8)
+    rows = ["xx xx xx", "xx ss xx"]
+    uvit_schedule = Schedule.from_yaml(
+        "version: 1\nsampler: {name: dpm-solver-2, steps: 2, spacing: time-uniform}\nunits: ["
+        + ", ".join(uvit.unit_names) + "]\nsteps:\n" + "".join(f'- "{r}"\n' for r in rows))
+    with pytest.raises(BlockcacheError, match="long skips"):
+        sample(uvit, uvit_schedule, np.array([0]), np.zeros((1, 4, 8, 8), np.float32))
