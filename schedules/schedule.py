@@ -217,6 +217,21 @@ class Schedule:
                     out.append((first, last))
         return out
 
+    def live_after(self, step: int) -> tuple[str, ...]:
+        """Units computed at `step` whose value a later step reuses alone (`.`) before recomputing it
+        (liveness; a step that skips the unit inside a span neither reads nor replaces it)."""
+        live = []
+        for j, u in enumerate(self.unit_names):
+            if not self.compute[step, j]:
+                continue
+            for later in range(step + 1, self.num_steps):
+                if self.compute[later, j]:
+                    break
+                if not self.span[later, j]:
+                    live.append(u)
+                    break
+        return tuple(live)
+
     # -- file format -------------------------------------------------------------------------
     def row_string(self, step: int) -> str:
         chars = [COMPUTE if c else SPAN if sp else REUSE for c, sp in zip(self.compute[step], self.span[step])]
@@ -410,6 +425,23 @@ class Schedule:
         compute[np.unique(np.round(np.linspace(0, steps, full_steps, endpoint=False)).astype(int))] = True
         return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
                    source=f"uniform spread full_steps={full_steps}")
+
+
+SPAN_PREFIX = "span:"
+
+
+def span_key(first: str, last: str) -> str:
+    """The name of a span's residual (blocks `first` … `last`) wherever caches are named: the eager
+    cache, a plan's buffers (`cache.span:<first>:<last>`) and graph outputs (`unit.span:…`)."""
+    return f"{SPAN_PREFIX}{first}:{last}"
+
+
+def span_blocks(name: str) -> tuple[str, str] | None:
+    """(first, last) of a span's residual name, None for a unit's name."""
+    if not name.startswith(SPAN_PREFIX):
+        return None
+    parts = name[len(SPAN_PREFIX):].split(":")
+    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
 
 
 def scale_shift_file(schedule_file: str) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, MutableMapping
 
+from schedules.schedule import span_key
+
 
 def correct(value, scale, shift):
     """Block Caching's scale-shift of a reused value: v·(1 + scale) + shift, per channel (last axis).
@@ -59,11 +61,6 @@ def run_block(policy, name: str, x, run):
     """`run(x)`, or what the policy's `block` hook makes of it (a plain callable policy has none)."""
     hook = getattr(policy, "block", None)
     return run(x) if hook is None else hook(name, x, run)
-
-
-def span_key(first: str, last: str) -> str:
-    """The cache entry of a span's residual (blocks `first` … `last`)."""
-    return f"span:{first}:{last}"
 
 
 class CachePolicy(UnitPolicy):
@@ -119,5 +116,5 @@ class CachePolicy(UnitPolicy):
             self._before[name] = x
         out = run(x)
         for first in self.records.get(name, ()):
-            self.cache[span_key(first, name)] = out - self._before[first]
+            self.store(span_key(first, name), out - self._before[first])
         return out
