@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from runtime.plan import names
 from runtime.plan.staging import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
-from schedules.schedule import scale_shift_file
+from schedules.schedule import scale_shift_file, span_blocks, span_key
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
 from schedules.sampling import check_guidance_scale, guidance_needed, model_timesteps, neutral_guidance_scale
@@ -37,15 +37,28 @@ MAX_BATCH_SIZE = 4096  # images per graph run; a plan's buffers grow with it
 
 
 def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
-    """Distinct compute rows in order of first use, and each step's variant index."""
+    """Distinct rows (what is computed, and which blocks are skipped in spans) in order of first use,
+    and each step's variant index; the rows returned are the compute rows, `variant_steps` the rest."""
     rows, index, step_variant = [], {}, []
-    for row in schedule.compute:
-        key = row.tobytes()
+    for row, span in zip(schedule.compute, schedule.span):
+        key = row.tobytes() + span.tobytes()
         if key not in index:
             index[key] = len(rows)
             rows.append(row.copy())
         step_variant.append(index[key])
     return rows, step_variant
+
+
+def span_cuts(schedule: Schedule, spans) -> list[tuple]:
+    """Surgery's (first, last, block before first or None, units of the span's blocks) of `spans`."""
+    blocks = schedule.blocks()
+    order = list(blocks)
+    out = []
+    for first, last in spans:
+        i, j = order.index(first), order.index(last)
+        members = {schedule.unit_names[c] for b in order[i:j + 1] for c in blocks[b]}
+        out.append((first, last, order[i - 1] if i > 0 else None, members))
+    return out
 
 
 def latent_buffers(carry_source) -> list[tuple[int, int, int]]:
@@ -124,9 +137,6 @@ def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_s
         raise ParameterError("schedules", "{name} is empty: give at least one schedule")
     for schedule in schedules:
         check_schedule(model, schedule)
-        if schedule.span.any():
-            raise ParameterError("schedules", "{name} skip spans of blocks ('s'): span-residual reuse runs in the "
-                                 "eager reference (blockcache-sample without --plan) but is not compiled into plans yet")
     counts = [s.num_steps for s in schedules]
     if len(set(counts)) != len(counts):
         raise ParameterError("schedules", f"{{name}} have step counts {counts}: a plan holds one schedule per step "
@@ -237,8 +247,12 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     outputs = [set() for _ in rows]
     # A read unit is corrected by scale/shift inputs iff some step of this variant has a correction for it.
     adjusts = [set() for _ in rows]
+    # Spans: the ones a variant skips (the same at each of its steps), the residuals it records (any step's).
+    skips, records = [None] * len(rows), [[] for _ in rows]
     for s, k in enumerate(step_variant):
         outputs[k].update(schedule.live_after(s))
+        skips[k] = schedule.spans(s)
+        records[k] += [span for span in schedule.span_writes(s) if span not in records[k]]
     for s, unit in schedule.scale_shift:
         adjusts[step_variant[s]].add(unit)
 
@@ -246,15 +260,19 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     for k, row in enumerate(rows):
         bar.set_postfix_str(f"batch {settings.batch_size}, {schedule.num_steps} steps, variant {k}")
         compute = dict(zip(units, (bool(v) for v in row)))
-        graph = derive_variant(master, compute, outputs[k], adjusts[k])
+        cuts = span_cuts(schedule, skips[k])
+        skipped = {u for *_, members in cuts for u in members}
+        graph = derive_variant(master, compute, outputs[k], adjusts[k], cuts, span_cuts(schedule, records[k]))
         name = names.variant_file(k, index)
         onnx.save(graph, os.path.join(folder, name))
+        skip_keys = [span_key(*span) for span in skips[k]]
         variants.append({
             "file": name,
             "computes": [u for u, v in compute.items() if v],
-            "reads": [u for u, v in compute.items() if not v],
-            "writes": [u for u in units if u in outputs[k]],
+            "reads": [u for u, v in compute.items() if not v and u not in skipped] + skip_keys,
+            "writes": [u for u in units if u in outputs[k]] + [span_key(*span) for span in records[k]],
             "adjusts": [u for u in units if u in adjusts[k]],
+            **({"skips": skip_keys} if skip_keys else {}),
             "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
             "macs_per_image": step_macs(model.config, row),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
@@ -265,6 +283,9 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         if any(u in v["reads"] for v in variants):
             shape, dtype = tensor_shape(master, names.unit_output(u))
             buffers[names.cache_input(u)] = {"shape": shape, "dtype": dtype}
+    for key in dict.fromkeys(r for v in variants for r in v["reads"] if span_blocks(r) is not None):
+        shape, dtype = tensor_shape(master, names.hidden_output(span_blocks(key)[1]))
+        buffers[names.cache_input(key)] = {"shape": shape, "dtype": dtype}
     inputs = {}
     for name in names.step_inputs(settings.carry):
         shape, dtype = tensor_shape(master, name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.plan import names
+from schedules.schedule import span_key
 
 from .trace import IR_VERSION
 
@@ -99,17 +100,44 @@ def parameter_sources(master, state_dict) -> dict[str, dict]:
     return sources
 
 
-def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: set[str] = frozenset()):
+def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: set[str] = frozenset(),
+                   skips=(), records=()):
     """The variant graph (onnx ModelProto) computing the units marked True in `compute`, reading the
     others from `cache.<unit>` inputs (corrected by `scale.<u>`/`shift.<u>` inputs for u in `adjust`),
-    and exposing `unit.<u>` for u in `outputs` (runtime/plan/names.py)."""
+    and exposing `unit.<u>` for u in `outputs` (runtime/plan/names.py).
+
+    Spans, as (first block, last block, block before first or None): each of `skips` is cut out, the
+    hidden state after its last block becoming the one before its first plus the input
+    `cache.<span_key>`; each of `records` exposes its residual, after minus before, as `unit.<span_key>`.
+    The skipped blocks' units are in neither `compute` as True nor read: they are simply gone."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(master)
     tensors = graph.tensors()
     keep = {names.X_NEXT} | {names.unit_output(u) for u in outputs}
+    skipped_units = set()
+
+    def before(first_before):
+        return tensors[names.HIDDEN_INPUT if first_before is None else names.hidden_output(first_before)]
+
+    for first, last, first_before, members in skips:
+        key = span_key(first, last)
+        after = tensors[names.hidden_output(last)]
+        after.inputs.clear()  # the span's blocks become dead
+        after.name = f"span.{key}.out"
+        cache = gs.Variable(names.cache_input(key), after.dtype, after.shape)
+        graph.nodes.append(gs.Node("Add", f"span.{key}.add", inputs=[before(first_before), cache], outputs=[after]))
+        graph.inputs.append(cache)
+        skipped_units.update(members)
+    for first, last, first_before, _ in records:
+        key = span_key(first, last)
+        after = tensors[names.hidden_output(last)]
+        residual = gs.Variable(names.unit_output(key), after.dtype, after.shape)
+        graph.nodes.append(gs.Node("Sub", f"span.{key}.sub", inputs=[after, before(first_before)], outputs=[residual]))
+        graph.outputs.append(residual)
+        keep.add(residual.name)
     for unit, computed in compute.items():
-        if computed:
+        if computed or unit in skipped_units:
             continue
         tensor = tensors[names.unit_output(unit)]
         tensor.inputs.clear()  # detach from its producer: the unit's subgraph becomes dead

@@ -6,7 +6,9 @@ and the solver update. The step's timestep (an integer for DDIM, fractional for 
 and guidance scale are small graph inputs, so steps with the same computed units share a graph.
 
 Every cacheable unit's raw output is also a named graph output `unit.<name>`: graph surgery later
-detaches exactly these tensors from their producers to make cache reads (exporter/surgery.py).
+detaches exactly these tensors from their producers to make cache reads (exporter/surgery.py). For
+models whose blocks form one chain, the hidden state before the first block and after each block are
+outputs too (`hidden.input`, `hidden.<block>`): where surgery cuts out a span of blocks.
 
     traced = trace_step(model, plan_settings(model, schedule, batch_size=8)[0])   # exporter/export.py
     export_plan(model, schedule, "plans/a", batch_size=8, traced=traced)   # reuse one trace for many plans
@@ -70,9 +72,35 @@ class _RecordingStep(torch.nn.Module):
         self.step = DenoisingStep(model, settings.guidance, settings.guidance_channels)
 
     def forward(self, x, y, timestep, a, b, guidance_scale, c=None, x_carry=None):
-        record = CachePolicy({})
+        record = _Recorder({})
         x_next = self.step.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry)
-        return (x_next, *(record.cache[u] for u in self.model.unit_names))
+        return (x_next, *(record.cache[u] for u in self.model.unit_names), *record.hidden.values())
+
+
+class _Recorder(CachePolicy):
+    """Computes everything and keeps every unit's value and, in order, the hidden state before the
+    first block and after each block."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.hidden = {}
+
+    def block(self, name, x, run):
+        if not self.hidden:
+            self.hidden[names.HIDDEN_INPUT] = x
+        out = run(x)
+        self.hidden[names.hidden_output(name)] = out
+        return out
+
+
+def hidden_outputs(model) -> list[str]:
+    """The master graph's hidden-state outputs (none for families without spans)."""
+    from schedules.zoo import family_of
+
+    if not family_of(model.config).spans:
+        return []
+    blocks = list(dict.fromkeys(u.rsplit(".", 1)[0] for u in model.unit_names))
+    return [names.HIDDEN_INPUT] + [names.hidden_output(b) for b in blocks]
 
 
 def example_inputs(model, settings: StepSettings):
@@ -98,7 +126,7 @@ def trace_step(model, settings: StepSettings) -> TracedStep:
 
     model = at_precision(model, settings.precision)
     step = _RecordingStep(model.eval(), settings)
-    output_names = [names.X_NEXT] + [names.unit_output(u) for u in model.unit_names]
+    output_names = [names.X_NEXT] + [names.unit_output(u) for u in model.unit_names] + hidden_outputs(model)
     # The exporter is chatty (progress lines, warnings about optional packages): keep the CLI clean.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")

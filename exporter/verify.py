@@ -54,7 +54,7 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
         feeds.update(zip(names.correction_inputs(u), pair))
     outputs = [names.X_NEXT] + [names.unit_output(u) for u in variant.writes]
     got = dict(zip(outputs, session.run(outputs, feeds)))
-    want = _eager(model, plan, feeds, cached, corrections, variant.writes)
+    want = _eager(model, plan, feeds, cached, corrections, variant)
     worst = max(_rel_error(got[n], want[n]) for n in outputs)
     if not worst <= tolerance:
         raise BlockcacheError(f"verify failed: {variant.file} differs from the eager model by {worst:.3g} "
@@ -63,12 +63,14 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
 
 
 @torch.no_grad()
-def _eager(model, plan: Plan, feeds: dict, cached: dict, corrections: dict, writes) -> dict:
+def _eager(model, plan: Plan, feeds: dict, cached: dict, corrections: dict, variant) -> dict:
     step = DenoisingStep(model.eval(), plan.guidance.enabled, plan.guidance.channels)
     cache = {u: torch.from_numpy(v).float() for u, v in cached.items()}
+    writes = variant.writes
     policy = CachePolicy(cache, reads=cached, writes=writes,
                          corrections={u: tuple(torch.from_numpy(v).float() for v in pair)
-                                      for u, pair in corrections.items()})
+                                      for u, pair in corrections.items()},
+                         spans=variant.spans, span_writes=variant.span_records)
     t = {k: torch.from_numpy(v) for k, v in feeds.items() if k in names.step_inputs(True)}
     x_next = step.denoise(t[names.X], t[names.Y], t[names.TIMESTEP], t[names.A], t[names.B], t[names.GUIDANCE_SCALE],
                           policy, t.get(names.C), t.get(names.X_CARRY))

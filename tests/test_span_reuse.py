@@ -110,15 +110,94 @@ def test_span_reuse_differs_from_unit_reuse():
     assert np.abs(sample(model, span, labels, noise) - sample(model, unit, labels, noise)).max() > 1e-4
 
 
-def test_span_schedules_are_refused_where_they_cannot_run(tmp_path):
+def test_span_plans_equal_the_eager_reference(tmp_path):
+    """Plan = eager within 1e-5 on ONNX Runtime and torch, the span's blocks absent from its graph,
+    and `--verify`'s check of every variant against the eager model."""
+    import onnx
+
     from exporter.export import export_plan
-    from exporter.models import load_model
     from exporter.reference import sample
+    from exporter.surgery import unit_of_nodes
+    from exporter.verify import verify_plan
+    from runtime import Sampler
+    from runtime.plan import load_plan
+    from schedules.sampling import initial_noise
 
     model = tiny_model(depth=4)
     schedule = _schedule(model.unit_names)
-    with pytest.raises(BlockcacheError, match="not compiled into plans yet"):
-        export_plan(model, schedule, str(tmp_path / "plan"))
+    path = str(tmp_path / "plan")
+    export_plan(model, schedule, path, batch_size=2, guidance_scale=4.0)
+    plan = load_plan(path)
+    variants = plan.program.variants
+    assert len(variants) == 3  # full (steps 0, 2), span 1–3 (step 1), span 1–2 with block 3 read (step 3)
+    assert variants[1].skips == ("span:blocks.1:blocks.3",) and variants[2].skips == ("span:blocks.1:blocks.2",)
+    assert set(variants[0].writes) >= {"span:blocks.1:blocks.3", "span:blocks.1:blocks.2"}
+    from exporter.trace import StepSettings, trace_step
+
+    master = trace_step(model, StepSettings(batch_size=2, guidance=True)).proto
+    owner = unit_of_nodes(master, model.unit_names)
+    graph = onnx.load(plan.path(variants[1].file), load_external_data=False)
+    present = {owner[n.name] for n in graph.graph.node if n.name in owner}
+    assert present == {"blocks.0.attn", "blocks.0.mlp"}  # blocks 1–3 are gone from the graph
+    labels, noise = np.array([1, 3]), initial_noise((2, 4, 8, 8), 5)
+    want = sample(model, schedule, labels, noise, guidance_scale=4.0)
+    for backend in ("onnxruntime", "torch"):
+        with Sampler(path, backend=backend) as sampler:
+            got = sampler(labels, noise=noise)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), backend
+    report = verify_plan(model, plan, 1e-5)
+    assert len(report) == 3
+
+
+def test_calibrated_first_block_plan_equals_the_eager_reference(tmp_path):
+    from exporter.export import export_plan
+    from exporter.makers.calibrate import calibrated_schedule
+    from exporter.reference import sample
+    from runtime import Sampler
+    from schedules.sampling import initial_noise
+
+    model = tiny_model(depth=6)
+    schedule, _ = calibrated_schedule(model, Schedule.full(model.unit_names, 12), "first-block", 0.5, [1, 3], [0])
+    assert schedule.span.any()
+    path = str(tmp_path / "plan")
+    export_plan(model, schedule, path, batch_size=2, guidance_scale=4.0)
+    labels, noise = np.array([2, 4]), initial_noise((2, 4, 8, 8), 9)
+    want = sample(model, schedule, labels, noise, guidance_scale=4.0)
+    for backend in ("onnxruntime", "torch"):
+        with Sampler(path, backend=backend) as sampler:
+            got = sampler(labels, noise=noise)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), backend
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v[1].update(skips=["span:blocks.3:blocks.1"]), "not a span of the model's consecutive blocks"),
+    (lambda v: v[1].update(reads=[]), "does not read its residual"),
+    (lambda v: v[0].update(writes=[w for w in v[0]["writes"] if w != "span:blocks.1:blocks.3"]),
+     "did not write to the cache"),
+    (lambda v: v[1].update(skips=[], reads=[]), "does not split the model's units"),
+])
+def test_damaged_span_manifests_are_refused_in_one_line(tmp_path, edit, message):
+    import json
+
+    from exporter.export import export_plan
+    from runtime.plan import load_plan
+    from runtime.plan.manifest import manifest_seal
+
+    model = tiny_model(depth=4)
+    path = tmp_path / "plan"
+    export_plan(model, _schedule(model.unit_names), str(path), batch_size=1, guidance_scale=4.0)
+    doc = json.loads((path / "plan.json").read_text())
+    edit(doc["variants"])
+    doc["seal"] = manifest_seal(doc)
+    (path / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(BlockcacheError, match=message):
+        load_plan(str(path))
+
+
+def test_span_schedules_are_refused_for_uvit():
+    from exporter.models import load_model
+    from exporter.reference import sample
+
     uvit = load_model("uvit-l2", random_init=True, depth=2, hidden_size=64, num_heads=4, input_size=8)
     rows = ["xx xx xx", "xx ss xx"]
     uvit_schedule = Schedule.from_yaml(

@@ -542,3 +542,20 @@ def test_real_engines_match_onnxruntime(gpu, precision, tol, tiny, tmp_path):
     assert np.array_equal(sampler(LABELS, noise=x), got)  # graph replay is repeatable
     assert backend.memory["weights"] == sampler.manifest["tensorrt"]["weights_bytes"]
     assert Sampler(path, backend="auto").backend.name == "tensorrt"
+
+
+def test_span_plan_binds_span_residual_buffers(tmp_path):
+    """A plan with spans skipped (`s` rows): its residual buffers are cache slots like units'; the
+    replayed engines reproduce ONNX Runtime."""
+    from conftest import tiny_model
+    from test_span_reuse import _schedule
+
+    model = tiny_model(depth=4)
+    path = str(tmp_path / "plan")
+    export_with_engines(model, _schedule(model.unit_names), path, EngineSettings(precision="fp32", min_weight_bytes=SMALL),
+                        builder=fake_builder(), version="10.test", batch_size=2, guidance_scale=4.0)
+    manifest = load_manifest(path)
+    x, y = noise(), np.array(LABELS, np.int64)
+    want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
+    got = replay(path, manifest, x, y, 4.0)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()

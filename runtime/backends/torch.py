@@ -239,8 +239,9 @@ class TorchContext(ExecutionContext):
         out = []
         for step, (timestep, a, b, c, corrections) in zip(program.steps, self.backend.constants[program.index]):
             variant = program.variants[step.variant]
-            out.append((timestep, a, b, c, ResidentCache(cache, variant.reads, variant.writes, corrections),
-                        step.latents))
+            policy = ResidentCache(cache, variant.reads, variant.writes, corrections, spans=variant.spans,
+                                   span_writes=variant.span_records)
+            out.append((timestep, a, b, c, policy, step.latents))
         return out
 
     def _loop(self, program: Program):

@@ -41,6 +41,7 @@ import numpy as np
 
 from schedules.errors import BlockcacheError
 from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, make_sampler, model_timesteps
+from schedules.schedule import span_blocks
 from schedules.zoo import check_config, family_of, num_labels, unit_names
 
 from . import names
@@ -157,11 +158,22 @@ class Variant:
     """A distinct set of computed units: one graph (`file`) shared by every step that computes them."""
     file: str
     computes: tuple[str, ...]
-    reads: tuple[str, ...]  # units taken from their cache buffer
-    writes: tuple[str, ...]  # computed units whose value a later step reads (graph outputs)
+    reads: tuple[str, ...]  # units taken from their cache buffer, and the residuals of the skipped spans
+    writes: tuple[str, ...]  # computed units and span residuals a later step reads (graph outputs)
     adjusts: tuple[str, ...]  # read units corrected by Block Caching scale-shift inputs
     weights: tuple[str, ...]  # stored tensors the graph uses
     macs_per_image: int | None
+    skips: tuple[str, ...] = ()  # spans of blocks replaced by their residual (`span_key` names)
+
+    @property
+    def spans(self) -> list[tuple[str, str]]:
+        """(first block, last block) of each skipped span (CachePolicy's `spans`)."""
+        return [span_blocks(name) for name in self.skips]
+
+    @property
+    def span_records(self) -> list[tuple[str, str]]:
+        """(first block, last block) of each span whose residual the variant writes (`span_writes`)."""
+        return [span_blocks(name) for name in self.writes if span_blocks(name) is not None]
 
 
 @dataclass(frozen=True)
@@ -359,13 +371,13 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
     inputs = _inputs(check, value["inputs"], batch, config, sampler, where)
     cache = _cache(check, value["buffers"], units, (batch * (2 if guidance.enabled else 1), _tokens(config),
                                                      config["hidden_size"]), PRECISION_DTYPE[precision], where)
-    variants = tuple(_variant(check, v, f"{where}variants[{k}]", units, cache, weights, files)
+    variants = tuple(_variant(check, v, f"{where}variants[{k}]", units, cache, weights, files, family_of(config).spans)
                      for k, v in enumerate(check.sequence(value["variants"], where + "variants", nonempty=True)))
     steps = tuple(_step(check, s, f"{where}steps[{i}]", i, len(variants), names.X_CARRY in inputs)
                   for i, s in enumerate(check.sequence(value["steps"], where + "steps", nonempty=True)))
     _check_constants(check, steps, sampler, where)
     _check_latents(check, steps, sampler.carry_source, where)
-    _check_cache_flow(check, variants, steps, where)
+    _check_cache_flow(check, variants, steps, units, where)
     scale_shift = value.get("scale_shift")
     scale_shift_file = None
     if scale_shift is not None:
@@ -475,11 +487,12 @@ def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str 
 def _cache(check: _Check, value, units, shape: tuple, dtype: str, where: str = "") -> dict:
     """unit → its cache buffer, which holds the raw branch output of the (doubled) batch at the plan's precision."""
     cache = {}
+    blocks = _blocks(units)
     for name, spec in check.mapping(value, where + "buffers").items():
         unit = name.removeprefix(names.CACHE_PREFIX) if isinstance(name, str) else name
         path = f"{where}buffers[{name!r}]"
-        if not name.startswith(names.CACHE_PREFIX) or unit not in units:
-            check.fail(path, "is not the cache buffer of a model unit")
+        if not name.startswith(names.CACHE_PREFIX) or (unit not in units and _span_members(unit, blocks) is None):
+            check.fail(path, "is not the cache buffer of a model unit or span of blocks")
         cache[unit] = check.spec(spec, path)
         if cache[unit] != TensorSpec(shape, dtype):
             check.fail(path, f"is {cache[unit].dtype}{list(cache[unit].shape)}, not {dtype}{list(shape)}")
@@ -514,15 +527,57 @@ def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
     return Weights(file, tensors, parameters)
 
 
-def _variant(check: _Check, value, path: str, units, cache, weights: Weights, files) -> Variant:
+def _blocks(units) -> dict[str, tuple[str, ...]]:
+    """{block: its units}, in execution order (a unit `<block>.<branch>` belongs to `<block>`)."""
+    out = {}
+    for u in units:
+        block = u.rsplit(".", 1)[0]
+        out[block] = out.get(block, ()) + (u,)
+    return out
+
+
+def _span_members(name: str, blocks: dict) -> tuple[str, ...] | None:
+    """The blocks of span residual `name` in order, None if it names no span of consecutive blocks."""
+    span = span_blocks(name)
+    order = list(blocks)
+    if span is None or span[0] not in blocks or span[1] not in blocks or order.index(span[0]) > order.index(span[1]):
+        return None
+    return tuple(order[order.index(span[0]):order.index(span[1]) + 1])
+
+
+def _variant(check: _Check, value, path: str, units, cache, weights: Weights, files, spans_allowed: bool) -> Variant:
     value = check.mapping(value, path, ("file", "computes", "reads", "writes", "weights"))
     computes, reads = check.names(value["computes"], path + ".computes"), check.names(value["reads"], path + ".reads")
     writes, adjusts = check.names(value["writes"], path + ".writes"), check.names(value.get("adjusts", []), path + ".adjusts")
-    if set(computes) & set(reads) or set(computes) | set(reads) != set(units) or len(computes) + len(reads) != len(units):
-        check.fail(path, "does not split the model's units into computed and read")
-    if not set(writes) <= set(computes):
-        check.fail(path, "writes a unit it does not compute")
-    if not set(adjusts) <= set(reads):
+    skips = check.names(value.get("skips", []), path + ".skips")
+    blocks = _blocks(units)
+    skipped_blocks = []
+    for name in skips + tuple(n for n in writes if span_blocks(n) is not None):
+        if not spans_allowed:
+            check.fail(path, f"uses span {name}, but this model family's blocks do not form one chain")
+        if _span_members(name, blocks) is None:
+            check.fail(path, f"names {name!r}, which is not a span of the model's consecutive blocks")
+    for name in skips:
+        skipped_blocks += _span_members(name, blocks)
+        if name not in reads:
+            check.fail(path, f"skips span {name} but does not read its residual")
+    if len(set(skipped_blocks)) != len(skipped_blocks):
+        check.fail(path, "skips overlapping spans")
+    skipped = {u for b in skipped_blocks for u in blocks[b]}
+    unit_reads = tuple(u for u in reads if span_blocks(u) is None)
+    if set(reads) - set(unit_reads) != set(skips):
+        check.fail(path, "reads a span residual it does not skip")
+    if (set(computes) & set(unit_reads) or set(computes) & skipped or set(unit_reads) & skipped
+            or set(computes) | set(unit_reads) | skipped != set(units)
+            or len(computes) + len(unit_reads) + len(skipped) != len(units)):
+        check.fail(path, "does not split the model's units into computed, read and skipped in spans")
+    for name in writes:
+        members = _span_members(name, blocks) if span_blocks(name) is not None else None
+        if members is None and name not in computes:
+            check.fail(path, f"writes unit {name}, which it does not compute")
+        if members is not None and set(members) & set(skipped_blocks):
+            check.fail(path, f"writes span {name}, whose blocks it skips")
+    if not set(adjusts) <= set(unit_reads):
         check.fail(path, "corrects a unit it does not read")
     for unit in reads + writes:
         if unit not in cache:
@@ -533,7 +588,7 @@ def _variant(check: _Check, value, path: str, units, cache, weights: Weights, fi
             check.fail(path + ".weights", f"names {name!r}, which the weights file does not hold")
     macs = value.get("macs_per_image")
     return Variant(check.file_name(value["file"], path + ".file", files), computes, reads, writes, adjusts, used,
-                   None if macs is None else check.integer(macs, path + ".macs_per_image", 0))
+                   None if macs is None else check.integer(macs, path + ".macs_per_image", 0), skips)
 
 
 def _step(check: _Check, value, path: str, index: int, num_variants: int, carry: bool) -> Step:
@@ -583,19 +638,29 @@ def _check_latents(check: _Check, steps, carry_source, where: str = "") -> None:
         holds[out] = s + 1
 
 
-def _check_cache_flow(check: _Check, variants, steps, where: str = "") -> None:
-    """Every unit a step reads was last computed by a step that wrote it to the cache."""
+def _check_cache_flow(check: _Check, variants, steps, units, where: str = "") -> None:
+    """Every unit a step reads was last computed by a step that wrote it to the cache; every span
+    residual a step reads, by the last step that ran all of the span's blocks."""
+    blocks = _blocks(units)
     last_computed = {}  # unit → index of the last step that computed it
+    skipped_at = []  # per step, the blocks it skipped in spans
     for s, step in enumerate(steps):
         variant = variants[step.variant]
-        for unit in variant.reads:
-            r = last_computed.get(unit)
+        for name in variant.reads:
+            if span_blocks(name) is None:
+                r = last_computed.get(name)
+                what = f"unit {name} from the cache before any step computed it"
+            else:
+                members = set(_span_members(name, blocks))
+                r = next((k for k in range(s - 1, -1, -1) if not members & skipped_at[k]), None)
+                what = f"span {name} before any step ran its blocks"
             if r is None:
-                check.fail(f"{where}steps[{s}]", f"reads unit {unit} from the cache before any step computed it")
-            if unit not in variants[steps[r].variant].writes:
-                check.fail(f"{where}steps[{s}]", f"reads unit {unit}, which step {r} computed but did not write to the cache")
+                check.fail(f"{where}steps[{s}]", f"reads {what}")
+            if name not in variants[steps[r].variant].writes:
+                check.fail(f"{where}steps[{s}]", f"reads {name}, which step {r} made but did not write to the cache")
         for unit in variant.computes:
             last_computed[unit] = s
+        skipped_at.append({b for name in variant.skips for b in _span_members(name, blocks)})
 
 
 def _engines(check: _Check, entries, num_variants: int, files, where: str = "") -> tuple[Engine, ...]:

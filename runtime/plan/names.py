@@ -54,6 +54,14 @@ SCALE_PREFIX, SHIFT_PREFIX = "scale.", "shift."  # graph inputs: Block Caching s
 CORRECTION_PREFIXES = (SCALE_PREFIX, SHIFT_PREFIX)
 
 
+HIDDEN_PREFIX = "hidden."  # master graph outputs: the hidden state after each block (surgery's span cuts)
+HIDDEN_INPUT = "hidden.input"  # ... and before the first block
+
+
+def hidden_output(block: str) -> str:
+    return HIDDEN_PREFIX + block
+
+
 def step_inputs(carry: bool) -> tuple[str, ...]:
     return STEP_INPUTS + (CARRY_INPUTS if carry else ())
 
