@@ -189,7 +189,7 @@ def test_bench_runs_peers_and_matched_plans_side_by_side(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
     cfg = BenchConfig(model="dit-s2", schedules=[], peers=["fbc:1e9", "taylorseer:3:1", "dbcache:F1B0"],
-                      matched=["uniform", "block-caching"], steps=STEPS, methods=["onnxruntime"], batch_size=2,
+                      matched=["uniform", "block-caching", "first-block"], steps=STEPS, methods=["onnxruntime"], batch_size=2,
                       repeats=1, progress=False, fewer_steps=False)
     results = run_benchmark(cfg, model=tiny_model(depth=3))
     rows = {(r["method"], r["schedule"]): r for r in results["rows"]}

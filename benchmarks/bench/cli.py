@@ -46,7 +46,8 @@ def build_parser() -> ArgumentParser:
                         "diffusers' own full compute is always added")
     p.add_argument("--matched", default="uniform,block-caching,l2c", metavar="LIST",
                    help="with --peers: blockcache schedules made to each peer's measured compute, by these makers "
-                        "(uniform, block-caching, l2c; none for no matched schedules)")
+                        "(uniform, block-caching, l2c, first-block, magcache, teacache: the last three calibrated "
+                        "static versions of the run-time caches; default uniform,block-caching,l2c; none for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

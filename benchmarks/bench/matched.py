@@ -3,8 +3,10 @@
 model's own statistics on calibration inputs the measured run does not use.
 
 Makers: `uniform` (all-or-nothing steps spread evenly), `block-caching` (Block Caching's δ rule on
-`analyze` change statistics, the smallest δ that reaches the target) and `l2c` (one router learned on
-the model's trajectories, thresholded at the θ that reaches it).
+`analyze` change statistics, the smallest δ that reaches the target), `l2c` (one router learned on
+the model's trajectories, thresholded at the θ that reaches it), and the calibrated static versions of
+the run-time caches (`first-block`, `magcache`, `teacache`: their rules frozen into span schedules on
+the calibration inputs, exporter/makers/calibrate.py, at the smallest threshold that reaches it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 
 from schedules.errors import BlockcacheError
 
-MAKERS = ("uniform", "block-caching", "l2c")
+MAKERS = ("uniform", "block-caching", "l2c", "first-block", "magcache", "teacache")
+CALIBRATED = ("first-block", "magcache", "teacache")
 CALIBRATION_SEEDS = (1, 2)  # the measured run's noise is seed cfg.seed (0 by default): not among these
 L2C_LAMBDA = 1e-5
 
@@ -28,7 +31,7 @@ class MatchedMaker:
             raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)})")
         self.model, self.full, self.scale = model, full, guidance_scale
         self.conditions, self.makers, self.seeds = np.asarray(conditions), tuple(makers), tuple(seeds)
-        self._change = self._router = None
+        self._change = self._router = self._stack = None
         self.seconds = {}
 
     def schedules(self, target: float) -> list[tuple[str, object]]:
@@ -48,6 +51,13 @@ class MatchedMaker:
         n, spacing = self.full.num_steps, self.full.sampler["spacing"]
         if maker == "uniform":
             return spread_for_speedup(units, n, config, target, spacing, name)
+        if maker in CALIBRATED:
+            from exporter.makers.calibrate import search_threshold, stack_statistics
+
+            if maker != "first-block" and self._stack is None:
+                self._stack = stack_statistics(self.model, self.full, self.conditions, self.seeds, self.scale)
+            return search_threshold(self.model, self.full, maker, target, self.conditions, self.seeds,
+                                    guidance_scale=self.scale, statistics=self._stack)
         if maker == "block-caching":
             from schedules.blockcaching import search_delta
 

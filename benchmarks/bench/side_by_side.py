@@ -149,7 +149,9 @@ def matched_schedules(cfg: BenchConfig, model, peer_rows, labels) -> list[tuple[
             if schedule.compute.all():
                 continue  # the peer saved (next to) nothing: full compute is measured anyway
             if key not in seen:
-                seen[key] = (f"{ {'block-caching': 'bc'}.get(kind, kind)}~{row['peer']}", schedule, [])
+                short = {"block-caching": "bc", "first-block": "fbc-static", "magcache": "mag-static",
+                         "teacache": "tea-static"}.get(kind, kind)
+                seen[key] = (f"{short}~{row['peer']}", schedule, [])
                 out.append(seen[key])
             seen[key][2].append(row["peer"])
     return out
