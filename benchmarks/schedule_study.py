@@ -15,6 +15,8 @@ schedule), four ways to spend about 1/X of the compute:
 - `learn-l2c`: one router per sampler learned on the model's own trajectories (seeds 1, 2; λ 1e-5 unless
   `--lambda`),
   thresholded at the θ that reaches X (consecutive reuse allowed).
+- `first-block`, `magcache`, `teacache`: the run-time caches' rules frozen into span schedules on the
+  analysis inputs (exporter/makers/calibrate.py), at the smallest threshold that reaches X.
 
 Each run samples 100 digits (10 per class) from seed-0 noise, which neither the analysis nor the
 learner saw, and is scored against full compute with the same sampler and noise: PSNR (range 2),
@@ -35,18 +37,22 @@ from schedules.options import ArgumentParser, parse_numbers
 
 from .bench import RESULTS, json_default
 
-METHODS = ("fewer-steps", "uniform", "block-caching", "block-caching+scale-shift", "learn-l2c")
+METHODS = ("fewer-steps", "uniform", "block-caching", "block-caching+scale-shift", "learn-l2c", "first-block",
+           "magcache", "teacache")
+CALIBRATED = ("first-block", "magcache", "teacache")
 LAMBDA = 1e-5
 ANALYSIS_SEEDS = (1, 2)
 SCALE_SHIFT_SEEDS = (1, 2, 3, 4)
 PER_CLASS = 10
 
 
-def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA, progress: bool = True) -> dict:
+def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA, progress: bool = True,
+              methods=METHODS) -> dict:
     import torch
 
     from benchmarks import digits_metric as dm
     from exporter.makers.analyze import measure_change
+    from exporter.makers.calibrate import search_threshold, stack_statistics
     from exporter.makers.learn_l2c import learn_router, router_logits, trajectory_inputs
     from exporter.makers.scale_shift import learn_scale_shift
     from exporter.models import load_model
@@ -84,29 +90,49 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     for steps in steps_list:
         full = Schedule.full(units, steps, model="dit-digits")
         reference = evaluate("full", steps, None, full, None)
-        start = time.perf_counter()
-        change = measure_change(model, full, conditions, ANALYSIS_SEEDS)
-        analyze_s = time.perf_counter() - start
-        start = time.perf_counter()
-        xs, y = trajectory_inputs(model, full, conditions, ANALYSIS_SEEDS, DEFAULT_GUIDANCE_SCALE)
-        logits, _ = learn_router(model, full, xs, y, lam=lam)
-        by_index = router_logits(logits)
-        learn_s = time.perf_counter() - start
-        for target in targets:
-            fewer = Schedule.full(units, max(1, round(steps / target)), model="dit-digits")
-            evaluate("fewer-steps", steps, target, fewer, reference)
-            evaluate("uniform", steps, target, spread_for_speedup(units, steps, config, target, model="dit-digits"),
-                     reference)
-            bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
-            evaluate("block-caching", steps, target, bc, reference, analyze_s)
+        analyze_s = learn_s = None
+        if {"block-caching", "block-caching+scale-shift"} & set(methods):
             start = time.perf_counter()
-            corrected, _ = learn_scale_shift(model, bc, conditions, SCALE_SHIFT_SEEDS)
-            evaluate("block-caching+scale-shift", steps, target, corrected, reference, time.perf_counter() - start)
-            l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
-                                                                 every_step=True, model="dit-digits",
-                                                                 source=f"learn-l2c lambda={lam:g} threshold={theta:.6g}"),
-                                 1e-6, 1 - 1e-6, target, config, what="threshold")
-            evaluate("learn-l2c", steps, target, l2c, reference, learn_s)
+            change = measure_change(model, full, conditions, ANALYSIS_SEEDS)
+            analyze_s = time.perf_counter() - start
+        if "learn-l2c" in methods:
+            start = time.perf_counter()
+            xs, y = trajectory_inputs(model, full, conditions, ANALYSIS_SEEDS, DEFAULT_GUIDANCE_SCALE)
+            logits, _ = learn_router(model, full, xs, y, lam=lam)
+            by_index = router_logits(logits)
+            learn_s = time.perf_counter() - start
+        statistics = stack_statistics(model, full, conditions, ANALYSIS_SEEDS) if {"magcache", "teacache"} & set(methods) else None
+        for target in targets:
+            if "fewer-steps" in methods:
+                fewer = Schedule.full(units, max(1, round(steps / target)), model="dit-digits")
+                evaluate("fewer-steps", steps, target, fewer, reference)
+            if "uniform" in methods:
+                evaluate("uniform", steps, target, spread_for_speedup(units, steps, config, target, model="dit-digits"),
+                         reference)
+            if {"block-caching", "block-caching+scale-shift"} & set(methods):
+                bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
+                if "block-caching" in methods:
+                    evaluate("block-caching", steps, target, bc, reference, analyze_s)
+                if "block-caching+scale-shift" in methods:
+                    start = time.perf_counter()
+                    corrected, _ = learn_scale_shift(model, bc, conditions, SCALE_SHIFT_SEEDS)
+                    evaluate("block-caching+scale-shift", steps, target, corrected, reference,
+                             time.perf_counter() - start)
+            if "learn-l2c" in methods:
+                l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
+                                                                     every_step=True, model="dit-digits",
+                                                                     source=f"learn-l2c lambda={lam:g} threshold={theta:.6g}"),
+                                     1e-6, 1 - 1e-6, target, config, what="threshold")
+                evaluate("learn-l2c", steps, target, l2c, reference, learn_s)
+            for method in [m for m in CALIBRATED if m in methods]:
+                start = time.perf_counter()
+                try:
+                    frozen = search_threshold(model, full, method, target, conditions, ANALYSIS_SEEDS,
+                                              statistics=statistics)
+                except BlockcacheError as e:  # e.g. first-block cannot skip its first block: a ceiling
+                    results.setdefault("unreached", []).append(f"DDIM-{steps} {method} {target:g}x: {e}")
+                    continue
+                evaluate(method, steps, target, frozen, reference, time.perf_counter() - start)
     return results
 
 
@@ -123,6 +149,7 @@ def markdown(results: dict) -> str:
         psnr = "exact" if not np.isfinite(r["psnr_db"]) else f"{r['psnr_db']:.1f}"
         lines.append(f"| DDIM-{r['steps']} | {target} | {r['method']} | {r['ideal_speedup']:.3f}x | {psnr} | "
                      f"{r['class_accuracy']:.2f} | {r['digits_fd']:.2f} | {r['source']} |")
+    lines += [f"- not reached: {u}" for u in results.get("unreached", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +187,7 @@ def main(argv=None):
     p.add_argument("--steps", default="20,50", help="DDIM step counts (default 20,50)")
     p.add_argument("--targets", default="1.3,1.5,2", help="target ideal speedups (default 1.3,1.5,2)")
     p.add_argument("--lambda", dest="lam", type=float, default=LAMBDA, help=f"learn-l2c λ (default {LAMBDA:g})")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", help="file name stem (default <date>-dit-digits-schedule-study)")
     args = p.parse_args(argv)
@@ -173,7 +201,11 @@ def main(argv=None):
         raise BlockcacheError(f"--out {args.out} is not a folder")
     if not np.isfinite(args.lam) or args.lam < 0:
         raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
-    results = run_study(steps, targets, args.lam)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise BlockcacheError(f"--methods must be some of {', '.join(METHODS)}, got {unknown or 'nothing'}")
+    results = run_study(steps, targets, args.lam, methods=methods)
     tag = args.tag or f"{time.strftime('%Y-%m-%d')}-dit-digits-schedule-study"
     base = os.path.join(args.out, tag)
     with open(base + ".json", "w", encoding="utf-8") as f:
