@@ -574,7 +574,7 @@ def _variant(check: _Check, value, path: str, units, cache, weights: Weights, fi
     for name in writes:
         members = _span_members(name, blocks) if span_blocks(name) is not None else None
         if members is None and name not in computes:
-            check.fail(path, f"writes unit {name}, which it does not compute")
+            check.fail(path, f"writes a unit it does not compute ({name})")
         if members is not None and set(members) & set(skipped_blocks):
             check.fail(path, f"writes span {name}, whose blocks it skips")
     if not set(adjusts) <= set(unit_reads):
