@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ from schedules.schedule import Schedule
 
 from .cases import build_cases
 from .config import FIDELITY_REFERENCE, PLAN_METHODS, BenchConfig
-from .measure import Skip, fidelity, is_digits, time_calls
+from .measure import Skip, fidelity, is_digits, latency_summary, time_calls
 from .memory import MemoryMonitor
 from .plans import PlanStore
 from .report import method_label
@@ -216,9 +215,7 @@ def _measure(method, precision, case, cfg, model, device, store, compiled, noise
     info.update(monitor.report())
     if method in PLAN_METHODS and device.startswith("cuda") and not method.startswith("torch"):
         info["peak_device_mb"] = info["device_increase_mb"] = None  # not PyTorch's memory
-    info.update(setup_s=setup, first_call_s=first, output=output, latency_s={
-        "median": statistics.median(times), "min": min(times), "max": max(times),
-        "std": statistics.stdev(times) if len(times) > 1 else 0.0, "all": times})
+    info.update(setup_s=setup, first_call_s=first, output=output, latency_s=latency_summary(times))
     if isinstance(runner, BackendRunner):
         runner.backend.close()
     del runner

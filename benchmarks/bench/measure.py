@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import numpy as np
@@ -50,3 +51,9 @@ def time_calls(runner, noise, labels, warmup: int, repeats: int, monitor: Memory
         runner(noise, labels)
         times.append(time.perf_counter() - start)
     return output, first, times
+
+
+def latency_summary(times) -> dict:
+    """A row's `latency_s`: median, min, max, standard deviation and every timed call (seconds)."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times),
+            "std": statistics.stdev(times) if len(times) > 1 else 0.0, "all": times}

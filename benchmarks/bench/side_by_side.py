@@ -21,7 +21,7 @@ from schedules.schedule import Schedule
 
 from .cases import group_name
 from .config import PLAN_METHODS, BenchConfig
-from .measure import Skip, fidelity, time_calls
+from .measure import Skip, fidelity, latency_summary, time_calls
 from .memory import MemoryMonitor
 
 PEER_METHOD = "diffusers"  # the rows' method column: diffusers' DiT runs them all
@@ -99,7 +99,7 @@ def run_peers(cfg: BenchConfig, model, device: str, noise, labels, digits: bool,
                 row.update(monitor.report())
                 row.update(setup_s=setup, first_call_s=first, compute_share=float(computed.mean()),
                            counted_ideal_speedup=full_macs / macs, computed_steps=_step_pattern(computed),
-                           latency_s=_latency(times))
+                           latency_s=latency_summary(times))
                 row.update(fidelity(output, reference, digits, labels))
             except Skip as e:
                 row.update(status="skipped", reason=str(e))
@@ -121,11 +121,6 @@ def run_peers(cfg: BenchConfig, model, device: str, noise, labels, digits: bool,
             if row["status"] == "ok" and peer.role == "cached" and precision == cfg.precisions[0]:
                 matched_to.append(row)
     return matched_to
-
-
-def _latency(times) -> dict:
-    return {"median": statistics.median(times), "min": min(times), "max": max(times),
-            "std": statistics.stdev(times) if len(times) > 1 else 0.0, "all": times}
 
 
 def _step_pattern(computed: np.ndarray) -> str:
