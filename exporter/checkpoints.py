@@ -57,36 +57,39 @@ _FROM_DIFFUSERS_BLOCK = {"norm1.linear.": "adaLN_modulation.1.", "attn1.to_out.0
                          "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2."}
 
 
+def _renamed(key: str, table: dict) -> str | None:
+    """`key` with its prefix replaced by the first matching entry of `table`, None if none matches."""
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
 def from_diffusers(sd: dict) -> dict:
     """Map a diffusers `DiTTransformer2DModel` state dict onto the official DiT keys.
 
     diffusers keeps identical copies of the embedders in every block; block 0's are taken. Known
     numeric differences of diffusers' own model (time frequencies divided by half−1, MLP-norm eps 1e-5)
     are not reproduced: the weights run in the official architecture."""
-    out, renames, block_renames = {}, _FROM_DIFFUSERS, _FROM_DIFFUSERS_BLOCK
+    out = {}
     for key, value in sd.items():
         if key == "pos_embed.pos_embed":
             out["pos_embed"] = value
             continue
-        for old, new in renames.items():
-            if key.startswith(old):
-                out[new + key[len(old):]] = value
-                break
-        else:
-            if not key.startswith("transformer_blocks."):
-                out[key] = value  # reported as unexpected by the loader
-                continue
-            _, i, rest = key.split(".", 2)
-            if rest.startswith("norm1.emb."):
-                continue  # per-block copies of the embedders
-            if rest.startswith(("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")):
-                continue  # joined below
-            for old, new in block_renames.items():
-                if rest.startswith(old):
-                    out[f"blocks.{i}.{new}{rest[len(old):]}"] = value
-                    break
-            else:
-                out[key] = value
+        renamed = _renamed(key, _FROM_DIFFUSERS)
+        if renamed is not None:
+            out[renamed] = value
+            continue
+        if not key.startswith("transformer_blocks."):
+            out[key] = value  # reported as unexpected by the loader
+            continue
+        _, i, rest = key.split(".", 2)
+        if rest.startswith("norm1.emb."):
+            continue  # per-block copies of the embedders
+        if rest.startswith(("attn1.to_q.", "attn1.to_k.", "attn1.to_v.")):
+            continue  # joined below
+        renamed = _renamed(rest, _FROM_DIFFUSERS_BLOCK)
+        out[key if renamed is None else f"blocks.{i}.{renamed}"] = value
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
     for i in blocks:
         for suffix in ("weight", "bias"):
@@ -124,29 +127,25 @@ def to_diffusers(sd: dict, depth: int) -> dict:
         if key == "pos_embed":
             out["pos_embed.pos_embed"] = value
             continue
-        for old, new in renames.items():
-            if key.startswith(old):
-                new_key = new + key[len(old):]
-                if new_key.startswith("transformer_blocks.0."):  # the embedders, in every block
-                    for i in range(depth):
-                        out[f"transformer_blocks.{i}." + new_key.removeprefix("transformer_blocks.0.")] = value
-                else:
-                    out[new_key] = value
-                break
-        else:
-            if not key.startswith("blocks."):
-                raise BlockcacheError(f"{key} is not a DiT weight")
-            _, i, rest = key.split(".", 2)
-            if rest.startswith("attn.qkv."):
-                for name, part in zip("qkv", value.chunk(3, 0)):
-                    out[f"transformer_blocks.{i}.attn1.to_{name}.{rest.removeprefix('attn.qkv.')}"] = part
-                continue
-            for old, new in block_renames.items():
-                if rest.startswith(old):
-                    out[f"transformer_blocks.{i}.{new}{rest[len(old):]}"] = value
-                    break
-            else:
-                raise BlockcacheError(f"{key} is not a DiT weight")
+        renamed = _renamed(key, renames)
+        if renamed is not None and renamed.startswith("transformer_blocks.0."):  # the embedders, in every block
+            for i in range(depth):
+                out[f"transformer_blocks.{i}." + renamed.removeprefix("transformer_blocks.0.")] = value
+            continue
+        if renamed is not None:
+            out[renamed] = value
+            continue
+        if not key.startswith("blocks."):
+            raise BlockcacheError(f"{key} is not a DiT weight")
+        _, i, rest = key.split(".", 2)
+        if rest.startswith("attn.qkv."):
+            for name, part in zip("qkv", value.chunk(3, 0)):
+                out[f"transformer_blocks.{i}.attn1.to_{name}.{rest.removeprefix('attn.qkv.')}"] = part
+            continue
+        renamed = _renamed(rest, block_renames)
+        if renamed is None:
+            raise BlockcacheError(f"{key} is not a DiT weight")
+        out[f"transformer_blocks.{i}.{renamed}"] = value
     return out
 
 
