@@ -38,7 +38,7 @@ MAX_BATCH_SIZE = 4096  # images per graph run; a plan's buffers grow with it
 
 def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
     """Distinct rows (what is computed, and which blocks are skipped in spans) in order of first use,
-    and each step's variant index; the rows returned are the compute rows, `variant_steps` the rest."""
+    as their compute rows, and each step's variant index."""
     rows, index, step_variant = [], {}, []
     for row, span in zip(schedule.compute, schedule.span):
         key = row.tobytes() + span.tobytes()
@@ -249,10 +249,11 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     adjusts = [set() for _ in rows]
     # Spans: the ones a variant skips (the same at each of its steps), the residuals it records (any step's).
     skips, records = [None] * len(rows), [[] for _ in rows]
+    span_writes = schedule.span_writes()
     for s, k in enumerate(step_variant):
         outputs[k].update(schedule.live_after(s))
         skips[k] = schedule.spans(s)
-        records[k] += [span for span in schedule.span_writes(s) if span not in records[k]]
+        records[k] += [span for span in span_writes[s] if span not in records[k]]
     for s, unit in schedule.scale_shift:
         adjusts[step_variant[s]].add(unit)
 

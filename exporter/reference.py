@@ -90,8 +90,9 @@ def schedule_policy(schedule: Schedule, corrections: list[dict] | None = None):
     one cache carried across the evaluations (`corrections`: `correction_tensors(schedule)`)."""
     cache = {}
     corrections = correction_tensors(schedule) if corrections is None else corrections
+    span_writes = schedule.span_writes()
     return lambda s: CachePolicy(cache, schedule.reused(s), corrections=corrections[s], spans=schedule.spans(s),
-                                 span_writes=schedule.span_writes(s))
+                                 span_writes=span_writes[s])
 
 
 def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,12 +95,12 @@ class _Recorder(CachePolicy):
 
 def hidden_outputs(model) -> list[str]:
     """The master graph's hidden-state outputs (none for families without spans)."""
+    from schedules.schedule import unit_blocks
     from schedules.zoo import family_of
 
     if not family_of(model.config).spans:
         return []
-    blocks = list(dict.fromkeys(u.rsplit(".", 1)[0] for u in model.unit_names))
-    return [names.HIDDEN_INPUT] + [names.hidden_output(b) for b in blocks]
+    return [names.HIDDEN_INPUT] + [names.hidden_output(b) for b in unit_blocks(model.unit_names)]
 
 
 def example_inputs(model, settings: StepSettings):

@@ -132,8 +132,9 @@ class Schedule:
         if both.any():
             step, j = np.argwhere(both)[0]
             raise BlockcacheError(f"step {step} both computes and span-skips {self.unit_names[j]}")
+        blocks = self.blocks()
         for step in range(self.num_steps):
-            for block, columns in self.blocks().items():
+            for block, columns in blocks.items():
                 marks = self.span[step, columns]
                 if marks.any() and not marks.all():
                     raise BlockcacheError(f"step {step} span-skips only part of {block}: a span skips whole blocks "
@@ -180,11 +181,8 @@ class Schedule:
         return tuple(u for u, c, s in zip(self.unit_names, self.compute[step], self.span[step]) if not c and not s)
 
     def blocks(self) -> dict[str, list[int]]:
-        """{block: its unit columns}, blocks in execution order (a unit `<block>.<branch>` belongs to `<block>`)."""
-        out = {}
-        for j, u in enumerate(self.unit_names):
-            out.setdefault(u.rsplit(".", 1)[0], []).append(j)
-        return out
+        """{block: its unit columns}, blocks in execution order (`unit_blocks`)."""
+        return unit_blocks(self.unit_names)
 
     def spans(self, step: int) -> list[tuple[str, str]]:
         """The spans `step` skips, as (first block, last block): maximal runs of consecutive span-skipped
@@ -201,20 +199,20 @@ class Schedule:
             out.append((start, previous))
         return out
 
-    def span_writes(self, step: int) -> list[tuple[str, str]]:
-        """The spans whose residual `step` records: every span a later step skips whose blocks all run at
-        `step` and are not skipped again before that later step (so `step` is the last to run them)."""
+    def span_writes(self) -> list[list[tuple[str, str]]]:
+        """Per step, the spans whose residual it records: for every span a later step skips, the last
+        earlier step that ran all of its blocks (one pass over the schedule for all steps)."""
         columns = self.blocks()
         order = list(columns)
-        out = []
-        for later in range(step + 1, self.num_steps):
+        out = [[] for _ in range(self.num_steps)]
+        for later in range(1, self.num_steps):
             for first, last in self.spans(later):
                 members = [columns[b][0] for b in order[order.index(first):order.index(last) + 1]]
                 k = later - 1
                 while self.span[k, members].any():  # ends at step 0 at the latest: it computes everything
                     k -= 1
-                if k == step and (first, last) not in out:
-                    out.append((first, last))
+                if (first, last) not in out[k]:
+                    out[k].append((first, last))
         return out
 
     def live_after(self, step: int) -> tuple[str, ...]:
@@ -425,6 +423,15 @@ class Schedule:
         compute[np.unique(np.round(np.linspace(0, steps, full_steps, endpoint=False)).astype(int))] = True
         return cls(unit_names, compute, {"name": "ddim", "steps": steps, "spacing": spacing}, model,
                    source=f"uniform spread full_steps={full_steps}")
+
+
+def unit_blocks(unit_names) -> dict[str, list[int]]:
+    """{block: the indices of its units}, blocks in execution order: a unit `<block>.<branch>` belongs
+    to `<block>` (schedules, plans and traced graphs all group units so)."""
+    out = {}
+    for j, u in enumerate(unit_names):
+        out.setdefault(u.rsplit(".", 1)[0], []).append(j)
+    return out
 
 
 SPAN_PREFIX = "span:"

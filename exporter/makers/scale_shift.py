@@ -36,9 +36,10 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     """Run the student from x; per step the distillation MSE (an Adam step per step when training)."""
     denoiser = Denoiser(model, schedule, guidance_scale)
     cache, errors, inputs = {}, [], {}
+    span_writes = schedule.span_writes()
     for s in range(len(denoiser)):
         student = _Student(cache, schedule.reused(s), corrections=params.get(s, {}), spans=schedule.spans(s),
-                           span_writes=schedule.span_writes(s))
+                           span_writes=span_writes[s])
         carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)

@@ -41,7 +41,7 @@ import numpy as np
 
 from schedules.errors import BlockcacheError
 from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, make_sampler, model_timesteps
-from schedules.schedule import span_blocks
+from schedules.schedule import span_blocks, unit_blocks
 from schedules.zoo import check_config, family_of, num_labels, unit_names
 
 from . import names
@@ -528,12 +528,9 @@ def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
 
 
 def _blocks(units) -> dict[str, tuple[str, ...]]:
-    """{block: its units}, in execution order (a unit `<block>.<branch>` belongs to `<block>`)."""
-    out = {}
-    for u in units:
-        block = u.rsplit(".", 1)[0]
-        out[block] = out.get(block, ()) + (u,)
-    return out
+    """{block: its units}, in execution order (schedules.schedule.unit_blocks)."""
+    units = tuple(units)
+    return {block: tuple(units[j] for j in columns) for block, columns in unit_blocks(units).items()}
 
 
 def _span_members(name: str, blocks: dict) -> tuple[str, ...] | None:
