@@ -51,17 +51,14 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     import torch
 
     from benchmarks import digits_metric as dm
-    from exporter.makers.analyze import measure_change
-    from exporter.makers.calibrate import search_threshold, stack_statistics
-    from exporter.makers.learn_l2c import learn_router, router_logits, trajectory_inputs
     from exporter.makers.scale_shift import learn_scale_shift
     from exporter.models import load_model
     from exporter.reference import DEFAULT_GUIDANCE_SCALE, sample
     from schedules import Schedule
-    from schedules.blockcaching import search_delta
-    from schedules.cost import ideal_speedup, search_speedup, spread_for_speedup
-    from schedules.l2c import schedule_from_l2c
+    from schedules.cost import ideal_speedup
     from schedules.sampling import initial_noise
+
+    from .bench.matched import MatchedMaker
 
     torch.manual_seed(0)
     model = load_model("dit-digits")
@@ -90,45 +87,29 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
     for steps in steps_list:
         full = Schedule.full(units, steps, model="dit-digits")
         reference = evaluate("full", steps, None, full, None)
-        analyze_s = learn_s = None
-        if {"block-caching", "block-caching+scale-shift"} & set(methods):
-            start = time.perf_counter()
-            change = measure_change(model, full, conditions, ANALYSIS_SEEDS)
-            analyze_s = time.perf_counter() - start
-        if "learn-l2c" in methods:
-            start = time.perf_counter()
-            xs, y = trajectory_inputs(model, full, conditions, ANALYSIS_SEEDS, DEFAULT_GUIDANCE_SCALE)
-            logits, _ = learn_router(model, full, xs, y, lam=lam)
-            by_index = router_logits(logits)
-            learn_s = time.perf_counter() - start
-        statistics = stack_statistics(model, full, conditions, ANALYSIS_SEEDS) if {"magcache", "teacache"} & set(methods) else None
+        makers = MatchedMaker(model, full, DEFAULT_GUIDANCE_SCALE, conditions, seeds=ANALYSIS_SEEDS, lam=lam)
         for target in targets:
             if "fewer-steps" in methods:
                 fewer = Schedule.full(units, max(1, round(steps / target)), model="dit-digits")
                 evaluate("fewer-steps", steps, target, fewer, reference)
             if "uniform" in methods:
-                evaluate("uniform", steps, target, spread_for_speedup(units, steps, config, target, model="dit-digits"),
-                         reference)
+                evaluate("uniform", steps, target, makers.make("uniform", target), reference)
             if {"block-caching", "block-caching+scale-shift"} & set(methods):
-                bc = search_delta(change, config, units, full.sampler, target_speedup=target, model="dit-digits")
+                bc = makers.make("block-caching", target)
                 if "block-caching" in methods:
-                    evaluate("block-caching", steps, target, bc, reference, analyze_s)
+                    evaluate("block-caching", steps, target, bc, reference, makers.seconds["analyze"])
                 if "block-caching+scale-shift" in methods:
                     start = time.perf_counter()
                     corrected, _ = learn_scale_shift(model, bc, conditions, SCALE_SHIFT_SEEDS)
                     evaluate("block-caching+scale-shift", steps, target, corrected, reference,
                              time.perf_counter() - start)
             if "learn-l2c" in methods:
-                l2c = search_speedup(lambda theta: schedule_from_l2c(by_index, units, steps, threshold=theta,
-                                                                     every_step=True, model="dit-digits",
-                                                                     source=f"learn-l2c lambda={lam:g} threshold={theta:.6g}"),
-                                     1e-6, 1 - 1e-6, target, config, what="threshold")
-                evaluate("learn-l2c", steps, target, l2c, reference, learn_s)
+                l2c = makers.make("l2c", target)
+                evaluate("learn-l2c", steps, target, l2c, reference, makers.seconds["learn-l2c"])
             for method in [m for m in CALIBRATED if m in methods]:
                 start = time.perf_counter()
                 try:
-                    frozen = search_threshold(model, full, method, target, conditions, ANALYSIS_SEEDS,
-                                              statistics=statistics)
+                    frozen = makers.make(method, target)
                 except BlockcacheError as e:  # e.g. first-block cannot skip its first block: a ceiling
                     results.setdefault("unreached", []).append(f"DDIM-{steps} {method} {target:g}x: {e}")
                     continue

@@ -25,26 +25,29 @@ class MatchedMaker:
     """Makes the matched schedules of one model and sampler (the statistics and the router are
     computed once, on first use)."""
 
-    def __init__(self, model, full, guidance_scale: float, conditions, makers=MAKERS, seeds=CALIBRATION_SEEDS):
+    def __init__(self, model, full, guidance_scale: float, conditions, makers=MAKERS, seeds=CALIBRATION_SEEDS,
+                 lam: float = L2C_LAMBDA):
         unknown = [m for m in makers if m not in MAKERS]
         if unknown:
             raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)})")
         self.model, self.full, self.scale = model, full, guidance_scale
         self.conditions, self.makers, self.seeds = np.asarray(conditions), tuple(makers), tuple(seeds)
+        self.lam = lam
         self._change = self._router = self._stack = None
-        self.seconds = {}
+        self.seconds = {}  # what making the shared statistics took: "analyze", "learn-l2c", "stack"
 
     def schedules(self, target: float) -> list[tuple[str, object]]:
         """[(maker, Schedule)] reaching ideal speedup `target`; a maker that cannot is left out."""
         out = []
         for maker in self.makers:
             try:
-                out.append((maker, self._make(maker, target)))
+                out.append((maker, self.make(maker, target)))
             except BlockcacheError:
                 continue  # e.g. no all-or-nothing schedule is that fast
         return out
 
-    def _make(self, maker: str, target: float):
+    def make(self, maker: str, target: float):
+        """`maker`'s schedule at ideal speedup `target` or just above; BlockcacheError where it cannot."""
         from schedules.cost import search_speedup, spread_for_speedup
 
         units, config, name = self.model.unit_names, self.model.config, getattr(self.model, "name", None)
@@ -55,7 +58,11 @@ class MatchedMaker:
             from exporter.makers.calibrate import search_threshold, stack_statistics
 
             if maker != "first-block" and self._stack is None:
+                import time
+
+                start = time.perf_counter()
                 self._stack = stack_statistics(self.model, self.full, self.conditions, self.seeds, self.scale)
+                self.seconds["stack"] = time.perf_counter() - start
             return search_threshold(self.model, self.full, maker, target, self.conditions, self.seeds,
                                     guidance_scale=self.scale, statistics=self._stack)
         if maker == "block-caching":
@@ -67,7 +74,7 @@ class MatchedMaker:
         logits = self._learned_router()
         return search_speedup(lambda theta: schedule_from_l2c(logits, units, n, threshold=theta, every_step=True,
                                                               spacing=spacing, model=name,
-                                                              source=f"learn-l2c lambda={L2C_LAMBDA:g} threshold={theta:.6g}"),
+                                                              source=f"learn-l2c lambda={self.lam:g} threshold={theta:.6g}"),
                               1e-6, 1 - 1e-6, target, config, what="threshold")
 
     def _statistics(self):
@@ -90,7 +97,7 @@ class MatchedMaker:
 
             start = time.perf_counter()
             xs, y = trajectory_inputs(self.model, self.full, self.conditions, self.seeds, self.scale)
-            logits, _ = learn_router(self.model, self.full, xs, y, lam=L2C_LAMBDA, guidance_scale=self.scale)
+            logits, _ = learn_router(self.model, self.full, xs, y, lam=self.lam, guidance_scale=self.scale)
             self._router = router_logits(logits)
             self.seconds["learn-l2c"] = time.perf_counter() - start
         return self._router
