@@ -214,6 +214,15 @@ def check_labels(labels, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def check_seeds(seeds) -> list[int]:
+    """The noise seeds of calibration runs (`analyze`, `calibrate`) as ints: a non-empty list of
+    non-negative integers."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or any(s < 0 for s in seeds):
+        raise BlockcacheError("seeds must be a non-empty list of non-negative integers")
+    return seeds
+
+
 def check_noise(noise, shape) -> np.ndarray:
     """Starting noise of a sampling call as float32 of exactly `shape` (N, C, H, W), finite in float32."""
     if isinstance(noise, np.ma.MaskedArray):  # its data under the mask is not what the caller sees

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from runtime.nn.units import UnitPolicy
-from schedules import BlockcacheError, Schedule
-from schedules.sampling import check_labels
+from schedules import Schedule
+from schedules.sampling import check_labels, check_seeds
 
 from ..reference import Denoiser, check_schedule, seeded_batch
 
@@ -47,9 +47,7 @@ def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: 
     the analysis always computes everything)."""
     check_schedule(model, schedule)
     labels = check_labels(labels, model.num_classes)
-    seeds = [int(s) for s in seeds]
-    if not seeds or any(s < 0 for s in seeds):
-        raise BlockcacheError("seeds must be a non-empty list of non-negative integers")
+    seeds = check_seeds(seeds)
     x, y = seeded_batch(model, labels, seeds)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     recorder = ChangeRecorder(model.unit_names, schedule.num_steps)

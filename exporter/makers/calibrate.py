@@ -32,7 +32,7 @@ import torch
 
 from runtime.nn.units import UnitPolicy
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import check_labels
+from schedules.sampling import check_labels, check_seeds
 
 from ..reference import Denoiser, check_schedule, seeded_batch
 
@@ -174,9 +174,7 @@ def _check(model, full: Schedule, method: str, labels, seeds):
                               "long skips do not allow (calibrate DiT models)")
     if len(model.blocks) < 2:
         raise BlockcacheError(f"{method} needs at least 2 blocks")
-    seeds = [int(s) for s in seeds]
-    if not seeds or any(s < 0 for s in seeds):
-        raise BlockcacheError("seeds must be a non-empty list of non-negative integers")
+    seeds = check_seeds(seeds)
     return check_labels(labels, model.num_classes), seeds
 
 
