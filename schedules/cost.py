@@ -44,10 +44,14 @@ def fixed_macs(config: dict) -> int:
     return embed + t_mlp + ada + final
 
 
-def step_macs(config: dict, compute_row) -> int:
+def unit_costs(config: dict) -> list[int]:
+    """MACs per image of each unit, in `unit_names(config)` order."""
     per = unit_macs(config)
-    costs = [per[u.rsplit(".", 1)[1]] for u in unit_names(config)]
-    return fixed_macs(config) + sum(m for m, c in zip(costs, compute_row) if c)
+    return [per[u.rsplit(".", 1)[1]] for u in unit_names(config)]
+
+
+def step_macs(config: dict, compute_row) -> int:
+    return fixed_macs(config) + sum(m for m, c in zip(unit_costs(config), compute_row) if c)
 
 
 def schedule_macs(config: dict, schedule: Schedule) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from schedules.cost import fixed_macs, unit_macs
+from schedules.cost import fixed_macs, unit_costs
 from schedules.errors import BlockcacheError
 
 from .measure import Skip
@@ -114,10 +114,7 @@ def missing_package(peer: Peer) -> str | None:
 
 def counted_macs(config: dict, rows: np.ndarray) -> float:
     """MACs per image of a run whose unit j computed the fraction rows[s, j] of the batch at step s."""
-    from schedules.zoo import unit_names
-
-    per = unit_macs(config)
-    costs = np.array([per[u.rsplit(".", 1)[1]] for u in unit_names(config)], dtype=np.float64)
+    costs = np.array(unit_costs(config), dtype=np.float64)
     return float(fixed_macs(config) * len(rows) + (rows @ costs).sum())
 
 
