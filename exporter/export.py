@@ -37,16 +37,22 @@ MAX_BATCH_SIZE = 4096  # images per graph run; a plan's buffers grow with it
 
 
 def group_variants(schedule: Schedule) -> tuple[list[np.ndarray], list[int]]:
-    """Distinct rows (what is computed, and which blocks are skipped in spans) in order of first use,
-    as their compute rows, and each step's variant index."""
+    """Distinct rows (what is computed, which blocks are skipped in spans, and the order of each
+    forecast read, which is lower while history is short) in order of first use, as their compute rows,
+    and each step's variant index."""
     rows, index, step_variant = [], {}, []
-    for row, span in zip(schedule.compute, schedule.span):
-        key = row.tobytes() + span.tobytes()
+    for row, span, orders in zip(schedule.compute, schedule.span, forecast_orders(schedule)):
+        key = (row.tobytes(), span.tobytes(), tuple(sorted(orders.items())))
         if key not in index:
             index[key] = len(rows)
             rows.append(row.copy())
         step_variant.append(index[key])
     return rows, step_variant
+
+
+def forecast_orders(schedule: Schedule) -> list[dict[str, int]]:
+    """Per step, {read unit or span key: forecast order} of its reads with more than one history value."""
+    return [{name: len(steps) - 1 for name, steps in uses.items() if len(steps) > 1} for uses in schedule.history()]
 
 
 def span_cuts(schedule: Schedule, spans) -> list[tuple]:
@@ -249,11 +255,13 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     adjusts = [set() for _ in rows]
     # Spans: the ones a variant skips (the same at each of its steps), the residuals it records (any step's).
     skips, records = [None] * len(rows), [[] for _ in rows]
-    span_writes = schedule.span_writes()
-    for s, k in enumerate(step_variant):
-        outputs[k].update(schedule.live_after(s))
+    forecasts = [None] * len(rows)  # the orders of the variant's forecast reads (the same at each of its steps)
+    orders = forecast_orders(schedule)
+    for s, (k, written) in enumerate(zip(step_variant, schedule.writes())):
+        outputs[k].update(u for u in written if span_blocks(u) is None)
         skips[k] = schedule.spans(s)
-        records[k] += [span for span in span_writes[s] if span not in records[k]]
+        records[k] += [span_blocks(n) for n in written if span_blocks(n) is not None and span_blocks(n) not in records[k]]
+        forecasts[k] = orders[s]
     for s, unit in schedule.scale_shift:
         adjusts[step_variant[s]].add(unit)
 
@@ -263,7 +271,8 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         compute = dict(zip(units, (bool(v) for v in row)))
         cuts = span_cuts(schedule, skips[k])
         skipped = {u for *_, members in cuts for u in members}
-        graph = derive_variant(master, compute, outputs[k], adjusts[k], cuts, span_cuts(schedule, records[k]))
+        graph = derive_variant(master, compute, outputs[k], adjusts[k], cuts, span_cuts(schedule, records[k]),
+                               forecasts[k])
         name = names.variant_file(k, index)
         onnx.save(graph, os.path.join(folder, name))
         skip_keys = [span_key(*span) for span in skips[k]]
@@ -274,24 +283,27 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
             "writes": [u for u in units if u in outputs[k]] + [span_key(*span) for span in records[k]],
             "adjusts": [u for u in units if u in adjusts[k]],
             **({"skips": skip_keys} if skip_keys else {}),
+            **({"forecasts": forecasts[k]} if forecasts[k] else {}),
             "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
             "macs_per_image": step_macs(model.config, row),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
         })
         bar.update()
+    # One cache buffer per read unit and span; a forecast over m + 1 values rotates through m + 1 of them.
     buffers = {}
-    for u in units:
-        if any(u in v["reads"] for v in variants):
-            shape, dtype = tensor_shape(master, names.unit_output(u))
-            buffers[names.cache_input(u)] = {"shape": shape, "dtype": dtype}
-    for key in dict.fromkeys(r for v in variants for r in v["reads"] if span_blocks(r) is not None):
-        shape, dtype = tensor_shape(master, names.hidden_output(span_blocks(key)[1]))
-        buffers[names.cache_input(key)] = {"shape": shape, "dtype": dtype}
+    read = [u for u in units if any(u in v["reads"] for v in variants)]
+    read += list(dict.fromkeys(r for v in variants for r in v["reads"] if span_blocks(r) is not None))
+    for name in read:
+        blocks = span_blocks(name)
+        shape, dtype = tensor_shape(master, names.unit_output(name) if blocks is None else names.hidden_output(blocks[1]))
+        for r in range(1 + max(v.get("forecasts", {}).get(name, 0) for v in variants)):
+            buffers[names.cache_input(names.ring_buffer(name, r))] = {"shape": shape, "dtype": dtype}
     inputs = {}
     for name in names.step_inputs(settings.carry):
         shape, dtype = tensor_shape(master, name)
         inputs[name] = {"shape": shape, "dtype": dtype}
     full, scheduled = schedule_macs(model.config, schedule)
+    forecast_weights = schedule.forecast_weights()
     return {
         "batch_size": settings.batch_size,
         "sampler": dict(schedule.sampler),
@@ -302,7 +314,9 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         "buffers": buffers,
         "variants": variants,
         "steps": [{"variant": k, "timestep": timesteps[s].item(), "a": float(a[s]), "b": float(b[s]),
-                   **({"c": float(c[s])} if settings.carry else {}), "latents": list(latents[s])}
+                   **({"c": float(c[s])} if settings.carry else {}), "latents": list(latents[s]),
+                   **({"forecast": {n: [float(v) for v in w] for n, w in forecast_weights[s].items()}}
+                      if forecast_weights[s] else {})}
                   for s, k in enumerate(step_variant)],
         "scale_shift": {"file": scale_shift_file(schedule_file)} if schedule.scale_shift else None,
         "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},

@@ -5,10 +5,14 @@ code runs. Every compiled backend is checked against it.
 Semantics: a reused unit returns the raw branch output (before gate and residual) from the last step
 that computed it, corrected by Block Caching's scale-shift where the schedule has one; everything
 else runs with the current step's inputs. With guidance the network runs on [x; x] with labels
-[y; null] and the cache holds the doubled batch.
+[y; null] and the cache holds the doubled batch. A forecasting schedule reuses TaylorSeer's
+extrapolation instead, computed here by TaylorSeer's own recursion (`TaylorSeerCache`), not by the
+weights the plans use.
 """
 
 from __future__ import annotations
+
+from math import factorial
 
 import numpy as np
 import torch
@@ -17,6 +21,7 @@ from tqdm.auto import tqdm
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
+from schedules.schedule import span_blocks
 from schedules.sampling import (check_finite_result, check_guidance_scale, check_labels, check_noise, guidance_needed,
                                 initial_noise, model_timesteps)
 from schedules.zoo import DIT, check_sampler, family_of
@@ -85,14 +90,47 @@ class Denoiser:
         return x
 
 
-def schedule_policy(schedule: Schedule, corrections: list[dict] | None = None):
+class TaylorSeerCache(CachePolicy):
+    """Evaluation `step` of a forecasting schedule, as TaylorSeer defines it (diffusers'
+    `TaylorSeerState.update` and `.predict`, hooks/taylorseer_cache.py): every stored value (unit or span
+    residual) updates its Taylor factors D_0 = F, D_{j+1} = (D_j − D_j⁻)/h up to `order` where the
+    previous update had D_j⁻; a read at distance d from the last update is Σ_j D_j·d^j/j!.
+    `factors` (name → (step of the last update, [D_0, …])) is carried across evaluations."""
+
+    def __init__(self, factors: dict, step: int, order: int, reads, corrections=None, spans=(), span_writes=()):
+        super().__init__({}, reads, corrections=corrections, spans=spans, span_writes=span_writes)
+        self.factors, self.step, self.order = factors, step, order
+
+    def read(self, name):
+        last, factors = self.factors[name]
+        d = self.step - last
+        value = factors[0]
+        for j in range(1, len(factors)):
+            value = value + factors[j] * (d ** j / factorial(j))
+        return value
+
+    def store(self, name, value):
+        new = [value]
+        if name in self.factors:
+            last, previous = self.factors[name]
+            for j in range(min(self.order, len(previous))):
+                new.append((new[j] - previous[j]) / (self.step - last))
+        self.factors[name] = (self.step, new)
+
+
+def schedule_policy(schedule: Schedule, corrections: list[dict] | None = None,
+                    classes=(CachePolicy, TaylorSeerCache)):
     """`policy(s)` for `Denoiser.run`: evaluation s of `schedule` under blockcache's caching semantics,
-    one cache carried across the evaluations (`corrections`: `correction_tensors(schedule)`)."""
+    one cache carried across the evaluations (`corrections`: `correction_tensors(schedule)`). `classes`:
+    the policy classes for schedules without and with forecasts (subclasses of the two defaults)."""
     cache = {}
     corrections = correction_tensors(schedule) if corrections is None else corrections
-    span_writes = schedule.span_writes()
-    return lambda s: CachePolicy(cache, schedule.reused(s), corrections=corrections[s], spans=schedule.spans(s),
-                                 span_writes=span_writes[s])
+    span_writes = [[span_blocks(n) for n in names if span_blocks(n)] for names in schedule.writes()]
+    if schedule.forecast:
+        return lambda s: classes[1](cache, s, schedule.forecast, schedule.reused(s), corrections[s],
+                                    schedule.spans(s), span_writes[s])
+    return lambda s: classes[0](cache, schedule.reused(s), corrections=corrections[s], spans=schedule.spans(s),
+                                span_writes=span_writes[s])
 
 
 def seeded_batch(model, labels, seeds) -> tuple[torch.Tensor, torch.Tensor]:

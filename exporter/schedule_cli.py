@@ -9,6 +9,8 @@ a model, which live here so that `schedules` never imports the network code:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 
@@ -183,7 +185,7 @@ def _scale_shift(args) -> int:
         raise BlockcacheError(f"--held-out-seed {args.held_out_seed} is one of the training seeds")
     corrected, history = learn_scale_shift(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
                                            epochs=args.epochs, lr=args.lr, progress=not args.quiet)
-    plain = Schedule(schedule.unit_names, schedule.compute, schedule.sampler, span=schedule.span)
+    plain = dataclasses.replace(schedule, scale_shift={})
     before = distillation_error(model, plain, labels, [args.held_out_seed], args.guidance_scale)
     after = distillation_error(model, corrected, labels, [args.held_out_seed], args.guidance_scale)
     schedule_cli.write_schedule(corrected, out)

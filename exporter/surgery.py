@@ -8,6 +8,9 @@ value some later step reuses stays a graph output `unit.<unit>`; the others are 
 Block Caching's scale-shift: for a read unit listed in `adjust`, the cache value is corrected inside
 the graph, `cache.<u>·(1 + scale.<u>) + shift.<u>`, with the per-channel vectors as graph inputs, so
 steps with the same computed units still share one graph (a step without a correction feeds zeros).
+
+Forecasts: a read of order m ≥ 1 (unit or span residual) is Σ_i forecast.<u>[i] · cache.<u~i> over
+its m + 1 history inputs, the weights a per-step input, so steps at any distance share the graph.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.plan import names
-from schedules.schedule import span_key
+from schedules.schedule import history_key, span_key
 
 from .trace import IR_VERSION
 
@@ -100,8 +103,36 @@ def parameter_sources(master, state_dict) -> dict[str, dict]:
     return sources
 
 
+def _cached(graph, name: str, like, order: int, out=None):
+    """The cached value of unit or span `name` as the graph reads it (like `like`): the input
+    `cache.<name>`, or for a forecast of order m, Σ_i forecast.<name>[i] · cache.<history_key(name, i)>
+    summed left to right (runtime.nn.units.CachePolicy.read in graph form), into `out` where given."""
+    import onnx_graphsurgeon as gs
+
+    history = [gs.Variable(names.cache_input(history_key(name, i)), like.dtype, like.shape) for i in range(order + 1)]
+    graph.inputs += history
+    if order == 0:
+        return history[0]
+    weights = gs.Variable(names.forecast_input(name), like.dtype, [order + 1])
+    graph.inputs.append(weights)
+    value = None
+    for i, cached in enumerate(history):
+        w = gs.Variable(f"forecast.{name}.w{i}", like.dtype, [])
+        index = gs.Constant(f"forecast.{name}.i{i}", np.array(i, np.int64))
+        term = gs.Variable(f"forecast.{name}.t{i}", like.dtype, like.shape)
+        graph.nodes += [gs.Node("Gather", f"forecast.{name}.gather{i}", {"axis": 0}, [weights, index], [w]),
+                        gs.Node("Mul", f"forecast.{name}.mul{i}", inputs=[w, cached], outputs=[term])]
+        if value is not None:
+            total = out if i == order and out is not None else gs.Variable(f"forecast.{name}.sum{i}", like.dtype,
+                                                                          like.shape)
+            graph.nodes.append(gs.Node("Add", f"forecast.{name}.add{i}", inputs=[value, term], outputs=[total]))
+            term = total
+        value = term
+    return value
+
+
 def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: set[str] = frozenset(),
-                   skips=(), records=()):
+                   skips=(), records=(), forecasts=None):
     """The variant graph (onnx ModelProto) computing the units marked True in `compute`, reading the
     others from `cache.<unit>` inputs (corrected by `scale.<u>`/`shift.<u>` inputs for u in `adjust`),
     and exposing `unit.<u>` for u in `outputs` (runtime/plan/names.py).
@@ -109,9 +140,11 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: 
     Spans, as (first block, last block, block before first or None): each of `skips` is cut out, the
     hidden state after its last block becoming the one before its first plus the input
     `cache.<span_key>`; each of `records` exposes its residual, after minus before, as `unit.<span_key>`.
-    The skipped blocks' units are in neither `compute` as True nor read: they are simply gone."""
+    The skipped blocks' units are in neither `compute` as True nor read: they are simply gone.
+    `forecasts`: {read unit or span key: order ≥ 1} of the reads that are forecasts (`_cached`)."""
     import onnx_graphsurgeon as gs
 
+    forecasts = forecasts or {}
     graph = gs.import_onnx(master)
     tensors = graph.tensors()
     keep = {names.X_NEXT} | {names.unit_output(u) for u in outputs}
@@ -125,9 +158,8 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: 
         after = tensors[names.hidden_output(last)]
         after.inputs.clear()  # the span's blocks become dead
         after.name = f"span.{key}.out"
-        cache = gs.Variable(names.cache_input(key), after.dtype, after.shape)
+        cache = _cached(graph, key, after, forecasts.get(key, 0))
         graph.nodes.append(gs.Node("Add", f"span.{key}.add", inputs=[before(first_before), cache], outputs=[after]))
-        graph.inputs.append(cache)
         skipped_units.update(members)
     for first, last, first_before, _ in records:
         key = span_key(first, last)
@@ -141,13 +173,18 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: 
             continue
         tensor = tensors[names.unit_output(unit)]
         tensor.inputs.clear()  # detach from its producer: the unit's subgraph becomes dead
-        if unit not in adjust:
+        order = forecasts.get(unit, 0)
+        if unit not in adjust and order == 0:
             tensor.name = names.cache_input(unit)
             graph.inputs.append(tensor)
             continue
+        if unit not in adjust:  # the consumers keep reading `tensor`, now the forecast
+            tensor.name = f"forecast.{unit}.out"
+            _cached(graph, unit, tensor, order, out=tensor)
+            continue
         # The consumers keep reading `tensor`, now the corrected value v + v·scale + shift
         # (runtime.nn.units.correct in graph form).
-        cache = gs.Variable(names.cache_input(unit), tensor.dtype, tensor.shape)
+        cache = _cached(graph, unit, tensor, order)
         channels = [tensor.shape[-1]]
         scale_name, shift_name = names.correction_inputs(unit)
         scale = gs.Variable(scale_name, tensor.dtype, channels)
@@ -158,7 +195,7 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: 
         graph.nodes += [gs.Node("Mul", f"adjust.{unit}.mul", inputs=[cache, scale], outputs=[scaled]),
                         gs.Node("Add", f"adjust.{unit}.add", inputs=[cache, scaled], outputs=[plus]),
                         gs.Node("Add", f"adjust.{unit}.shift", inputs=[plus, shift], outputs=[tensor])]
-        graph.inputs += [cache, scale, shift]
+        graph.inputs += [scale, shift]
     graph.outputs = [t for t in graph.outputs if t.name in keep]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)

@@ -1,8 +1,8 @@
 """`--verify`: run every variant graph on random inputs and compare it with the eager PyTorch step.
 
 Each variant gets random latents, labels, a timestep, coefficients (and a carried latent for
-DPM-Solver-2), random cache values for the units it reads and random scale/shift vectors for those
-it corrects; the eager side runs the same `DenoisingStep` with a `CachePolicy` over those values.
+DPM-Solver-2), random cache values for the units it reads (every history value of a forecast read,
+and random forecast weights) and random scale/shift vectors for those it corrects; the eager side runs the same `DenoisingStep` with a `CachePolicy` over those values.
 Both x_next and every unit output the graph writes must agree within `tolerance` (max abs error
 relative to the reference's max abs value).
 """
@@ -17,6 +17,7 @@ from runtime.nn.units import CachePolicy
 from runtime.plan import Plan, names
 from runtime.plan.manifest import Program
 from schedules.errors import BlockcacheError
+from schedules.schedule import history_key
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # fp16 plans are compared with the fp32 model
 
@@ -45,8 +46,15 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
     if program.has_carry:  # solvers with a carry term (DPM-Solver-2)
         feeds[names.C] = rng.uniform(0.5, 1.5, (1,)).astype(np.float32)
         feeds[names.X_CARRY] = rng.standard_normal(x_shape).astype(np.float32)
-    cached = {u: rng.standard_normal(program.cache[u].shape).astype(program.cache[u].dtype) for u in variant.reads}
-    feeds.update({names.cache_input(u): v for u, v in cached.items()})
+    cached, forecasts = {}, {}
+    for u in variant.reads:
+        spec, order = program.cache[u], variant.forecasts.get(u, 0)
+        for i in range(order + 1):
+            cached[history_key(u, i)] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        if order:
+            forecasts[u] = rng.normal(0, 1, order + 1).astype(spec.dtype)
+            feeds[names.forecast_input(u)] = forecasts[u]
+    feeds.update({names.cache_input(key): v for key, v in cached.items()})
     corrections = {}
     for u in variant.adjusts:
         pair = tuple(rng.normal(0, 0.2, program.cache[u].shape[-1:]).astype(program.cache[u].dtype) for _ in "ab")
@@ -54,7 +62,7 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
         feeds.update(zip(names.correction_inputs(u), pair))
     outputs = [names.X_NEXT] + [names.unit_output(u) for u in variant.writes]
     got = dict(zip(outputs, session.run(outputs, feeds)))
-    want = _eager(model, plan, feeds, cached, corrections, variant)
+    want = _eager(model, plan, feeds, cached, corrections, forecasts, variant)
     worst = max(_rel_error(got[n], want[n]) for n in outputs)
     if not worst <= tolerance:
         raise BlockcacheError(f"verify failed: {variant.file} differs from the eager model by {worst:.3g} "
@@ -63,14 +71,15 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
 
 
 @torch.no_grad()
-def _eager(model, plan: Plan, feeds: dict, cached: dict, corrections: dict, variant) -> dict:
+def _eager(model, plan: Plan, feeds: dict, cached: dict, corrections: dict, forecasts: dict, variant) -> dict:
     step = DenoisingStep(model.eval(), plan.guidance.enabled, plan.guidance.channels)
     cache = {u: torch.from_numpy(v).float() for u, v in cached.items()}
     writes = variant.writes
-    policy = CachePolicy(cache, reads=cached, writes=writes,
+    policy = CachePolicy(cache, reads=variant.reads, writes=writes,
                          corrections={u: tuple(torch.from_numpy(v).float() for v in pair)
                                       for u, pair in corrections.items()},
-                         spans=variant.spans, span_writes=variant.span_records)
+                         spans=variant.spans, span_writes=variant.span_records,
+                         forecasts={u: [float(w) for w in ws] for u, ws in forecasts.items()})
     t = {k: torch.from_numpy(v) for k, v in feeds.items() if k in names.step_inputs(True)}
     x_next = step.denoise(t[names.X], t[names.Y], t[names.TIMESTEP], t[names.A], t[names.B], t[names.GUIDANCE_SCALE],
                           policy, t.get(names.C), t.get(names.X_CARRY))

@@ -7,9 +7,11 @@ the same bookkeeping whatever executes the graphs, so it lives here, without any
   DPM-Solver-2 rotates three, as the manifest's per-step `latents` say), the labels, the
   guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
   loop needs no host writes; `step.{s}.c` for DPM-Solver-2; with Block Caching, also
-  `step.{s}.scale.<unit>|shift.<unit>`) and one
+  `step.{s}.scale.<unit>|shift.<unit>`; with forecasts `step.{s}.forecast.<unit>`) and one
   cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
-  `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`).
+  `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`); a forecast over m + 1 values has
+  m + 1 buffers (`cache.<unit>@r`) that its inputs `cache.<unit>~i` are bound to in rotation
+  (`Program.cache_slots`).
 - `weights` arena: one slot per weight that an engine takes as an *input*; every engine binds the
   same slot, so each weight is held on the device once however many engines use it.
 
@@ -167,7 +169,7 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
         specs[slot] = (shape, dtype)
 
     bound = []
-    for s, step in enumerate(program.steps):
+    for s, (step, (reads, writes)) in enumerate(zip(program.steps, program.cache_slots)):
         k = step.variant
         eng = engines[k]
         owner = f"engine {k}"
@@ -181,14 +183,16 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
                     continue
                 if name in names.LATENTS:  # the step's (input, carry, output) latent buffers
                     slot = f"x.{step.latents[names.LATENTS.index(name)]}"
-                elif name in names.STEP_CONSTANTS or name.startswith(names.CORRECTION_PREFIXES):
+                elif name in names.STEP_CONSTANTS or name.startswith(names.STEP_VECTOR_PREFIXES):
                     slot = f"step.{s}.{name}"
                 elif name in names.CALL_INPUTS:
                     slot = name
-                elif name.startswith(names.CACHE_PREFIX) and direction == "inputs":
-                    slot = name
-                elif name.startswith(names.UNIT_PREFIX) and direction == "outputs":
-                    slot = names.cache_input(name[len(names.UNIT_PREFIX):])
+                elif (name.startswith(names.CACHE_PREFIX) and direction == "inputs"
+                      and name[len(names.CACHE_PREFIX):] in reads):  # a forecast's history: by rotation
+                    slot = names.cache_input(reads[name[len(names.CACHE_PREFIX):]])
+                elif (name.startswith(names.UNIT_PREFIX) and direction == "outputs"
+                      and name[len(names.UNIT_PREFIX):] in writes):
+                    slot = names.cache_input(writes[name[len(names.UNIT_PREFIX):]])
                 else:
                     raise BlockcacheError(f"{owner} has a tensor {name!r} that no plan buffer matches")
                 declare(io_specs, "x.0" if slot.startswith("x.") else slot, spec, owner)
@@ -219,11 +223,13 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
             if slot in io.slots:
                 spec = io.slots[slot]
                 constants[slot] = np.full(spec.shape, getattr(step, name), dtype=host_dtype(spec.dtype))
-        for unit, pair in (corrections[s] if corrections else {}).items():
-            for input_name, value in zip(names.correction_inputs(unit), pair):
-                slot = f"step.{s}.{input_name}"
-                if slot in io.slots:
-                    constants[slot] = convert(value, io.slots[slot].dtype)
+        vectors = [(input_name, value) for unit, pair in (corrections[s] if corrections else {}).items()
+                   for input_name, value in zip(names.correction_inputs(unit), pair)]
+        vectors += [(names.forecast_input(name), np.array(w, np.float64)) for name, w in step.forecast.items()]
+        for input_name, value in vectors:
+            slot = f"step.{s}.{input_name}"
+            if slot in io.slots:
+                constants[slot] = convert(value, io.slots[slot].dtype)
     return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in program.steps], steps=bound,
                        constants=constants, output=f"x.{program.steps[-1].latents[2]}",
                        input=f"x.{program.steps[0].latents[0]}")

@@ -17,6 +17,10 @@ consecutive blocks whose units are all `s` is replaced by its total residual (hi
 span minus before it) from the last step that ran those blocks, added to the current input of the span
 (FirstBlockCache / TeaCache / MagCache's reuse; docs/ARCHITECTURE.md, "Caching semantics"). Spaces are
 ignored (the writer puts one between blocks). Step 0 must compute everything: nothing is cached yet.
+
+`forecast: K` (0, 1 or 2; default 0) makes every reuse, of a unit (`.`) or of a span's residual (`s`), a
+TaylorSeer forecast of order K from the last K + 1 values computed (schedules/forecast.py) instead of
+the last value alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import yaml
 
 from .errors import BlockcacheError
 from .files import atomic_output
+from .forecast import MAX_ORDER, taylor_weights
 from .sampling import SAMPLER_SPACINGS, SAMPLERS, default_spacing, make_sampler
 
 VERSION = 1
@@ -83,6 +88,8 @@ class Schedule:
     # bool like `compute`: True where a reused unit is skipped inside a span (`s`) rather than reused
     # alone (`.`); None: no spans
     span: np.ndarray | None = None
+    # TaylorSeer order of every reuse (0: the last computed value itself)
+    forecast: int = 0
 
     def __post_init__(self):
         self.unit_names = tuple(self.unit_names)
@@ -122,6 +129,9 @@ class Schedule:
                                   f"{', '.join(SAMPLER_SPACINGS[name])})")
         if steps != self.num_steps:
             raise BlockcacheError(f"sampler has {steps} steps but the schedule has {self.num_steps} rows")
+        if isinstance(self.forecast, bool) or not isinstance(self.forecast, int) or \
+                not 0 <= self.forecast <= MAX_ORDER:
+            raise BlockcacheError(f"forecast order must be an integer in 0…{MAX_ORDER}, got {self.forecast!r}")
         self._validate_scale_shift()
         self._validate_spans()
 
@@ -199,36 +209,44 @@ class Schedule:
             out.append((start, previous))
         return out
 
-    def span_writes(self) -> list[list[tuple[str, str]]]:
-        """Per step, the spans whose residual it records: for every span a later step skips, the last
-        earlier step that ran all of its blocks (one pass over the schedule for all steps)."""
+    def history(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per step, {what it reuses: the steps whose values the reuse uses, newest first}: for a unit
+        reused alone (`.`) its last computations, for a skipped span (`span_key`) the last steps that ran
+        all of its blocks; `forecast` + 1 of them where there are that many (one pass over the schedule)."""
+        depth = self.forecast + 1
         columns = self.blocks()
         order = list(columns)
-        out = [[] for _ in range(self.num_steps)]
-        for later in range(1, self.num_steps):
-            for first, last in self.spans(later):
+        computed = {u: [] for u in self.unit_names}  # unit → the steps that computed it, so far
+        out = []
+        for s in range(self.num_steps):
+            uses = {u: tuple(computed[u][-depth:][::-1])
+                    for u, c, sp in zip(self.unit_names, self.compute[s], self.span[s]) if not c and not sp}
+            for first, last in self.spans(s):
                 members = [columns[b][0] for b in order[order.index(first):order.index(last) + 1]]
-                k = later - 1
-                while self.span[k, members].any():  # ends at step 0 at the latest: it computes everything
-                    k -= 1
-                if (first, last) not in out[k]:
-                    out[k].append((first, last))
+                ran = [k for k in range(s - 1, -1, -1) if not self.span[k, members].any()]  # step 0 ran all
+                uses[span_key(first, last)] = tuple(ran[:depth])
+            for u, c in zip(self.unit_names, self.compute[s]):
+                if c:
+                    computed[u].append(s)
+            out.append(uses)
         return out
 
-    def live_after(self, step: int) -> tuple[str, ...]:
-        """Units computed at `step` whose value a later step reuses alone (`.`) before recomputing it
-        (liveness; a step that skips the unit inside a span neither reads nor replaces it)."""
-        live = []
-        for j, u in enumerate(self.unit_names):
-            if not self.compute[step, j]:
-                continue
-            for later in range(step + 1, self.num_steps):
-                if self.compute[later, j]:
-                    break
-                if not self.span[later, j]:
-                    live.append(u)
-                    break
-        return tuple(live)
+    def writes(self) -> list[tuple[str, ...]]:
+        """Per step, the values it keeps for a later reuse: computed units (in unit order), then span
+        residuals (`span_key`) (liveness: what no later step reuses is not kept)."""
+        kept = [set() for _ in range(self.num_steps)]
+        for uses in self.history():
+            for name, steps in uses.items():
+                for k in steps:
+                    kept[k].add(name)
+        return [tuple(u for u in self.unit_names if u in names) + tuple(sorted(n for n in names if n not in
+                                                                               self.unit_names)) for names in kept]
+
+    def forecast_weights(self) -> list[dict[str, np.ndarray]]:
+        """Per step, {reused name: TaylorSeer weights over its history values, newest first} for every
+        reuse with more than one history value (`taylor_weights`)."""
+        return [{name: taylor_weights(steps, s) for name, steps in uses.items() if len(steps) > 1}
+                for s, uses in enumerate(self.history())]
 
     # -- file format -------------------------------------------------------------------------
     def row_string(self, step: int) -> str:
@@ -276,6 +294,8 @@ class Schedule:
         lines.append("units: [" + ", ".join(self.unit_names) + "]")
         if self.source:
             lines.append(f"source: {_scalar(self.source)}")
+        if self.forecast:
+            lines.append(f"forecast: {self.forecast}  # every reuse a TaylorSeer forecast of this order")
         if self.scale_shift:
             lines.append(f"scale_shift: {{file: {_scalar(scale_shift_file or 'scaleshift.safetensors')}, "
                          f"sha256: {self.scale_shift_digest()}}}")
@@ -326,6 +346,9 @@ class Schedule:
         for key in ("sampler", "units", "steps"):
             if key not in doc:
                 raise BlockcacheError(f"{where}: missing '{key}'")
+        forecast = doc.get("forecast", 0)
+        if isinstance(forecast, bool) or not isinstance(forecast, int):
+            raise BlockcacheError(f"{where}: 'forecast' must be an order 0…{MAX_ORDER}, not {forecast!r}")
         for key in ("model", "source"):
             if doc.get(key) is not None and not isinstance(doc[key], str):
                 raise BlockcacheError(f"{where}: '{key}' must be a text, not {type(doc[key]).__name__}")
@@ -364,7 +387,7 @@ class Schedule:
         scale_shift = _read_scale_shift(doc["scale_shift"], where, base_dir) if doc.get("scale_shift") else {}
         try:
             schedule = cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"),
-                           scale_shift=scale_shift, span=span)
+                           scale_shift=scale_shift, span=span, forecast=forecast)
         except BlockcacheError as e:
             raise BlockcacheError(f"{where}: {e}") from None
         if scale_shift and schedule.scale_shift_digest() != doc["scale_shift"].get("sha256"):
@@ -441,6 +464,12 @@ def span_key(first: str, last: str) -> str:
     """The name of a span's residual (blocks `first` … `last`) wherever caches are named: the eager
     cache, a plan's buffers (`cache.span:<first>:<last>`) and graph outputs (`unit.span:…`)."""
     return f"{SPAN_PREFIX}{first}:{last}"
+
+
+def history_key(name: str, i: int) -> str:
+    """The name of the i-th newest history value of a reused unit or span (`name` itself for i = 0),
+    wherever a forecast's inputs are named: the unit policy's cache and a graph's `cache.<key>` inputs."""
+    return name if i == 0 else f"{name}~{i}"
 
 
 def span_blocks(name: str) -> tuple[str, str] | None:

@@ -112,7 +112,7 @@ def test_full_and_uniform_rows():
         Schedule.full(U4, 0)
 
 
-def test_reused_and_live_after_hand_example():
+def test_reused_and_writes_hand_example():
     s = hand_schedule()
     assert [s.reused(i) for i in range(5)] == [
         (),
@@ -122,7 +122,7 @@ def test_reused_and_live_after_hand_example():
         ("blocks.1.mlp",),
     ]
     # Computed at step i and read from the cache by a later step before being recomputed:
-    assert [s.live_after(i) for i in range(5)] == [
+    assert s.writes() == [
         ("blocks.0.mlp", "blocks.1.mlp"),  # step 0's mlp outputs are reused at step 1 (and 0.mlp up to 3)
         ("blocks.0.attn",),                # 0.attn reused at step 2; 1.attn recomputed at 2
         ("blocks.1.attn",),                # 1.attn reused at 3; 1.mlp recomputed at 3

@@ -30,7 +30,9 @@ def test_span_rows_read_write_and_name_their_spans():
     assert Schedule.from_yaml(schedule.to_yaml()).span.tolist() == schedule.span.tolist()
     assert [schedule.spans(s) for s in range(4)] == [[], [("blocks.1", "blocks.3")], [], [("blocks.1", "blocks.2")]]
     # each span's residual is recorded at the last step before its skip that ran its blocks
-    assert schedule.span_writes() == [[("blocks.1", "blocks.3")], [], [("blocks.1", "blocks.2")], []]
+    # (units of step 0 are recomputed or span-skipped before any reuse alone: none is kept)
+    assert schedule.writes() == [("span:blocks.1:blocks.3",), (), ("blocks.3.attn", "blocks.3.mlp",
+                                                                   "span:blocks.1:blocks.2"), ()]
     assert schedule.reused(3) == ("blocks.3.attn", "blocks.3.mlp")  # units reused alone; span units are not
 
 

@@ -13,6 +13,8 @@ sampling step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +23,7 @@ from runtime.nn.units import CachePolicy
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import check_labels
 
-from ..reference import Denoiser, check_schedule, seeded_batch
+from ..reference import Denoiser, TaylorSeerCache, check_schedule, schedule_policy, seeded_batch
 
 
 class _Student(CachePolicy):
@@ -31,15 +33,22 @@ class _Student(CachePolicy):
     def computed(self, name, value):
         return super().computed(name, value.detach())
 
+    def store(self, name, value):  # span residuals too
+        super().store(name, value.detach())
+
+
+class _ForecastStudent(_Student, TaylorSeerCache):
+    """`_Student` of a forecasting schedule: corrections apply to the forecasts."""
+
 
 def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, optimizer=None) -> list[float]:
     """Run the student from x; per step the distillation MSE (an Adam step per step when training)."""
     denoiser = Denoiser(model, schedule, guidance_scale)
-    cache, errors, inputs = {}, [], {}
-    span_writes = schedule.span_writes()
+    errors, inputs = [], {}
+    policy = schedule_policy(schedule, [params.get(s, {}) for s in range(schedule.num_steps)],
+                             (_Student, _ForecastStudent))
     for s in range(len(denoiser)):
-        student = _Student(cache, schedule.reused(s), corrections=params.get(s, {}), spans=schedule.spans(s),
-                           span_writes=span_writes[s])
+        student = policy(s)
         carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)
@@ -89,6 +98,6 @@ def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scal
         history.append(float(np.mean(_unroll(model, schedule, params, x, y, guidance_scale, optimizer))))
     learned = {(s, unit): (scale.detach().numpy().copy(), shift.detach().numpy().copy())
                for s, step in params.items() for unit, (scale, shift) in step.items()}
-    corrected = Schedule(schedule.unit_names, schedule.compute, schedule.sampler, schedule.model,
-                         source=f"{schedule.source or 'schedule'} + scale-shift", scale_shift=learned, span=schedule.span)
+    corrected = dataclasses.replace(schedule, source=f"{schedule.source or 'schedule'} + scale-shift",
+                                    scale_shift=learned)
     return corrected, history

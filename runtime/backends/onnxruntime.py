@@ -6,10 +6,11 @@ every tensor the loop touches resident on the device, one graph execution per st
   the session plans it on. On CPU, pre-packing is disabled: it would keep a re-laid-out copy of every
   weight per session, so memory would grow with the number of variants.
 - Shared by every call: the sessions, and the per-step constants (timestep, a, b, c and Block Caching
-  scale/shift vectors), which the graphs only read.
+  scale/shift vectors, forecast weights), which the graphs only read.
 - Per execution context (one call at a time): for each batch size, the latents (two, ping-pong; three
   for DPM-Solver-2, whose intermediate evaluation also reads its solver step's starting latent), the
-  labels, the guidance scale and one cache buffer per reused unit, shared by that batch size's
+  labels, the guidance scale and one cache buffer per reused unit (m + 1 for a forecast over m + 1
+  values, rotated by binding: `Program.cache_slots`), shared by that batch size's
   programs (a context runs one program at a time); and every step's IOBinding, built when the context
   is made. A call copies noise and labels in, runs the bindings in order and copies the final latent
   out: no host round trip between steps. ONNX Runtime sessions run concurrently from several threads,
@@ -116,6 +117,11 @@ class OnnxRuntimeBackend(Backend):
                 dtype = np.dtype(program.cache[unit].dtype)
                 for name, value in zip(names.correction_inputs(unit), pair):
                     step_constants[name] = self.on_device(value.astype(dtype))
+        # Forecast weights, per step and forecast read, in the cache's dtype.
+        for step_constants, step in zip(constants, program.steps):
+            for name, weights in step.forecast.items():
+                step_constants[names.forecast_input(name)] = self.on_device(
+                    np.array(weights, np.dtype(program.cache[name].dtype)))
         return constants
 
     def _make_context(self) -> "OnnxRuntimeContext":
@@ -151,7 +157,6 @@ class OnnxRuntimeContext(ExecutionContext):
     def _bind(self, program: Program, s: int, step):
         backend = self.backend
         held = self.buffers[program.batch_size]
-        variant = program.variants[step.variant]
         binding = backend.sessions[program.index][step.variant].io_binding()
         latent, carry, out = step.latents
         binding.bind_ortvalue_input(names.X, held["x"][latent])
@@ -161,11 +166,12 @@ class OnnxRuntimeContext(ExecutionContext):
         binding.bind_ortvalue_input(names.GUIDANCE_SCALE, held["guidance_scale"])
         for name, value in backend.constants[program.index][s].items():
             binding.bind_ortvalue_input(name, value)
-        for unit in variant.reads:
-            binding.bind_ortvalue_input(names.cache_input(unit), held["cache"][unit])
+        reads, writes = program.cache_slots[s]  # a forecast's history rotates by binding
+        for key, buffer in reads.items():
+            binding.bind_ortvalue_input(names.cache_input(key), held["cache"][buffer])
         binding.bind_ortvalue_output(names.X_NEXT, held["x"][out])
-        for unit in variant.writes:
-            binding.bind_ortvalue_output(names.unit_output(unit), held["cache"][unit])
+        for name, buffer in writes.items():
+            binding.bind_ortvalue_output(names.unit_output(name), held["cache"][buffer])
         return binding
 
     def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:

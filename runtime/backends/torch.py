@@ -136,7 +136,8 @@ class TorchBackend(Backend):
 
     # -- load -----------------------------------------------------------------------------------
     def _constants(self, program: Program) -> list[tuple]:
-        """Per step: timestep, a, b, c (None without a carry term), scale/shift tensors, on the device once."""
+        """Per step: timestep, a, b, c (None without a carry term), scale/shift tensors and forecast
+        weights, on the device once."""
         torch = _torch()
         from ..plan.files import plan_corrections
 
@@ -150,8 +151,10 @@ class TorchBackend(Backend):
         for step, corrections in zip(program.steps, plan_corrections(self.plan, program)):
             corrections = {u: tuple(torch.from_numpy(v).to(device=dev, dtype=self.dtype) for v in pair)
                            for u, pair in corrections.items()}
+            forecasts = {name: [torch.tensor(w, dtype=self.dtype, device=dev) for w in weights]
+                         for name, weights in step.forecast.items()}
             c = scalar(step.c) if program.has_carry else None
-            out.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, corrections))
+            out.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, corrections, forecasts))
         return out
 
     def _compile_blocks(self, mode: str, backend: str) -> None:
@@ -234,13 +237,16 @@ class TorchContext(ExecutionContext):
                         self._loop(program)
 
     def _program_steps(self, program: Program) -> list[tuple]:
-        """Per step: its shared constants, and a unit policy over this context's cache buffers."""
+        """Per step: its shared constants, and a unit policy over the cache buffers bound to the step
+        (a forecast's history rotates by binding: `Program.cache_slots`)."""
         cache = self.buffers[program.batch_size]["cache"]
         out = []
-        for step, (timestep, a, b, c, corrections) in zip(program.steps, self.backend.constants[program.index]):
+        for step, (timestep, a, b, c, corrections, forecasts), (reads, writes) in zip(
+                program.steps, self.backend.constants[program.index], program.cache_slots):
             variant = program.variants[step.variant]
-            policy = ResidentCache(cache, variant.reads, variant.writes, corrections, spans=variant.spans,
-                                   span_writes=variant.span_records)
+            bound = {key: cache[buffer] for key, buffer in {**reads, **writes}.items()}
+            policy = ResidentCache(bound, variant.reads, variant.writes, corrections, spans=variant.spans,
+                                   span_writes=variant.span_records, forecasts=forecasts)
             out.append((timestep, a, b, c, policy, step.latents))
         return out
 

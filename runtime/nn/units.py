@@ -8,7 +8,8 @@ protocol with two hooks, and the classes here are the policies blockcache itself
 - `UnitPolicy()`: compute every unit (the official forward; what a network does without a policy).
 - `CachePolicy`: blockcache's caching semantics for one model evaluation: reused units return their
   cached value, corrected by Block Caching's scale-shift where the schedule has one; computed units
-  are stored for later evaluations; a skipped span of blocks adds its cached residual. The eager
+  are stored for later evaluations; a skipped span of blocks adds its cached residual; a forecast
+  read is a fixed linear combination of the value's history (schedules/forecast.py). The eager
   reference, the torch backend, `--verify` and the schedule makers all run through it (subclasses
   change only where a fresh value is kept).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, MutableMapping
 
-from schedules.schedule import span_key
+from schedules.schedule import history_key, span_key
 
 
 def correct(value, scale, shift):
@@ -72,11 +73,15 @@ class CachePolicy(UnitPolicy):
 
     `spans`: the (first block, last block) spans this evaluation skips: at `first` the hidden state
     becomes x + cache[span_key(first, last)] and the span's blocks do not run. `span_writes`: the spans
-    whose residual (hidden state after `last` minus before `first`) this evaluation records."""
+    whose residual (hidden state after `last` minus before `first`) this evaluation records.
+
+    `forecasts`: {read name: weights w, newest first}: that read (a unit or a span's residual) is
+    Σ_i w_i · cache[history_key(name, i)] instead of cache[name] (before any correction)."""
 
     def __init__(self, cache: MutableMapping, reads: Collection[str] = (), writes: Collection[str] | None = None,
-                 corrections: Mapping | None = None, spans=(), span_writes=()):
+                 corrections: Mapping | None = None, spans=(), span_writes=(), forecasts: Mapping | None = None):
         self.cache = cache
+        self.forecasts = forecasts or {}
         self.reads = frozenset(reads)
         self.writes = None if writes is None else frozenset(writes)
         self.corrections = corrections or {}
@@ -91,9 +96,19 @@ class CachePolicy(UnitPolicy):
     def reuse(self, name: str):
         if name not in self.reads:
             return None
-        value = self.cache[name]
+        value = self.read(name)
         pair = self.corrections.get(name)
         return value if pair is None else correct(value, *pair)
+
+    def read(self, name: str):
+        """The cached value of a unit or span residual `name` (a forecast where `forecasts` has weights)."""
+        weights = self.forecasts.get(name)
+        if weights is None:
+            return self.cache[name]
+        value = weights[0] * self.cache[name]
+        for i in range(1, len(weights)):  # left to right, as the graphs add (exporter/surgery.py)
+            value = value + weights[i] * self.cache[history_key(name, i)]
+        return value
 
     def computed(self, name: str, value):
         if self.writes is None or name in self.writes:
@@ -111,7 +126,7 @@ class CachePolicy(UnitPolicy):
         if name in self.skips:
             last = self.skips[name]
             self._inside = None if last == name else last
-            return x + self.cache[span_key(name, last)]
+            return x + self.read(span_key(name, last))
         if name in self.starts:
             self._before[name] = x
         out = run(x)

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from schedules.errors import BlockcacheError
+from schedules.schedule import history_key
 
 from . import names
 from .manifest import Engine, Plan, Program, TensorSpec
@@ -23,7 +24,11 @@ def variant_io(program: Program) -> tuple[Engine, ...]:
     out = []
     for v in program.variants:
         inputs = dict(program.inputs)  # the step inputs (with x_carry and c for solvers with a carry)
-        inputs.update({names.cache_input(u): program.cache[u] for u in v.reads})
+        for u in v.reads:  # a forecast reads its m + 1 newest values and their weights
+            order = v.forecasts.get(u, 0)
+            inputs.update({names.cache_input(history_key(u, i)): program.cache[u] for i in range(order + 1)})
+            if order:
+                inputs[names.forecast_input(u)] = TensorSpec((order + 1,), program.cache[u].dtype)
         for u in v.adjusts:
             vector = TensorSpec(program.cache[u].shape[-1:], program.cache[u].dtype)
             inputs.update({name: vector for name in names.correction_inputs(u)})

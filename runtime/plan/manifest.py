@@ -15,7 +15,8 @@ with several lists them under `programs`.
 - every step's variant, and its timestep and coefficients against the ones the recorded sampler
   derives (so a plan cannot run another schedule than it says); its latent buffers: each step reads
   the previous step's output, and its carry buffer holds the latent its solver step started from;
-- that each read of the cache follows a step that wrote the unit;
+- that each read of the cache follows a step that wrote the unit; that a forecast's values were all
+  written, fit its buffers, and that its weights are TaylorSeer's for the steps they came from;
 - that every file the manifest names is a plain name listed among its checksummed files, every
   stored tensor lies inside the weights file with the length its shape and dtype give, and every
   PyTorch parameter is stored at the plan's precision.
@@ -35,13 +36,15 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from schedules.errors import BlockcacheError
 from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, make_sampler, model_timesteps
-from schedules.schedule import span_blocks, unit_blocks
+from schedules.forecast import MAX_ORDER, taylor_weights
+from schedules.schedule import history_key, span_blocks, unit_blocks
 from schedules.zoo import check_config, family_of, num_labels, unit_names
 
 from . import names
@@ -164,6 +167,7 @@ class Variant:
     weights: tuple[str, ...]  # stored tensors the graph uses
     macs_per_image: int | None
     skips: tuple[str, ...] = ()  # spans of blocks replaced by their residual (`span_key` names)
+    forecasts: dict = field(default_factory=dict)  # read name → forecast order ≥ 1 (over order + 1 values)
 
     @property
     def spans(self) -> list[tuple[str, str]]:
@@ -185,6 +189,7 @@ class Step:
     b: float
     c: float | None  # the carry coefficient (solvers with a carry term), None otherwise
     latents: tuple[int, int, int]
+    forecast: dict = field(default_factory=dict)  # read name → its forecast weights, newest value first
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,30 @@ class Program:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.inputs[names.X].shape[1:]
+
+    @cached_property
+    def cache_slots(self) -> tuple[tuple[dict, dict], ...]:
+        """Per step, (reads, writes): {history_key(name, i): buffer} for the cache values its variant
+        reads and {name: buffer} for those it writes. A unit or span with R buffers rotates through
+        them: its w-th write (from 0) goes to buffer w mod R, so after c writes its i-th newest value is
+        in buffer (c − 1 − i) mod R. Values stay where they were written; only the binding moves."""
+        depth = {}
+        for buffer in self.cache:
+            name, _ = names.ring_of(buffer)
+            depth[name] = depth.get(name, 0) + 1
+        written, out = {}, []
+        for step in self.steps:
+            variant = self.variants[step.variant]
+            reads = {}
+            for name in variant.reads:
+                c, r = written.get(name, 0), depth[name]
+                for i in range(variant.forecasts.get(name, 0) + 1):
+                    reads[history_key(name, i)] = names.ring_buffer(name, (c - 1 - i) % r)
+            writes = {name: names.ring_buffer(name, written.get(name, 0) % depth[name]) for name in variant.writes}
+            for name in variant.writes:
+                written[name] = written.get(name, 0) + 1
+            out.append((reads, writes))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -491,8 +520,11 @@ def _cache(check: _Check, value, units, shape: tuple, dtype: str, where: str = "
     for name, spec in check.mapping(value, where + "buffers").items():
         unit = name.removeprefix(names.CACHE_PREFIX) if isinstance(name, str) else name
         path = f"{where}buffers[{name!r}]"
-        if not name.startswith(names.CACHE_PREFIX) or (unit not in units and _span_members(unit, blocks) is None):
+        base, r = names.ring_of(unit) if isinstance(unit, str) else (unit, 0)
+        if not name.startswith(names.CACHE_PREFIX) or (base not in units and _span_members(base, blocks) is None):
             check.fail(path, "is not the cache buffer of a model unit or span of blocks")
+        if r is None or r > MAX_ORDER or (r and names.cache_input(names.ring_buffer(base, r - 1)) not in value):
+            check.fail(path, f"is not one of the 1…{MAX_ORDER + 1} buffers of {base}'s history")
         cache[unit] = check.spec(spec, path)
         if cache[unit] != TensorSpec(shape, dtype):
             check.fail(path, f"is {cache[unit].dtype}{list(cache[unit].shape)}, not {dtype}{list(shape)}")
@@ -579,13 +611,21 @@ def _variant(check: _Check, value, path: str, units, cache, weights: Weights, fi
     for unit in reads + writes:
         if unit not in cache:
             check.fail(path, f"uses unit {unit} but the plan has no cache buffer for it")
+    forecasts = check.mapping(value.get("forecasts", {}), path + ".forecasts")
+    for name, order in forecasts.items():
+        if name not in reads:
+            check.fail(path + ".forecasts", f"forecasts {name!r}, which the variant does not read")
+        check.integer(order, f"{path}.forecasts[{name!r}]", 1)
+        if order > MAX_ORDER or names.ring_buffer(name, order) not in cache:
+            check.fail(f"{path}.forecasts[{name!r}]", f"is {order}: more history than the plan's {MAX_ORDER} "
+                       f"at most, or than {name}'s buffers hold")
     used = check.names(value["weights"], path + ".weights")
     for name in used:
         if name not in weights.tensors:
             check.fail(path + ".weights", f"names {name!r}, which the weights file does not hold")
     macs = value.get("macs_per_image")
     return Variant(check.file_name(value["file"], path + ".file", files), computes, reads, writes, adjusts, used,
-                   None if macs is None else check.integer(macs, path + ".macs_per_image", 0), skips)
+                   None if macs is None else check.integer(macs, path + ".macs_per_image", 0), skips, dict(forecasts))
 
 
 def _step(check: _Check, value, path: str, index: int, num_variants: int, carry: bool) -> Step:
@@ -600,9 +640,12 @@ def _step(check: _Check, value, path: str, index: int, num_variants: int, carry:
         check.fail(path + ".latents", f"are not three buffer numbers (input, carry, output) in 0…2: {latents!r}")
     if not carry and "c" in value:
         check.fail(path + ".c", "is given but the plan's graphs have no carry input")
+    forecast = {name: tuple(check.number(w, f"{path}.forecast[{name!r}]")
+                            for w in check.sequence(weights, f"{path}.forecast[{name!r}]"))
+                for name, weights in check.mapping(value.get("forecast", {}), path + ".forecast").items()}
     return Step(variant, check.number(value["timestep"], path + ".timestep"), check.number(value["a"], path + ".a"),
                 check.number(value["b"], path + ".b"), check.number(value["c"], path + ".c") if carry else None,
-                tuple(latents))
+                tuple(latents), forecast)
 
 
 def _check_constants(check: _Check, steps, sampler, where: str = "") -> None:
@@ -636,27 +679,40 @@ def _check_latents(check: _Check, steps, carry_source, where: str = "") -> None:
 
 
 def _check_cache_flow(check: _Check, variants, steps, units, where: str = "") -> None:
-    """Every unit a step reads was last computed by a step that wrote it to the cache; every span
-    residual a step reads, by the last step that ran all of the span's blocks."""
+    """Every value a step reads was made by the last step that computed the unit (or ran all of the
+    span's blocks) and written to the cache; a forecast of order m reads the last m + 1 such values, all
+    written, with TaylorSeer's weights for the steps they came from (schedules.forecast.taylor_weights)."""
     blocks = _blocks(units)
-    last_computed = {}  # unit → index of the last step that computed it
+    computed = {}  # unit → the steps that computed it
     skipped_at = []  # per step, the blocks it skipped in spans
     for s, step in enumerate(steps):
         variant = variants[step.variant]
+        here = f"{where}steps[{s}]"
+        if set(step.forecast) != set(variant.forecasts):
+            check.fail(here + ".forecast", "does not give weights for exactly the variant's forecast reads")
         for name in variant.reads:
             if span_blocks(name) is None:
-                r = last_computed.get(name)
+                made = computed.get(name, [])[::-1]
                 what = f"unit {name} from the cache before any step computed it"
             else:
                 members = set(_span_members(name, blocks))
-                r = next((k for k in range(s - 1, -1, -1) if not members & skipped_at[k]), None)
+                made = [k for k in range(s - 1, -1, -1) if not members & skipped_at[k]]
                 what = f"span {name} before any step ran its blocks"
-            if r is None:
-                check.fail(f"{where}steps[{s}]", f"reads {what}")
-            if name not in variants[steps[r].variant].writes:
-                check.fail(f"{where}steps[{s}]", f"reads {name}, which step {r} made but did not write to the cache")
+            order = variant.forecasts.get(name, 0)
+            if len(made) < order + 1:
+                check.fail(here, f"reads {what}" if not made else f"forecasts {name} from {order + 1} values, but "
+                           f"only {len(made)} were made before")
+            for r in made[:order + 1]:
+                if name not in variants[steps[r].variant].writes:
+                    check.fail(here, f"reads {name}, which step {r} made but did not write to the cache")
+            if order:
+                want = taylor_weights(made[:order + 1], s)
+                got = step.forecast[name]
+                if len(got) != order + 1 or not np.allclose(got, want, rtol=1e-9, atol=1e-12):
+                    check.fail(f"{here}.forecast[{name!r}]", f"are {list(got)}, not TaylorSeer's weights "
+                               f"{[float(w) for w in want]} for steps {made[:order + 1]}")
         for unit in variant.computes:
-            last_computed[unit] = s
+            computed.setdefault(unit, []).append(s)
         skipped_at.append({b for name in variant.skips for b in _span_members(name, blocks)})
 
 

@@ -52,6 +52,8 @@ UNIT_PREFIX = "unit."  # graph output: a computed unit's raw value, kept for a l
 CACHE_PREFIX = "cache."  # graph input: a reused unit's cached value (and the cache buffer's name)
 SCALE_PREFIX, SHIFT_PREFIX = "scale.", "shift."  # graph inputs: Block Caching scale-shift of a read
 CORRECTION_PREFIXES = (SCALE_PREFIX, SHIFT_PREFIX)
+FORECAST_PREFIX = "forecast."  # graph input: a forecast read's weights over its history, newest first
+STEP_VECTOR_PREFIXES = CORRECTION_PREFIXES + (FORECAST_PREFIX,)  # per-step vectors, fixed at export
 
 
 HIDDEN_PREFIX = "hidden."  # master graph outputs: the hidden state after each block (surgery's span cuts)
@@ -72,6 +74,24 @@ def unit_output(unit: str) -> str:
 
 def cache_input(unit: str) -> str:
     return CACHE_PREFIX + unit
+
+
+def forecast_input(name: str) -> str:
+    return FORECAST_PREFIX + name
+
+
+def ring_buffer(name: str, r: int) -> str:
+    """The r-th cache buffer of a unit or span whose forecasts read several of its values (`name` for
+    r = 0): the values rotate through the buffers by binding (runtime.plan.manifest.Program.cache_slots)."""
+    return name if r == 0 else f"{name}@{r}"
+
+
+def ring_of(buffer: str) -> tuple[str, int | None]:
+    """(name, r) of a cache buffer `ring_buffer(name, r)`; r is None where the suffix is not a number."""
+    name, at, r = buffer.rpartition("@")
+    if not at:
+        return buffer, 0
+    return name, int(r) if r.isdigit() and len(r) < 4 else None
 
 
 def correction_inputs(unit: str) -> tuple[str, str]:
