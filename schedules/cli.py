@@ -10,7 +10,8 @@ from .files import check_output
 from .options import ArgumentParser, add_model_args, config_from_args
 from .plot import heatmap, text_view
 from .sampling import SAMPLERS, SPACINGS
-from .schedule import Schedule
+from .forecast import MAX_ORDER
+from .schedule import REUSE_MODES, Schedule
 from .zoo import CONFIGS, check_sampler, family_of, model_config, unit_names
 
 
@@ -32,9 +33,21 @@ def build_parser(add_commands=None) -> ArgumentParser:
         p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
         return p
 
+    def reuse_args(p):
+        p.add_argument("--reuse", choices=REUSE_MODES, default="unit",
+                       help="what a reuse takes: each unit's output (unit, default) or, for DiT, the total "
+                       "residual of every run of wholly reused blocks (span)")
+        p.add_argument("--forecast-order", type=int, choices=range(MAX_ORDER + 1), metavar="K",
+                       help=f"TaylorSeer forecast of order K (0…{MAX_ORDER}) from the last K + 1 computed values "
+                       "instead of the last value (default 0)")
+
     maker("full", "compute every unit at every step")
-    maker("uniform", "DeepCache/FORA: recompute all units every K-th step").add_argument(
-        "--interval", type=int, required=True, metavar="K")
+    p = maker("uniform", "DeepCache/FORA: recompute all units every K-th step")
+    p.add_argument("--interval", type=int, required=True, metavar="K")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="compute the first N steps, then step N + 1 and every K-th after it (diffusers' "
+                   "TaylorSeer rule; default 0: steps 0, K, 2K, …)")
+    reuse_args(p)
     p = maker("import-l2c", "import a Learning-to-Cache router file")
     p.add_argument("router", help="L2C router checkpoint (DDIM20_router.pt, …)")
     p.add_argument("--threshold", type=float, help="compute a unit iff sigmoid(logit) > θ (default: the published "
@@ -48,6 +61,7 @@ def build_parser(add_commands=None) -> ArgumentParser:
     target.add_argument("--delta", type=float, help="recompute a unit once its accumulated change exceeds δ")
     target.add_argument("--target-speedup", type=float, metavar="X", help="smallest δ with ideal speedup >= X")
     target.add_argument("--target-macs", type=float, metavar="F", help="smallest δ with MACs <= F of full compute")
+    reuse_args(p)
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
 
     p = sub.add_parser("stats", help="share of skipped units, MACs and ideal speedup")
@@ -93,7 +107,8 @@ def run(args) -> int:
             schedule = Schedule.full(units, args.steps, args.spacing, model=args.model, sampler=sampler)
         elif args.command == "uniform":
             schedule = Schedule.uniform(units, args.steps, args.interval, args.spacing, model=args.model,
-                                        sampler=sampler)
+                                        sampler=sampler, warmup=args.warmup).with_reuse(args.reuse,
+                                                                                         args.forecast_order)
         else:
             from .l2c import import_l2c
 
@@ -160,6 +175,9 @@ def format_stats(s: dict) -> str:
              "by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in s["skipped_share_by_kind"].items())]
     if s.get("spans"):
         lines.append(f"spans: {s['spans']} skipped (their residual reused), {s['span_share']:.1%} of all units")
+    if s.get("forecast_order"):
+        lines.append(f"forecasts: TaylorSeer order {s['forecast_order']}, {s['forecast_reads']} reuses extrapolated "
+                     f"from up to {s['forecast_order'] + 1} computed values (as many cache buffers per reused value)")
     if "ideal_speedup" in s:
         lines.append(f"MACs per image: full {s['macs_per_image_full'] / 1e9:.2f} G, scheduled "
                      f"{s['macs_per_image_scheduled'] / 1e9:.2f} G, ideal speedup {s['ideal_speedup']:.3f}x")

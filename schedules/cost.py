@@ -79,6 +79,9 @@ def stats(config: dict | None, schedule: Schedule) -> dict:
                                   for k in kinds},
         "span_share": float(schedule.span.mean()),  # units skipped inside spans (their residual added)
         "spans": sum(len(schedule.spans(s)) for s in range(schedule.num_steps)),
+        "forecast_order": schedule.forecast,
+        # reuses that are forecasts from more than one value (the first reuses after step 0 have one)
+        "forecast_reads": sum(len(w) for w in schedule.forecast_weights()) if schedule.forecast else 0,
     }
     if config is not None:
         full, scheduled = schedule_macs(config, schedule)

@@ -9,7 +9,10 @@ def text_view(schedule: Schedule) -> str:
     """A compact step × block view: one line per step, two characters per block."""
     timesteps = schedule.make_sampler().timesteps
     width = len(str(schedule.num_steps - 1))
-    lines = [f"{schedule.num_steps} steps × {schedule.num_units} units ('x' compute, '.' reuse)"]
+    lines = [f"{schedule.num_steps} steps × {schedule.num_units} units ('x' compute, '.' reuse"
+             + (", 's' skip in a span" if schedule.span.any() else "")
+             + (f"; every reuse a TaylorSeer forecast of order {schedule.forecast}" if schedule.forecast else "")
+             + ")"]
     for s in range(schedule.num_steps):
         n = int(schedule.compute[s].sum())
         lines.append(f"{s:>{width}} t={timesteps[s]:>3}  {schedule.row_string(s)}  {n}/{schedule.num_units}")

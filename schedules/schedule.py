@@ -40,6 +40,7 @@ from .sampling import SAMPLER_SPACINGS, SAMPLERS, default_spacing, make_sampler
 
 VERSION = 1
 COMPUTE, REUSE, SPAN = "x", ".", "s"
+REUSE_MODES = ("unit", "span")  # each unit's raw output, or a span of whole blocks' total residual
 MAX_BYTES = 2 << 20  # a DiT-XL/2 schedule of 1000 steps is about 0.1 MB
 MAX_ROWS = 2000  # no sampler makes more model evaluations (1000 DDIM steps, 1000 DPM-Solver-2 steps)
 MAX_DEPTH = 8  # the format nests three levels deep
@@ -410,6 +411,27 @@ class Schedule:
             raise BlockcacheError(f"cannot read schedule {path!r}: {getattr(e, 'strerror', None) or e}") from None
         return cls.from_yaml(text, where=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
+    def with_reuse(self, reuse: str = "unit", forecast: int | None = None) -> "Schedule":
+        """This schedule with another reuse mode: `span` turns every block a step reuses entirely (all its
+        units `.`) into a span skip, so runs of such blocks reuse their total residual; `unit` keeps the
+        rows. `forecast`: the TaylorSeer order of every reuse (None keeps the schedule's)."""
+        import dataclasses
+
+        if reuse not in REUSE_MODES:
+            raise BlockcacheError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {reuse!r}")
+        span = self.span.copy()
+        if reuse == "span":
+            for columns in self.blocks().values():
+                whole = ~self.compute[:, columns].any(axis=1)
+                span[np.ix_(whole, columns)] = True
+        scale_shift = {k: v for k, v in self.scale_shift.items() if not span[k[0], self.unit_names.index(k[1])]}
+        source = self.source or "schedule"
+        extras = ([] if reuse == "unit" else [f"reuse={reuse}"]) + (
+            [] if forecast in (None, self.forecast) else [f"forecast={forecast}"])
+        return dataclasses.replace(self, span=span, scale_shift=scale_shift,
+                                   forecast=self.forecast if forecast is None else forecast,
+                                   source=" ".join([source] + extras))
+
     # -- makers --------------------------------------------------------------------------------
     @classmethod
     def full(cls, unit_names, steps: int, spacing: str | None = None, model: str | None = None,
@@ -422,16 +444,25 @@ class Schedule:
 
     @classmethod
     def uniform(cls, unit_names, steps: int, interval: int, spacing: str | None = None,
-                model: str | None = None, sampler: str = "ddim") -> "Schedule":
-        """DeepCache / FORA: every unit recomputed at every `interval`-th evaluation, reused in between."""
+                model: str | None = None, sampler: str = "ddim", warmup: int = 0) -> "Schedule":
+        """DeepCache / FORA: every unit recomputed at every `interval`-th evaluation, reused in between.
+        With `warmup` N ≥ 1, diffusers' TaylorSeer rule instead (`TaylorSeerCacheConfig(
+        disable_cache_before_step=N, cache_interval=interval)`): the first N evaluations, then evaluation
+        N + 1 and every `interval`-th after it."""
         if not isinstance(interval, int) or interval < 1:
             raise BlockcacheError(f"interval must be a positive integer, got {interval!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= steps:
+            raise BlockcacheError(f"warm-up must be an integer in 0…{steps}, got {warmup!r}")
         spacing = spacing or default_spacing(sampler)
         make_sampler(sampler, steps, spacing)
         compute = np.zeros((steps, len(unit_names)), dtype=bool)
-        compute[::interval] = True
+        if warmup:
+            s = np.arange(steps)
+            compute[(s < warmup) | ((s - warmup - 1) % interval == 0)] = True
+        else:
+            compute[::interval] = True
         return cls(unit_names, compute, {"name": sampler, "steps": steps, "spacing": spacing}, model,
-                   source=f"uniform interval={interval}")
+                   source=f"uniform interval={interval}" + (f" warmup={warmup}" if warmup else ""))
 
     @classmethod
     def spread(cls, unit_names, steps: int, full_steps: int, spacing: str | None = None,

@@ -70,6 +70,19 @@ def cli_error(main, argv, capsys) -> str:
     return assert_one_line_error(captured.err)
 
 
+def official_diffusers_dit(model):
+    """diffusers' DiT on `model`'s weights, with its two numeric differences (time frequencies divided
+    by half − 1, MLP-norm eps 1e-5) set to the official DiT's, so both compute the same numbers."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install '.[bench]')")
+    from benchmarks.bench.diffusers_dit import diffusers_dit
+
+    net = diffusers_dit(model)
+    for block in net.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+        block.norm3.eps = 1e-6
+    return net
+
+
 def assert_one_line_error(stderr: str) -> str:
     """A user error: exactly one non-empty line on stderr, starting with `error:`, no traceback."""
     assert "Traceback" not in stderr, stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, tiny_model
+from conftest import assert_one_line_error, official_diffusers_dit, tiny_model
 from schedules import Schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -16,25 +16,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS, LABELS = 12, [1, 3, 5]
 
 
-def _official_diffusers(model):
-    """diffusers' DiT on `model`'s weights, with its two numeric differences (time frequencies divided
-    by half − 1, MLP-norm eps 1e-5) set to the official DiT's, so both compute the same numbers."""
-    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install '.[bench]')")
-    from benchmarks.bench.diffusers_dit import diffusers_dit
-
-    net = diffusers_dit(model)
-    for block in net.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-        block.norm3.eps = 1e-6
-    return net
-
-
 def _diffusers_run(model, peer_spec, noise, labels, magcache_ratios=None):
     """(per-step 'F' / 'p' / '-' pattern, latents) of diffusers' hook on the same weights and input."""
     from benchmarks.bench.diffusers_dit import ComputeCounter, DiffusersLoop
     from benchmarks.bench.peers import install, parse_peer
 
-    net = _official_diffusers(model)
+    net = official_diffusers_dit(model)
     loop = DiffusersLoop(net, model.config, Schedule.full(model.unit_names, STEPS).make_sampler(), 4.0)
     peer = parse_peer(peer_spec)
     if magcache_ratios is not None:
@@ -91,7 +78,7 @@ def test_magcache_ratios_and_decisions_match_diffusers_hook():
     full = Schedule.full(model.unit_names, STEPS)
     x, y = seeded_batch(model, LABELS, [0])
     ours = stack_statistics(model, full, LABELS, [0])["mag_ratios"]
-    net = _official_diffusers(model)
+    net = official_diffusers_dit(model)
     theirs = calibrate_magcache(net, DiffusersLoop(net, model.config, full.make_sampler(), 4.0), x.numpy(), y.numpy())
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     threshold = 0.2
