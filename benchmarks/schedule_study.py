@@ -17,6 +17,9 @@ schedule), four ways to spend about 1/X of the compute:
   thresholded at the θ that reaches X (consecutive reuse allowed).
 - `first-block`, `magcache`, `teacache`: the run-time caches' rules frozen into span schedules on the
   analysis inputs (exporter/makers/calibrate.py), at the smallest threshold that reaches X.
+- `<method>+<options>` for any of the cached methods but scale-shift: the same compute pattern with
+  other reuse (`+span`, `+f1`, `+f2`, combinable, or `+auto`: the mode and order closest to full
+  compute on the analysis inputs; benchmarks/bench/matched.py).
 
 Each run samples 100 digits (10 per class) from seed-0 noise, which neither the analysis nor the
 learner saw, and is scored against full compute with the same sampler and noise: PSNR (range 2),
@@ -40,6 +43,8 @@ from .bench import RESULTS, json_default
 METHODS = ("fewer-steps", "uniform", "block-caching", "block-caching+scale-shift", "learn-l2c", "first-block",
            "magcache", "teacache")
 CALIBRATED = ("first-block", "magcache", "teacache")
+MAKER_OF = {"uniform": "uniform", "block-caching": "block-caching", "learn-l2c": "l2c", "first-block": "first-block",
+            "magcache": "magcache", "teacache": "teacache"}  # methods that take reuse options → matched maker
 LAMBDA = 1e-5
 ANALYSIS_SEEDS = (1, 2)
 SCALE_SHIFT_SEEDS = (1, 2, 3, 4)
@@ -106,10 +111,11 @@ def run_study(steps_list=(20, 50), targets=(1.3, 1.5, 2.0), lam: float = LAMBDA,
             if "learn-l2c" in methods:
                 l2c = makers.make("l2c", target)
                 evaluate("learn-l2c", steps, target, l2c, reference, makers.seconds["learn-l2c"])
-            for method in [m for m in CALIBRATED if m in methods]:
+            for method in [m for m in methods if m in CALIBRATED or "+" in m]:
+                base, _, options = method.partition("+")
                 start = time.perf_counter()
                 try:
-                    frozen = makers.make(method, target)
+                    frozen = makers.make(MAKER_OF[base] + (f"+{options}" if options else ""), target)
                 except BlockcacheError as e:  # e.g. first-block cannot skip its first block: a ceiling
                     results.setdefault("unreached", []).append(f"DDIM-{steps} {method} {target:g}x: {e}")
                     continue
@@ -131,7 +137,42 @@ def markdown(results: dict) -> str:
         lines.append(f"| DDIM-{r['steps']} | {target} | {r['method']} | {r['ideal_speedup']:.3f}x | {psnr} | "
                      f"{r['class_accuracy']:.2f} | {r['digits_fd']:.2f} | {r['source']} |")
     lines += [f"- not reached: {u}" for u in results.get("unreached", [])]
+    lines += ["", "Which to pick: at each budget, the cached schedule closest to full compute beside fewer steps.", "",
+              "| sampler | target | fewer steps PSNR dB | best schedule | its PSNR dB | margin dB |", "|---|---|---|---|---|---|"]
+    for (steps, target), rows in _budgets(results).items():
+        fewer = next((r for r in rows if r["method"] == "fewer-steps"), None)
+        cached = [r for r in rows if r["method"] not in ("fewer-steps", "full")]
+        if not cached:
+            continue
+        best = max(cached, key=lambda r: r["psnr_db"])
+        f = f"{fewer['psnr_db']:.1f}" if fewer else "–"
+        margin = f"{best['psnr_db'] - fewer['psnr_db']:+.1f}" if fewer else "–"
+        lines.append(f"| DDIM-{steps} | {target:g}x | {f} | {best['method']} | {best['psnr_db']:.1f} | {margin} |")
     return "\n".join(lines) + "\n"
+
+
+def _budgets(results: dict) -> dict:
+    """{(steps, target): rows} of the rows with a target, in order."""
+    out = {}
+    for r in results["rows"]:
+        if r["target"] is not None:
+            out.setdefault((r["steps"], r["target"]), []).append(r)
+    return out
+
+
+def check_methods(methods) -> list[str]:
+    """The study's methods, each known (a cached one may carry matched reuse options); one line otherwise."""
+    from .bench.matched import OPTIONS
+
+    def known(m):
+        base, _, options = m.partition("+")
+        return m in METHODS or (base in MAKER_OF and set(options.split("+")) <= set(OPTIONS))
+
+    unknown = [m for m in methods if not known(m)]
+    if unknown or not methods:
+        raise BlockcacheError(f"--methods must be some of {', '.join(METHODS)} (cached ones optionally with "
+                              f"+{', +'.join(OPTIONS)}), got {unknown or 'nothing'}")
+    return list(methods)
 
 
 def plot(results: dict, path: str) -> None:
@@ -143,11 +184,12 @@ def plot(results: dict, path: str) -> None:
     steps_list = sorted({r["steps"] for r in results["rows"]})
     fig, axes = plt.subplots(2, len(steps_list), figsize=(5.5 * len(steps_list), 7), squeeze=False)
     for col, steps in enumerate(steps_list):
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in results["rows"] if r["method"] != "full"):
             rows = [r for r in results["rows"] if r["steps"] == steps and r["method"] == method]
             x = [r["ideal_speedup"] for r in rows]
-            axes[0][col].plot(x, [r["psnr_db"] for r in rows], "o-", label=method)
-            axes[1][col].plot(x, [r["digits_fd"] for r in rows], "o-", label=method)
+            style = "o--" if "+" in method else "o-"  # reuse options dashed beside their method
+            axes[0][col].plot(x, [r["psnr_db"] for r in rows], style, label=method)
+            axes[1][col].plot(x, [r["digits_fd"] for r in rows], style, label=method)
         full = next(r for r in results["rows"] if r["steps"] == steps and r["method"] == "full")
         axes[1][col].axhline(full["digits_fd"], color="grey", ls="--", lw=1, label="full compute")
         axes[0][col].set_title(f"DDIM-{steps}")
@@ -156,7 +198,7 @@ def plot(results: dict, path: str) -> None:
         axes[1][col].set_xlabel("ideal speedup (MACs)")
         for ax in axes[:, col]:
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -168,7 +210,9 @@ def main(argv=None):
     p.add_argument("--steps", default="20,50", help="DDIM step counts (default 20,50)")
     p.add_argument("--targets", default="1.3,1.5,2", help="target ideal speedups (default 1.3,1.5,2)")
     p.add_argument("--lambda", dest="lam", type=float, default=LAMBDA, help=f"learn-l2c λ (default {LAMBDA:g})")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS)}; a cached one may carry reuse options, e.g. "
+                   "block-caching+f1, uniform+span+f2, learn-l2c+auto")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--tag", help="file name stem (default <date>-dit-digits-schedule-study)")
     args = p.parse_args(argv)
@@ -182,10 +226,7 @@ def main(argv=None):
         raise BlockcacheError(f"--out {args.out} is not a folder")
     if not np.isfinite(args.lam) or args.lam < 0:
         raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise BlockcacheError(f"--methods must be some of {', '.join(METHODS)}, got {unknown or 'nothing'}")
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     results = run_study(steps, targets, args.lam, methods=methods)
     tag = args.tag or f"{time.strftime('%Y-%m-%d')}-dit-digits-schedule-study"
     base = os.path.join(args.out, tag)

@@ -68,6 +68,8 @@ def add_model_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="router learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
     p.add_argument("--router", help="raw router file (default: the output with .pt; import with import-l2c --every-step)")
+    p.add_argument("--forecast-order", type=int, default=0, choices=range(3), metavar="K",
+                   help="learn for reuse by TaylorSeer forecasts of order K (0-2; default 0: the last value)")
 
     p = runs_model("scale-shift", "learn Block Caching's scale-shift for a schedule's reused units (distillation)",
                    "to train on", sampler=False, seeds="0,1,2,3")
@@ -87,6 +89,12 @@ def add_model_commands(sub) -> None:
                         help="the smallest threshold whose schedule reaches this ideal (MAC) speedup")
     p.add_argument("--aggregate", choices=("any", "most"), default="any",
                    help="a step computes if any (default) or most calibration runs (one per seed) computed it")
+    p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
+
+    p = runs_model("choose", "choose a schedule's reuse mode (unit or span) and forecast order (0-2): the one "
+                   "closest to full compute on calibration inputs, at the schedule's MACs", "to calibrate on",
+                   sampler=False, seeds="1,2", channels=True)
+    p.add_argument("--schedule", required=True, help="the schedule whose compute pattern is kept (YAML)")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
 
 
@@ -148,10 +156,11 @@ def _learn_l2c(args) -> int:
         xs, y = trajectory_inputs(model, schedule, check_labels(labels, model.num_classes), seeds,
                                   args.guidance_scale)
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
-                                   epochs=args.epochs, lr=args.lr, progress=not args.quiet)
+                                   epochs=args.epochs, lr=args.lr, progress=not args.quiet, forecast=args.forecast_order)
     learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold,
                                 spacing=schedule.sampler["spacing"], model=args.model, every_step=True,
                                 source=f"learn-l2c lambda={args.lam:g} threshold={args.threshold:g} data={args.data}")
+    learned = dataclasses.replace(learned, forecast=args.forecast_order)
     with atomic_output(router, ".pt") as tmp:
         torch.save(router_state(logits), tmp)
     schedule_cli.write_schedule(learned, out)
@@ -223,6 +232,27 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _choose(args) -> int:
+    from schedules.schedule import Schedule
+
+    from .makers.choose import choose_reuse
+    from .reference import check_schedule
+
+    out = check_output(args.output, (".yaml", ".yml"), "-o")
+    _check_scale(args.guidance_scale)
+    seeds = parse_labels(args.seeds, "--seeds")
+    schedule = Schedule.load(args.schedule)
+    model, _, args.guidance_scale = _load(args)
+    check_schedule(model, schedule)
+    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
+    chosen, table = choose_reuse(model, schedule, labels, seeds, args.guidance_scale, args.guidance_channels)
+    for row in table:
+        print(f"reuse {row['reuse']:>4}, forecast order {row['forecast']}: MSE {row['mse']:.4g} against full compute")
+    schedule_cli.write_schedule(chosen, out)
+    print(f"wrote {out}: {chosen.source}")
+    return 0
+
+
 def _analyze(args) -> int:
     from schedules.change import save_change
     from schedules.plot import change_heatmap
@@ -261,6 +291,8 @@ def main(argv=None):
         return _scale_shift(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "choose":
+        return _choose(args)
     return schedule_cli.run(args)
 
 

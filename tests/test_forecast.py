@@ -215,3 +215,41 @@ def test_cli_makes_forecast_and_span_schedules(tmp_path):
     (tmp_path / "w.yaml").write_text(out.read_text().replace("forecast: 2", "forecast: 5"))
     bad = run_cli("schedules.cli", "stats", str(tmp_path / "w.yaml"))
     assert "forecast" in assert_one_line_error(bad.stderr)
+
+
+def test_learn_l2c_blends_with_the_forecast_of_the_previous_steps():
+    """learn-l2c with forecasts: the value a reuse at step 3 blends with is TaylorSeer's forecast from
+    the full model's units at steps 2, 1, 0 (each on its own input), here checked against the eager
+    recursion fed the same values."""
+    from exporter.makers.learn_l2c import reused_values, trajectory_inputs
+    from exporter.reference import Denoiser, TaylorSeerCache
+    from runtime.nn.units import CachePolicy
+
+    model = tiny_model(depth=2)
+    full = Schedule.full(model.unit_names, 6)
+    xs, y = trajectory_inputs(model, full, np.array([1, 2]), [0], 4.0)
+    denoiser = Denoiser(model, full, 4.0)
+    with torch.no_grad():
+        got = reused_values(denoiser, 3, xs, y, slice(None), 2)
+        factors = {}
+        for k in range(3):
+            record = CachePolicy({})
+            denoiser(k, xs[k], y, record)
+            for name, value in record.cache.items():
+                TaylorSeerCache(factors, k, 2, reads=()).store(name, value)
+    reader = TaylorSeerCache(factors, 3, 2, reads=model.unit_names)
+    for name in model.unit_names:
+        want = reader.reuse(name)
+        assert torch.allclose(got[name], want, rtol=1e-5, atol=1e-6 * float(want.abs().max())), name
+    assert not torch.allclose(got[model.unit_names[0]], factors[model.unit_names[0]][1][0])  # not step 2's value
+
+
+def test_learn_l2c_cli_with_forecasts_writes_a_forecasting_schedule(tmp_path):
+    from conftest import TINY_FLAGS
+
+    out = tmp_path / "l2c.yaml"
+    r = run_cli("exporter.schedule_cli", "learn-l2c", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--steps", "6",
+                "--labels", "1", "--seeds", "0", "--epochs", "2", "--lr", "0.3", "--lambda", "1e-3",
+                "--forecast-order", "1", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert Schedule.load(out).forecast == 1

@@ -7,6 +7,11 @@ Makers: `uniform` (all-or-nothing steps spread evenly), `block-caching` (Block C
 the model's trajectories, thresholded at the θ that reaches it), and the calibrated static versions of
 the run-time caches (`first-block`, `magcache`, `teacache`: their rules frozen into span schedules on
 the calibration inputs, exporter/makers/calibrate.py, at the smallest threshold that reaches it).
+
+A maker's name may carry reuse options, `+span` (wholly reused blocks reuse their spans' residual),
+`+f1` / `+f2` (TaylorSeer forecasts of that order) or `+auto` (the mode and order closest to full
+compute on the calibration inputs, exporter/makers/choose.py): e.g. `block-caching+f1`,
+`uniform+span+f2`. None of them changes the compute pattern, so the target is met alike.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 MAKERS = ("uniform", "block-caching", "l2c", "first-block", "magcache", "teacache")
+OPTIONS = ("span", "f1", "f2", "auto")
 CALIBRATED = ("first-block", "magcache", "teacache")
 CALIBRATION_SEEDS = (1, 2)  # the measured run's noise is seed cfg.seed (0 by default): not among these
 L2C_LAMBDA = 1e-5
@@ -27,13 +33,15 @@ class MatchedMaker:
 
     def __init__(self, model, full, guidance_scale: float, conditions, makers=MAKERS, seeds=CALIBRATION_SEEDS,
                  lam: float = L2C_LAMBDA):
-        unknown = [m for m in makers if m not in MAKERS]
+        unknown = [m for m in makers if m.split("+")[0] not in MAKERS or not set(m.split("+")[1:]) <= set(OPTIONS)]
         if unknown:
-            raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)})")
+            raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)}, each "
+                                  f"optionally with +{', +'.join(OPTIONS)})")
         self.model, self.full, self.scale = model, full, guidance_scale
         self.conditions, self.makers, self.seeds = np.asarray(conditions), tuple(makers), tuple(seeds)
         self.lam = lam
         self._change = self._router = self._stack = None
+        self._made = {}  # (maker, target) → its schedule
         self.seconds = {}  # what making the shared statistics took: "analyze", "learn-l2c", "stack"
 
     def schedules(self, target: float) -> list[tuple[str, object]]:
@@ -47,7 +55,20 @@ class MatchedMaker:
         return out
 
     def make(self, maker: str, target: float):
-        """`maker`'s schedule at ideal speedup `target` or just above; BlockcacheError where it cannot."""
+        """`maker`'s schedule at ideal speedup `target` or just above, with the maker's reuse options;
+        BlockcacheError where it cannot."""
+        base, *options = maker.split("+")
+        if (base, target) not in self._made:  # a maker's options share its search
+            self._made[base, target] = self._make(base, target)
+        schedule = self._made[base, target]
+        if "auto" in options:
+            from exporter.makers.choose import choose_reuse
+
+            return choose_reuse(self.model, schedule, self.conditions, self.seeds, self.scale)[0]
+        order = 2 if "f2" in options else 1 if "f1" in options else None
+        return schedule.with_reuse("span" if "span" in options else "unit", order) if options else schedule
+
+    def _make(self, maker: str, target: float):
         from schedules.cost import search_speedup, spread_for_speedup
 
         units, config, name = self.model.unit_names, self.model.config, getattr(self.model, "name", None)

@@ -16,6 +16,11 @@ seeded noise (`data="trajectories"`: no dataset needed) or, for a model with a d
 `dit-digits`, from noised real images (`data="digits"`: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with one ε per
 image for both steps).
 
+With `forecast` K ≥ 1 (schedules that reuse TaylorSeer forecasts), `cache` is instead the order-K
+forecast at step s from the unit's outputs at steps s − 1 … s − 1 − K (fewer near step 0), each on
+that step's own input, with the weights `schedules.forecast.taylor_weights` gives: the value a reuse
+right after K + 1 computed steps takes. The schedule made from the router carries the order.
+
 Unlike the published code, every step s ≥ 1 gets a router, so units may be reused on consecutive
 steps. Training always blends with the *previous* step's output; a unit reused twice in a row reads a
 value two steps old at sampling time, which training did not see: λ and θ trade that error for speed.
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 
 from runtime.nn.units import CachePolicy, UnitPolicy
 from schedules import BlockcacheError, Schedule
+from schedules.forecast import MAX_ORDER, taylor_weights
 from schedules.sampling import initial_noise
 
 from ..reference import Denoiser, seeded_batch
@@ -69,13 +75,31 @@ def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> t
     return ac.sqrt() * x0 + (1 - ac).sqrt() * eps, torch.as_tensor(np.asarray(labels, dtype=np.int64))
 
 
+def reused_values(denoiser, s: int, xs, yb, sl, forecast: int) -> dict:
+    """Every unit's value that a reuse at step s blends with: its output at step s − 1, or the order-
+    `forecast` TaylorSeer forecast from its outputs at the steps before s (each on that step's input)."""
+    history = list(range(s - 1, max(-1, s - 2 - forecast), -1))  # newest first
+    weights = taylor_weights(history, s)
+    cache = {}
+    for k, w in zip(history, weights):
+        record = CachePolicy({})  # every unit computed and kept
+        denoiser(k, xs[k][sl], yb, record)
+        for name, value in record.cache.items():
+            cache[name] = value * float(w) if name not in cache else cache[name] + value * float(w)
+    return cache
+
+
 def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = DEFAULT_LAMBDA,
                  guidance_scale: float | None = None, epochs: int = 20, lr: float = 0.05,
-                 batch_size: int = 64, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, dict]:
+                 batch_size: int = 64, seed: int = 0, progress: bool = False,
+                 forecast: int = 0) -> tuple[np.ndarray, dict]:
     """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
-    `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels."""
+    `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels; `forecast`: the TaylorSeer
+    order the schedule will reuse with (0–2)."""
     if not np.isfinite(lam) or lam < 0:
         raise BlockcacheError(f"lambda must be a finite non-negative number, got {lam}")
+    if isinstance(forecast, bool) or forecast not in range(MAX_ORDER + 1):
+        raise BlockcacheError(f"forecast order must be an integer in 0…{MAX_ORDER}, got {forecast!r}")
     if epochs < 1 or batch_size < 1:
         raise BlockcacheError("epochs and batch size must be positive")
     schedule.check_units(model.unit_names, getattr(model, "name", "the model"))
@@ -96,13 +120,12 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
             s += 1
             for start in range(0, len(y), batch_size):
                 sl = slice(start, start + batch_size)
-                x_prev, x_now, yb = xs[s - 1][sl], xs[s][sl], y[sl]
+                x_now, yb = xs[s][sl], y[sl]
                 with torch.no_grad():
-                    record = CachePolicy({})  # every unit computed and kept
-                    denoiser(s - 1, x_prev, yb, record)
+                    cached = reused_values(denoiser, s, xs, yb, sl, forecast)
                     teacher = denoiser(s, x_now, yb)
                 beta = torch.sigmoid(logits[s])
-                student = denoiser(s, x_now, yb, _Blend(index, record.cache, beta))
+                student = denoiser(s, x_now, yb, _Blend(index, cached, beta))
                 mse = torch.mean((student - teacher) ** 2)
                 loss = mse + lam * beta.sum()
                 opt.zero_grad(set_to_none=True)
