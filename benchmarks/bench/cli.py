@@ -47,7 +47,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--matched", default="uniform,block-caching,l2c", metavar="LIST",
                    help="with --peers: blockcache schedules made to each peer's measured compute, by these makers "
                         "(uniform, block-caching, l2c, first-block, magcache, teacache: the last three calibrated "
-                        "static versions of the run-time caches; default uniform,block-caching,l2c; none for none)")
+                        "static versions of the run-time caches; each optionally with +span, +f1, +f2 or +auto, e.g. "
+                        "l2c+f1: reuse options, bench/matched.py; default uniform,block-caching,l2c; none for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -140,7 +140,7 @@ def matched_schedules(cfg: BenchConfig, model, peer_rows, labels) -> list[tuple[
     out, seen = [], {}
     for row in peer_rows:
         for kind, schedule in maker.schedules(row["counted_ideal_speedup"]):
-            key = schedule.compute.tobytes()
+            key = (schedule.compute.tobytes(), schedule.span.tobytes(), schedule.forecast)
             if schedule.compute.all():
                 continue  # the peer saved (next to) nothing: full compute is measured anyway
             if key not in seen:
