@@ -111,7 +111,7 @@ def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_sc
 
 def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float | None = None,
                 guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
-                traced: TracedStep | None = None, finish=None, progress: bool = False) -> dict:
+                traced: TracedStep | None = None, finish=None, progress: bool = False, decoder=None) -> dict:
     """Write a plan for `model` + `schedule` at `batch_size` to `out_dir` and return its manifest
     (`export_plans` with one schedule and one batch size).
 
@@ -124,20 +124,25 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
     `traced`: a step graph traced before (`trace_step(model, plan_settings(…)[0])`) to use instead of
     tracing again; one traced for other settings or other weights is refused. `finish(folder,
     manifest) -> manifest` runs on the finished plan folder before it replaces `out_dir` (e.g. to add
-    TensorRT engines, or to verify); if it fails, `out_dir` is left as it was."""
+    TensorRT engines, or to verify); if it fails, `out_dir` is left as it was.
+
+    `decoder`: an `ImageDecoder` (runtime/nn/decoder.py, e.g. of `exporter.vae.load_vae`'s autoencoder):
+    the plan then also decodes the final latents to uint8 images, in a decoder graph run after the last
+    step (fp32 at every plan precision: the autoencoder's activations overflow fp16)."""
     return export_plans(model, [schedule], out_dir, batch_sizes=[batch_size], guidance_scale=guidance_scale,
                         guidance=guidance, guidance_channels=guidance_channels, precision=precision,
-                        traced=None if traced is None else [traced], finish=finish, progress=progress)
+                        traced=None if traced is None else [traced], finish=finish, progress=progress,
+                        decoder=decoder)
 
 
 def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_scale: float | None = None,
                  guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
-                 traced=None, finish=None, progress: bool = False) -> dict:
+                 traced=None, finish=None, progress: bool = False, decoder=None) -> dict:
     """Write one plan with a program for every (batch size, schedule) to `out_dir`: the weights stored
     once, the model traced once per batch size (whatever the number of schedules), each schedule's
     variants derived per batch size. Schedules must differ in their step counts (a call chooses one by
     `steps=`). `traced`: step graphs traced before, any of the settings this export needs (see
-    `export_plan`); the others are traced here. The rest as `export_plan`."""
+    `export_plan`); the others are traced here. The rest (and `decoder`) as `export_plan`."""
     schedules = list(schedules)
     if not schedules:
         raise ParameterError("schedules", "{name} is empty: give at least one schedule")
@@ -157,13 +162,15 @@ def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_s
             programs.append((b, schedule, settings))
     if not batch_sizes or len(set(batch_sizes)) != len(batch_sizes):
         raise ParameterError("batch_sizes", f"{{name}} must be distinct batch sizes, got {batch_sizes}")
+    if decoder is not None:
+        check_decoder(model, decoder)
     check_destination(out_dir)  # before minutes of tracing, not after
     check_weights(model)
     model = at_precision(model, precision)
     traces = _traces(model, {settings for _, _, settings in programs}, traced or ())
     try:
         with staging(out_dir) as folder:
-            manifest = _write_plan(model, programs, traces, folder, resolved_scale, progress)
+            manifest = _write_plan(model, programs, traces, folder, resolved_scale, progress, decoder)
             if finish is not None:
                 manifest = finish(folder, manifest)
     except OSError as e:  # a full or read-only file system, a folder that vanished: the old plan stays
@@ -193,7 +200,45 @@ def _traces(model, needed: set, given) -> dict:
     return traces
 
 
-def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: float, progress: bool) -> dict:
+def check_decoder(model, decoder) -> None:
+    """Refuse, in one line, a decoder whose latent channels are not the model's."""
+    if decoder.latent_channels != model.in_channels:
+        raise ParameterError("decoder", f"{{name}}: the autoencoder has {decoder.latent_channels} latent channels "
+                             f"but {getattr(model, 'name', None) or 'the model'} samples {model.in_channels}")
+
+
+def _write_decoders(model, decoder, batch_sizes, weights: "WeightsFile", folder: str) -> tuple[dict, dict]:
+    """(the manifest's `decoder` entry, {batch size: the program's `decoder` entry}): one decoder graph
+    per batch size, its weights stored once in the plan's weights file."""
+    import onnx
+
+    from .trace import trace_decoder
+
+    latent = (model.in_channels, model.config["input_size"], model.config["input_size"])
+    entries, sources = {}, None
+    for b in sorted(set(batch_sizes)):
+        graph = trace_decoder(decoder, (b, *latent))
+        found = parameter_sources(graph, decoder.state_dict())
+        weights.add(graph, keep={src["tensor"] for src in found.values()})
+        if sources is None:
+            sources = found
+            # parameters the exporter folded into other constants (a norm's ones) are stored as they are
+            for name, value in decoder.state_dict().items():
+                if name not in sources:
+                    array = value.detach().cpu().float().contiguous().numpy()
+                    stored = weights.store(f"decoder.parameter.{name}", array.tobytes(), list(array.shape), "float32")
+                    sources[name] = {"tensor": stored, "transposed": False}
+        name = names.decoder_file(b)
+        onnx.save(graph, os.path.join(folder, name))
+        shape, dtype = tensor_shape(graph, names.DECODER_OUTPUT)
+        entries[b] = {"file": name, "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
+                      "output": {"shape": shape, "dtype": dtype}}
+    top = {"scaling_factor": decoder.scaling_factor, "config": decoder.vae_config, "parameters": sources}
+    return top, entries
+
+
+def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: float, progress: bool,
+                decoder=None) -> dict:
     import onnx
 
     single = len(programs) == 1
@@ -218,6 +263,11 @@ def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: floa
         entries.append(_program(model, schedule, masters[settings], settings, weights, folder,
                                 schedule_files[schedule.num_steps], None if single else j, bar))
     bar.close()
+    decoder_entry = None
+    if decoder is not None:
+        decoder_entry, graphs = _write_decoders(model, decoder, [b for b, _, _ in programs], weights, folder)
+        for entry in entries:
+            entry["decoder_graph"] = graphs[entry["batch_size"]]
     weights.write(os.path.join(folder, names.WEIGHTS))
     first = programs[0][2]
     manifest = {
@@ -229,6 +279,7 @@ def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: floa
         "guidance": {"enabled": first.guidance, "scale": guidance_scale, "channels": first.guidance_channels},
         "precision": first.precision,
         "weights": {"file": names.WEIGHTS, "tensors": weights.index, "parameters": sources},
+        **({"decoder": decoder_entry} if decoder_entry else {}),
     }
     if single:
         manifest.update(entries[0])

@@ -38,8 +38,6 @@ class WeightsFile:
 
     def add(self, master, keep: set[str] = frozenset(), min_bytes: int = 1024) -> None:
         """Move every initializer of `master` named in `keep` or of at least `min_bytes` (in place)."""
-        import hashlib
-
         import onnx
         from onnx import external_data_helper
 
@@ -47,24 +45,11 @@ class WeightsFile:
         for tensor in master.graph.initializer:
             if not tensor.HasField("raw_data") or (len(tensor.raw_data) < min_bytes and tensor.name not in keep):
                 continue
-            data = tensor.raw_data
-            digest = hashlib.blake2b(data, digest_size=16).digest() + str(list(tensor.dims)).encode()
-            name = tensor.name
-            k = 1
-            while name in self._digests and self._digests[name] != digest:
-                k += 1
-                name = f"{tensor.name}.{k}"
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name
+            name = self.store(tensor.name, tensor.raw_data, list(tensor.dims), dtype)
             if name != tensor.name:
                 renamed[tensor.name] = name
                 tensor.name = name
-            if name not in self._digests:
-                pad = (-self.size) % self.ALIGNMENT
-                self.chunks += [b"\0" * pad, data]
-                self.size += pad
-                self.index[name] = {"offset": self.size, "length": len(data), "shape": list(tensor.dims),
-                                    "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).name}
-                self._digests[name] = digest
-                self.size += len(data)
             entry = self.index[name]
             external_data_helper.set_external_data(tensor, names.WEIGHTS, offset=entry["offset"], length=entry["length"])
             tensor.ClearField("raw_data")
@@ -73,6 +58,25 @@ class WeightsFile:
             for i, name in enumerate(node.input):
                 if name in renamed:
                     node.input[i] = renamed[name]
+
+    def store(self, name: str, data: bytes, shape: list[int], dtype: str) -> str:
+        """Store a tensor's bytes under `name` (or, where other bytes hold that name, `name.<k>`) unless
+        the same bytes are stored under it already; returns the name it is stored under."""
+        import hashlib
+
+        digest = hashlib.blake2b(data, digest_size=16).digest() + str(list(shape)).encode()
+        stored, k = name, 1
+        while stored in self._digests and self._digests[stored] != digest:
+            k += 1
+            stored = f"{name}.{k}"
+        if stored not in self._digests:
+            pad = (-self.size) % self.ALIGNMENT
+            self.chunks += [b"\0" * pad, data]
+            self.size += pad
+            self.index[stored] = {"offset": self.size, "length": len(data), "shape": list(shape), "dtype": dtype}
+            self._digests[stored] = digest
+            self.size += len(data)
+        return stored
 
     def write(self, path: str) -> None:
         with open(path, "wb") as f:
@@ -89,14 +93,16 @@ def parameter_sources(master, state_dict) -> dict[str, dict]:
     def digest(data: bytes) -> bytes:
         return hashlib.blake2b(data, digest_size=16).digest()
 
-    initializers = {digest(t.raw_data): t.name for t in master.graph.initializer if t.HasField("raw_data")}
+    # by bytes and shape: parameters with equal values (a norm's ones) may be stored in several shapes
+    initializers = {(digest(t.raw_data), tuple(t.dims)): t.name for t in master.graph.initializer
+                    if t.HasField("raw_data")}
     sources = {}
     for name, value in state_dict.items():
         array = value.detach().cpu().contiguous().numpy()
         for transposed, candidate in ((False, array), (True, array.T if array.ndim == 2 else None)):
             if candidate is None:
                 continue
-            found = initializers.get(digest(np.ascontiguousarray(candidate).tobytes()))
+            found = initializers.get((digest(np.ascontiguousarray(candidate).tobytes()), candidate.shape))
             if found:
                 sources[name] = {"tensor": found, "transposed": transposed}
                 break

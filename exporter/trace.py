@@ -122,22 +122,34 @@ def at_precision(model, precision: str):
 
 def trace_step(model, settings: StepSettings) -> TracedStep:
     """The master step graph of `model` for `settings` (the model is taken at `settings.precision`)."""
-    import onnx
-
     model = at_precision(model, settings.precision)
     step = _RecordingStep(model.eval(), settings)
     output_names = [names.X_NEXT] + [names.unit_output(u) for u in model.unit_names] + hidden_outputs(model)
-    # The exporter is chatty (progress lines, warnings about optional packages): keep the CLI clean.
+    proto = export_onnx(step, example_inputs(model, settings), list(names.step_inputs(settings.carry)), output_names)
+    return TracedStep(proto, settings, weights_digest(model))
+
+
+def trace_decoder(decoder, latent_shape) -> object:
+    """The decoder graph (onnx.ModelProto) of an `ImageDecoder` (runtime/nn/decoder.py) for latents of
+    `latent_shape` (N, C, h, w): input `latents` float32, output `image` uint8 (N, H, W, 3); fp32 always."""
+    example = (torch.zeros(tuple(latent_shape), dtype=torch.float32),)
+    return export_onnx(decoder.float().eval(), example, [names.DECODER_INPUT], [names.DECODER_OUTPUT])
+
+
+def export_onnx(module, example_inputs, input_names, output_names):
+    """`module` traced by torch's ONNX exporter (dynamo, opset OPSET, IR IR_VERSION, weights inline),
+    checked by onnx's checker; the exporter's chatter kept off the console."""
+    import onnx
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(step, example_inputs(model, settings),
-                                    input_names=list(names.step_inputs(settings.carry)),
-                                    output_names=output_names, opset_version=OPSET, dynamo=True, external_data=False,
-                                    optimize=True, verbose=False)
+        program = torch.onnx.export(module, example_inputs, input_names=input_names, output_names=output_names,
+                                    opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+                                    verbose=False)
     proto = program.model_proto
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)  # in-memory check (weights inline here)
-    return TracedStep(proto, settings, weights_digest(model))
+    return proto
 
 
 @contextlib.contextmanager

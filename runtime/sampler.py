@@ -3,6 +3,7 @@
     with Sampler("plans/l2c", contexts=4) as sampler:               # e.g. in a web service's thread pool
         latents = sampler([207, 360, 387], seeds=[1, 2, 3], steps=50)  # (N, C, H, W); image i from seed i alone
         latents = sampler([207], seed=0, steps=20)                   # the plan's 20-step schedule
+        images = sampler([207], seed=0)       # a plan exported with --vae: uint8 (N, H, W, 3); output="latents" too
 
 Concurrency: a Sampler may be called from any number of threads at once. The plan's heavy state
 (weights, sessions or engines, the network) is loaded once and shared; what a call writes (latents,
@@ -112,9 +113,12 @@ class Sampler:
         return f"{self.backend.name} ({self.backend.device})"
 
     def __call__(self, class_labels, *, noise=None, seed: int | None = None, seeds=None,
-                 guidance_scale: float | None = None, steps: int | None = None):
+                 guidance_scale: float | None = None, steps: int | None = None, output: str | None = None):
+        """Final latents (N, C, H, W) float32, or for a plan with a decoder uint8 images (N, H, W, 3);
+        `output="latents"` or `"images"` chooses (default: images where the plan has a decoder)."""
         labels = check_labels(class_labels, self.num_classes)
         n = len(labels)
+        images = self._output(output)
         evaluations = self._steps(steps)
         noise = self._noise(n, noise, seed, seeds)
         scale = self._guidance_scale(guidance_scale)
@@ -129,11 +133,23 @@ class Sampler:
                 if real < b:
                     x = np.concatenate([x, np.zeros((b - real,) + self.latent_shape, np.float32)])
                     y = np.concatenate([y, np.zeros(b - real, np.int64)])
-                out.append(context.run(program, x, y, scale)[:real])
+                latents = check_finite_result(context.run(program, x, y, scale)[:real], scale)
+                out.append(context.decode(program)[:real] if images else latents)  # decoded only if finite
                 start += real
         finally:
             self._release(context)  # also after an interrupted call: every call writes all it reads
-        return check_finite_result(np.concatenate(out), scale)
+        return np.concatenate(out)
+
+    def _output(self, output) -> bool:
+        """Whether the call returns images (`output`: None, "images" or "latents")."""
+        if output is None:
+            return self.plan.decoder is not None
+        if output not in ("images", "latents"):
+            raise ParameterError("output", f"{{name}} must be 'images' or 'latents', got {output!r}")
+        if output == "images" and self.plan.decoder is None:
+            raise ParameterError("output", "this plan has no decoder, so it yields latents: re-export it with --vae "
+                                 "for {name} 'images'")
+        return output == "images"
 
     def _acquire(self):
         """A free execution context, waiting for one while all are busy."""

@@ -7,6 +7,7 @@ per execution context:
         x_final = backend.run(x, y, guidance_scale)     # (B, C, H, W) float32 noise, (B,) int64 labels
         context = backend.new_context()                 # one per concurrent caller (runtime.Sampler's pool)
         x_final = context.run(plan.programs[1], x, y, guidance_scale)
+        images = context.decode(plan.programs[1])       # a plan with a decoder: uint8 (B, H, W, 3)
 
 Every backend is built as `Backend(plan, device="auto", **options)` (each declares its keyword options
 in `OPTIONS`), reports `name` and the resolved `device`, and frees what it and its contexts hold in
@@ -116,6 +117,18 @@ class ExecutionContext:
                          float(guidance_scale))
 
     def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, program: Program) -> np.ndarray:
+        """uint8 images (B, H, W, 3) of the final latents that this context's last `run` of `program`
+        left on the device, by the plan's decoder graph (no host round trip before this copy)."""
+        if self.closed or self.backend.closed:
+            raise BlockcacheError(f"the {self.backend.name} backend was closed: make a new one to sample")
+        if program.decoder is None:
+            raise BlockcacheError("this plan has no decoder: it yields latents (export it with --vae for images)")
+        return self._decode(program)
+
+    def _decode(self, program: Program) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:

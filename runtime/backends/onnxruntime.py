@@ -13,7 +13,8 @@ every tensor the loop touches resident on the device, one graph execution per st
   values, rotated by binding: `Program.cache_slots`), shared by that batch size's
   programs (a context runs one program at a time); and every step's IOBinding, built when the context
   is made. A call copies noise and labels in, runs the bindings in order and copies the final latent
-  out: no host round trip between steps. ONNX Runtime sessions run concurrently from several threads,
+  out: no host round trip between steps. A plan with a decoder: one decoder session per batch size;
+  `decode` runs it on the final latent buffer in place and copies the uint8 images out. ONNX Runtime sessions run concurrently from several threads,
   each with its own bindings.
 """
 
@@ -79,6 +80,9 @@ class OnnxRuntimeBackend(Backend):
         self.weights = {name: self.on_device(stored_array(blob, plan, name)) for name in plan.weights.tensors}
         self.sessions = [[self._session(ort, v, providers, threads) for v in p.variants] for p in plan.programs]
         self.constants = [self._constants(p) for p in plan.programs]
+        # The decoder graphs, one per batch size (shared by that batch size's programs).
+        self.decoders = {p.batch_size: self._session(ort, p.decoder, providers, threads)
+                         for p in plan.programs if p.decoder is not None}
 
     def on_device(self, array):
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.kind, self.index)
@@ -87,7 +91,8 @@ class OnnxRuntimeBackend(Backend):
         return _ort().OrtValue.ortvalue_from_shape_and_type(list(spec.shape), np.dtype(spec.dtype), self.kind,
                                                             self.index)
 
-    def _session(self, ort, variant, providers, threads):
+    def _session(self, ort, graph, providers, threads):
+        """An inference session of `graph` (a variant or a decoder graph: its file and the weights it reads)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -98,12 +103,12 @@ class OnnxRuntimeBackend(Backend):
             options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
-        for name in variant.weights:
+        for name in graph.weights:
             options.add_initializer(name, self.weights[name])
         try:
-            return ort.InferenceSession(self.plan.path(variant.file), options, providers=providers)
+            return ort.InferenceSession(self.plan.path(graph.file), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types; report them in one line
-            raise BlockcacheError(f"ONNX Runtime cannot load {variant.file}: {one_line(e)[:300]}") from None
+            raise BlockcacheError(f"ONNX Runtime cannot load {graph.file}: {one_line(e)[:300]}") from None
 
     def _constants(self, program: Program) -> list[dict]:
         """Per step, its constant inputs as device values, read by every context's bindings."""
@@ -130,6 +135,7 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         super().close()
         self.sessions, self.weights, self.constants, self._host_weights = [], {}, [], None
+        self.decoders = {}
 
 
 class OnnxRuntimeContext(ExecutionContext):
@@ -148,9 +154,13 @@ class OnnxRuntimeContext(ExecutionContext):
             for unit, spec in program.cache.items():
                 if unit not in held["cache"]:
                     held["cache"][unit] = backend.empty(spec)
+            if program.decoder is not None:
+                held.setdefault("image", backend.empty(program.decoder.output))
         try:
             self.bindings = [[self._bind(program, s, step) for s, step in enumerate(program.steps)]
                              for program in plan.programs]
+            self.decode_bindings = {program.index: self._bind_decoder(program) for program in plan.programs
+                                    if program.decoder is not None}
         except Exception as e:  # ORT's own exception types: a graph whose I/O the plan does not match
             raise BlockcacheError(f"ONNX Runtime cannot bind the plan's buffers: {one_line(e)[:300]}") from None
 
@@ -174,6 +184,21 @@ class OnnxRuntimeContext(ExecutionContext):
             binding.bind_ortvalue_output(names.unit_output(name), held["cache"][buffer])
         return binding
 
+    def _bind_decoder(self, program: Program):
+        """The decoder run of `program`: its final latent buffer in, the batch size's image buffer out."""
+        held = self.buffers[program.batch_size]
+        binding = self.backend.decoders[program.batch_size].io_binding()
+        binding.bind_ortvalue_input(names.DECODER_INPUT, held["x"][program.steps[-1].latents[2]])
+        binding.bind_ortvalue_output(names.DECODER_OUTPUT, held["image"])
+        return binding
+
+    def _decode(self, program: Program) -> np.ndarray:
+        try:
+            self.backend.decoders[program.batch_size].run_with_iobinding(self.decode_bindings[program.index])
+        except Exception as e:  # ORT's own exception types: one line
+            raise BlockcacheError(f"ONNX Runtime failed while decoding: {one_line(e)[:300]}") from None
+        return self.buffers[program.batch_size]["image"].numpy().copy()
+
     def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
         held, steps = self.buffers[program.batch_size], program.steps
         sessions = self.backend.sessions[program.index]
@@ -189,5 +214,5 @@ class OnnxRuntimeContext(ExecutionContext):
         return held["x"][steps[-1].latents[2]].numpy().copy()
 
     def close(self) -> None:
-        self.bindings, self.buffers = [], {}
+        self.bindings, self.buffers, self.decode_bindings = [], {}, {}
         super().close()

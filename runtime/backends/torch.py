@@ -28,6 +28,10 @@ The one runtime backend that needs torch and the networks (runtime/nn):
   kernels. If capture fails the backend runs the same loop eagerly and says why in `graph_error`
   (with a warning).
 
+Images: a plan with a decoder also holds diffusers' AutoencoderKL decoder, its parameters views of the
+same weights copy, in fp32 at every precision; `decode` runs it on the final latents the context's last
+run left on the device (after the captured loop on CUDA, eagerly) and copies the uint8 images out.
+
 Precision: the plan's stored precision by default (fp32 or fp16; fp16 keeps norms, guidance and the
 DDIM update in fp32, as the fp16 ONNX graphs do). `dtype` overrides it: casting an fp32 plan to fp16
 or bf16 rounds each weight once; casting an fp16 plan to bf16 rounds twice (tiny next to bf16's own
@@ -111,12 +115,16 @@ class TorchBackend(Backend):
         torch = _torch()
         from ..nn.precision import precision_name, torch_dtype
         from ..nn.step import DenoisingStep
-        from .torch_weights import model_from_plan
+        from .torch_weights import decoder_from_plan, model_from_plan, plan_storage
 
         super().__init__(plan, resolve_device(device, torch.cuda.is_available))
         self.precision = precision_name(dtype) if dtype is not None else plan.precision
         self.dtype = torch_dtype(self.precision)
-        self.model = model_from_plan(plan, self.dtype, self.device)
+        storage = plan_storage(plan, self.device)  # read once for the network and the decoder
+        self.model = model_from_plan(plan, self.dtype, self.device, storage)
+        # the image decoder, fp32 at every precision (an autoencoder's activations overflow fp16)
+        self.decoder = decoder_from_plan(plan, self.device, storage) if plan.decoder is not None else None
+        del storage
         self.step = DenoisingStep(self.model, plan.guidance.enabled, plan.guidance.channels)
         self.constants = [self._constants(program) for program in plan.programs]
         self.compile = compile
@@ -202,7 +210,7 @@ class TorchBackend(Backend):
         if self._uncompile is not None:
             self._uncompile()
             self._uncompile = None
-        self.constants, self.model, self.step = [], None, None
+        self.constants, self.model, self.step, self.decoder = [], None, None, None
         if self.device.startswith("cuda"):
             _torch().cuda.empty_cache()
 
@@ -226,6 +234,7 @@ class TorchContext(ExecutionContext):
                     held["cache"][unit] = torch.zeros(spec.shape, dtype=backend.dtype, device=dev)
         self.steps = [self._program_steps(program) for program in plan.programs]
         self.graphs = None  # per program: (graph, static output)
+        self.final = {}  # program index → the final latents its last run left on the device
         # On CUDA a context's work runs on its own stream, so contexts in several threads overlap.
         self.stream = torch.cuda.Stream(device=dev) if dev.startswith("cuda") else None
         with backend.compile_limits():
@@ -313,8 +322,17 @@ class TorchContext(ExecutionContext):
                     out = self._loop(program)
             else:
                 out = self._loop(program)
+            self.final[program.index] = out
             return out.cpu().numpy().copy()
 
+    def _decode(self, program: Program) -> np.ndarray:
+        torch = _torch()
+        from ..nn.precision import exact_fp32
+
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with torch.no_grad(), on_stream, exact_fp32():
+            return self.backend.decoder(self.final[program.index]).cpu().numpy()
+
     def close(self) -> None:
-        self.graphs, self.steps, self.buffers, self.stream = None, [], {}, None
+        self.graphs, self.steps, self.buffers, self.stream, self.final = None, [], {}, None, {}
         super().close()

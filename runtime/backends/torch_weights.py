@@ -20,17 +20,40 @@ from ..plan import Plan
 from ..plan.files import read_weights
 
 
-def model_from_plan(plan: Plan, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The plan's network in eval mode, parameters in `dtype` on `device`, sharing the weights buffer."""
-    params, tensors = plan.weights.parameters, plan.weights.tensors
+def plan_storage(plan: Plan, device: str) -> torch.Tensor:
+    """The plan's weights file as one uint8 tensor on `device` (one upload, one device allocation)."""
+    storage = torch.from_numpy(read_weights(plan))
+    return storage.to(device) if device.startswith("cuda") else storage
+
+
+def model_from_plan(plan: Plan, dtype: torch.dtype, device: str, storage: torch.Tensor | None = None) -> torch.nn.Module:
+    """The plan's network in eval mode, parameters in `dtype` on `device`, sharing the weights buffer
+    (`storage`: `plan_storage(plan, device)`, read here if not given)."""
+    params = plan.weights.parameters
     if not params:
         raise BlockcacheError("plan has no PyTorch parameter map (weights.parameters): re-export it for "
                               "the torch backend")
     with torch.device("meta"):
         model = build_model(plan.config)
-    storage = torch.from_numpy(read_weights(plan))
-    if device.startswith("cuda"):  # one upload of the whole buffer, one device allocation
-        storage = storage.to(device)
+    model = _bind_parameters(model, params, plan, plan_storage(plan, device) if storage is None else storage, dtype)
+    model.name = plan.model_name
+    return model
+
+
+def decoder_from_plan(plan: Plan, device: str, storage: torch.Tensor | None = None) -> torch.nn.Module:
+    """The plan's image decoder (runtime/nn/decoder.py: diffusers' AutoencoderKL decoder) in float32 on
+    `device`, its parameters views of the weights buffer."""
+    from ..nn.decoder import ImageDecoder, autoencoder_from_config
+
+    decoder = ImageDecoder(autoencoder_from_config(plan.decoder.config), plan.decoder.scaling_factor)
+    return _bind_parameters(decoder, plan.decoder.parameters, plan,
+                            plan_storage(plan, device) if storage is None else storage, torch.float32)
+
+
+def _bind_parameters(model: torch.nn.Module, params: dict, plan: Plan, storage: torch.Tensor,
+                     dtype: torch.dtype) -> torch.nn.Module:
+    """`model` (built on the meta device) with each parameter a view of its stored tensor in `storage`."""
+    tensors = plan.weights.tensors
 
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(params))
@@ -70,7 +93,5 @@ def model_from_plan(plan: Plan, dtype: torch.dtype, device: str) -> torch.nn.Mod
     if buffers:
         raise BlockcacheError(f"the torch backend cannot load buffer {buffers[0]!r} from a plan")
     # Parameters at the stored precision are views that keep the shared storage alive by
-    # themselves; after a cast nothing refers to it any more and it is freed here.
-    del storage
-    model.name = plan.model_name
+    # themselves; after a cast nothing refers to it any more and it is freed with the caller's reference.
     return model.eval().requires_grad_(False)

@@ -63,47 +63,57 @@ def spec_text(spec: dict) -> str:
 
 
 def verify_graphs(plan: Plan) -> None:
-    """Every variant graph declares exactly the I/O its manifest entry implies and reads exactly the
-    stored weights the variant lists, each at the manifest's offset and length; one line otherwise."""
+    """Every variant graph (and decoder graph) declares exactly the I/O its manifest entry implies and
+    reads exactly the stored weights it lists, each at the manifest's offset and length; one line otherwise."""
     for program in plan.programs:
         _verify_program_graphs(plan, program)
 
 
 def _verify_program_graphs(plan: Plan, program: Program) -> None:
-    import onnx
-
     prefix = "" if len(plan.programs) == 1 else f"programs[{program.index}]."
     for k, (variant, expected) in enumerate(zip(program.variants, variant_io(program))):
-        path, owner = plan.path(variant.file), f"{prefix}variants[{k}]"
-        try:
-            model = onnx.load(path, load_external_data=False)
-        except Exception as e:  # protobuf's own errors for a damaged file
-            raise BlockcacheError(f"{path}: not a readable ONNX graph ({' '.join(str(e).split())[:200]})") from None
-        io = graph_io(model)
-        for direction, want in (("inputs", expected.inputs), ("outputs", expected.outputs)):
-            want = {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in want.items()}
-            if io[direction] != want:
-                extra = sorted(set(io[direction]) ^ set(want))
-                if extra:
-                    difference = f"{extra[0]!r} is in one of them only"
-                else:
-                    name = sorted(n for n in want if io[direction][n] != want[n])[0]
-                    difference = f"{name!r} is {spec_text(io[direction][name])} in the graph, " \
-                                 f"{spec_text(want[name])} in the manifest"
-                raise BlockcacheError(f"{path}: the graph's {direction} do not match the manifest's {owner} "
-                                      f"({difference})")
-        external = {}
-        for init in model.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:
-                info = {e.key: e.value for e in init.external_data}
-                external[init.name] = (info.get("location"), int(info.get("offset", 0)), int(info.get("length", -1)))
-        if set(external) != set(variant.weights):
-            name = sorted(set(external) ^ set(variant.weights))[0]
-            raise BlockcacheError(f"{path}: weight {name!r} is read by the graph or listed by the manifest, not both")
-        for name, (location, offset, length) in external.items():
-            stored = plan.weights.tensors[name]
-            if os.path.basename(location or "") != location or location != plan.weights.file:
-                raise BlockcacheError(f"{path}: weight {name!r} is read from {location!r}, not the plan's weights file")
-            if (offset, length) != (stored.offset, stored.length):
-                raise BlockcacheError(f"{path}: weight {name!r} lies at {offset} (+{length}) in the graph but at "
-                                      f"{stored.offset} (+{stored.length}) in the manifest's weights table")
+        _verify_graph(plan, variant.file, f"{prefix}variants[{k}]", expected.inputs, expected.outputs, variant.weights)
+    if program.decoder is not None:
+        _verify_graph(plan, program.decoder.file, f"{prefix}decoder_graph",
+                      {names.DECODER_INPUT: program.inputs[names.X]}, {names.DECODER_OUTPUT: program.decoder.output},
+                      program.decoder.weights)
+
+
+def _verify_graph(plan: Plan, file: str, owner: str, inputs: dict, outputs: dict, weights) -> None:
+    """The graph `file` declares exactly `inputs` and `outputs` and reads exactly `weights`, each at the
+    manifest's offset and length."""
+    import onnx
+
+    path = plan.path(file)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf's own errors for a damaged file
+        raise BlockcacheError(f"{path}: not a readable ONNX graph ({' '.join(str(e).split())[:200]})") from None
+    io = graph_io(model)
+    for direction, want in (("inputs", inputs), ("outputs", outputs)):
+        want = {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in want.items()}
+        if io[direction] != want:
+            extra = sorted(set(io[direction]) ^ set(want))
+            if extra:
+                difference = f"{extra[0]!r} is in one of them only"
+            else:
+                name = sorted(n for n in want if io[direction][n] != want[n])[0]
+                difference = f"{name!r} is {spec_text(io[direction][name])} in the graph, " \
+                             f"{spec_text(want[name])} in the manifest"
+            raise BlockcacheError(f"{path}: the graph's {direction} do not match the manifest's {owner} "
+                                  f"({difference})")
+    external = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            external[init.name] = (info.get("location"), int(info.get("offset", 0)), int(info.get("length", -1)))
+    if set(external) != set(weights):
+        name = sorted(set(external) ^ set(weights))[0]
+        raise BlockcacheError(f"{path}: weight {name!r} is read by the graph or listed by the manifest, not both")
+    for name, (location, offset, length) in external.items():
+        stored = plan.weights.tensors[name]
+        if os.path.basename(location or "") != location or location != plan.weights.file:
+            raise BlockcacheError(f"{path}: weight {name!r} is read from {location!r}, not the plan's weights file")
+        if (offset, length) != (stored.offset, stored.length):
+            raise BlockcacheError(f"{path}: weight {name!r} lies at {offset} (+{length}) in the graph but at "
+                                  f"{stored.offset} (+{stored.length}) in the manifest's weights table")

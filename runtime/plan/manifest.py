@@ -193,6 +193,23 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Decoder:
+    """The autoencoder decoder a plan turns its final latents into images with."""
+    scaling_factor: float
+    config: dict  # diffusers' AutoencoderKL config
+    parameters: dict  # PyTorch parameter of runtime.nn.decoder.ImageDecoder → ParameterSource (float32)
+    image_size: int  # the images' height and width
+
+
+@dataclass(frozen=True)
+class DecoderGraph:
+    """A program's decoder graph: input `latents` (the program's latent spec), output `image`."""
+    file: str
+    weights: tuple[str, ...]  # stored tensors the graph uses
+    output: TensorSpec  # uint8 (batch, H, W, 3)
+
+
+@dataclass(frozen=True)
 class Guidance:
     enabled: bool  # the graphs run the doubled CFG batch
     scale: float  # the default scale
@@ -231,6 +248,7 @@ class Program:
     steps: tuple[Step, ...]
     scale_shift_file: str | None
     engines: tuple[Engine, ...] | None  # TensorRT engines, one per variant
+    decoder: DecoderGraph | None = None  # the plan's decoder at this batch size
 
     @property
     def evaluations(self) -> int:
@@ -288,6 +306,7 @@ class Plan:
     programs: tuple[Program, ...]  # at most one per (batch size, evaluations); one schedule per evaluations
     files: dict  # file name → FileEntry
     tensorrt: dict | None  # the manifest's TensorRT entry (build settings, versions)
+    decoder: Decoder | None = None  # decodes final latents to uint8 images; None: the plan yields latents
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -357,18 +376,21 @@ class Plan:
         tensorrt = doc.get("tensorrt")
         if tensorrt is not None:
             check.mapping(tensorrt, "tensorrt")
+        decoder = _decoder(check, doc.get("decoder"), config, weights)
+        if decoder is not None and tensorrt is not None:
+            check.fail("decoder", "is not built into TensorRT engines yet: a TensorRT plan cannot have one")
         entries = program_entries(doc)
         programs = tuple(_program(check, entry, path, j, config, units, guidance, precision, weights, files,
-                                  tensorrt is not None)
+                                  tensorrt is not None, decoder)
                          for j, (path, entry) in enumerate(entries))
         _check_programs(check, programs)
         return cls(directory=directory, document=doc, model_name=model.get("name"), config=config, unit_names=units,
                    num_labels=labels, guidance=guidance, precision=precision, weights=weights, programs=programs,
-                   files=files, tensorrt=tensorrt)
+                   files=files, tensorrt=tensorrt, decoder=decoder)
 
 
 PROGRAM_KEYS = ("batch_size", "sampler", "schedule", "schedule_source", "inputs", "output", "buffers", "variants",
-                "steps", "scale_shift", "macs_per_image", "engines")
+                "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph")
 
 
 def program_entries(doc: dict) -> list[tuple[str, dict]]:
@@ -388,7 +410,7 @@ def program_entries(doc: dict) -> list[tuple[str, dict]]:
 
 
 def _program(check: _Check, value, where: str, index: int, config: dict, units, guidance: Guidance, precision: str,
-             weights: Weights, files: dict, tensorrt: bool) -> Program:
+             weights: Weights, files: dict, tensorrt: bool, decoder: Decoder | None = None) -> Program:
     if not isinstance(value, dict):
         check.fail(where.rstrip(".") or "the manifest", "must be a mapping")
     for key in ("batch_size", "sampler", "inputs", "buffers", "variants", "steps"):
@@ -419,8 +441,9 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
         engines = _engines(check, value.get("engines"), len(variants), files, where)
     elif value.get("engines") is not None:
         check.fail(where + "engines", "are listed but the plan has no tensorrt entry")
+    decoder_graph = _decoder_graph(check, value.get("decoder_graph"), where, batch, decoder, weights, files)
     return Program(index, batch, value["sampler"], schedule_file, inputs, cache, variants, steps, scale_shift_file,
-                   engines)
+                   engines, decoder_graph)
 
 
 def _check_programs(check: _Check, programs) -> None:
@@ -546,17 +569,63 @@ def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
         if length != math.prod(spec.shape) * names.DTYPE_SIZES[spec.dtype]:
             check.fail(path, f"has {length} bytes, not those of a {list(spec.shape)} {spec.dtype} tensor")
         tensors[name] = StoredTensor(offset, length, spec.shape, spec.dtype)
+    return Weights(file, tensors, _parameters(check, value.get("parameters") or {}, "weights.parameters", tensors,
+                                              parameter_dtype))
+
+
+def _parameters(check: _Check, value, where: str, tensors: dict, dtype: str) -> dict:
+    """PyTorch parameter name → ParameterSource: each a stored tensor of `dtype`."""
     parameters = {}
-    for name, source in check.mapping(value.get("parameters") or {}, "weights.parameters").items():
-        path = f"weights.parameters[{name!r}]"
+    for name, source in check.mapping(value, where).items():
+        path = f"{where}[{name!r}]"
         source = check.mapping(source, path, ("tensor",))
         if not isinstance(source["tensor"], str) or source["tensor"] not in tensors:
             check.fail(path, "points to a tensor the weights file does not hold")
-        if tensors[source["tensor"]].dtype != parameter_dtype:
-            check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not the plan's {parameter_dtype}")
+        if tensors[source["tensor"]].dtype != dtype:
+            check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not {dtype}")
         parameters[name] = ParameterSource(source["tensor"], check.flag(source.get("transposed", False),
                                                                         path + ".transposed"))
-    return Weights(file, tensors, parameters)
+    return parameters
+
+
+def _decoder(check: _Check, value, config: dict, weights: Weights) -> "Decoder | None":
+    """The manifest's `decoder`: scaling factor, AutoencoderKL config (its latent channels the model's),
+    the decoder's PyTorch parameters (stored in float32 at every plan precision)."""
+    if value is None:
+        return None
+    value = check.mapping(value, "decoder", ("scaling_factor", "config", "parameters"))
+    scale = check.number(value["scaling_factor"], "decoder.scaling_factor")
+    if not 0 < scale < 1e3:
+        check.fail("decoder.scaling_factor", f"is {scale}, not a positive scaling factor")
+    vae = check.mapping(value["config"], "decoder.config", ("latent_channels", "block_out_channels"))
+    if vae["latent_channels"] != config["in_channels"]:
+        check.fail("decoder.config", f"has {vae['latent_channels']!r} latent channels, the model samples "
+                   f"{config['in_channels']}")
+    levels = check.sequence(vae["block_out_channels"], "decoder.config.block_out_channels", nonempty=True)
+    size = config["input_size"] * 2 ** (len(levels) - 1)  # every level but the last upsamples by 2
+    return Decoder(scale, dict(vae), _parameters(check, value["parameters"], "decoder.parameters",
+                                                 weights.tensors, "float32"), size)
+
+
+def _decoder_graph(check: _Check, value, where: str, batch: int, decoder: "Decoder | None", weights: Weights,
+                   files) -> "DecoderGraph | None":
+    """A program's `decoder_graph`: its file, the weights it reads, its uint8 (batch, H, W, 3) output."""
+    if (value is None) != (decoder is None):
+        check.fail(where + "decoder_graph", "is given without the manifest's decoder entry" if decoder is None else
+                   "is missing: the plan has a decoder, so every program needs its graph")
+    if value is None:
+        return None
+    value = check.mapping(value, where + "decoder_graph", ("file", "weights", "output"))
+    used = check.names(value["weights"], where + "decoder_graph.weights")
+    for name in used:
+        if name not in weights.tensors:
+            check.fail(where + "decoder_graph.weights", f"names {name!r}, which the weights file does not hold")
+    output = check.spec(value["output"], where + "decoder_graph.output")
+    want = TensorSpec((batch, decoder.image_size, decoder.image_size, 3), "uint8")
+    if output != want:
+        check.fail(where + "decoder_graph.output", f"is {output.dtype}{list(output.shape)}, not "
+                   f"{want.dtype}{list(want.shape)}")
+    return DecoderGraph(check.file_name(value["file"], where + "decoder_graph.file", files), used, output)
 
 
 def _blocks(units) -> dict[str, tuple[str, ...]]:

@@ -56,6 +56,14 @@ FORECAST_PREFIX = "forecast."  # graph input: a forecast read's weights over its
 STEP_VECTOR_PREFIXES = CORRECTION_PREFIXES + (FORECAST_PREFIX,)  # per-step vectors, fixed at export
 
 
+DECODER_INPUT, DECODER_OUTPUT = "latents", "image"  # the decoder graph's: final latents in, uint8 RGB out
+
+
+def decoder_file(batch_size: int) -> str:
+    """The decoder graph for batches of `batch_size`, shared by the programs of that batch size."""
+    return f"decoder_{batch_size}.onnx"
+
+
 HIDDEN_PREFIX = "hidden."  # master graph outputs: the hidden state after each block (surgery's span cuts)
 HIDDEN_INPUT = "hidden.input"  # ... and before the first block
 
