@@ -40,6 +40,9 @@ def build_parser() -> ArgumentParser:
     trt.add_argument("--timing-cache", metavar="P", help="tactic timing cache file, read if present and updated")
     trt.add_argument("--opt-level", type=int, metavar="N",
                      help="builder optimisation level 0…5 (TensorRT's default 3)")
+    p.add_argument("--vae", metavar="PATH", help="the autoencoder (a diffusers AutoencoderKL folder, or one file in "
+                   "latent diffusion's layout, e.g. U-ViT's autoencoder_kl.pth): its decoder joins the plan, which "
+                   "then yields uint8 images (fp32 at every precision)")
     p.add_argument("--verify", action="store_true", help="check every variant against the eager model")
     p.add_argument("--tolerance", type=float, help="--verify tolerance, relative to the max abs value "
                    "(default 1e-4 fp32, 2e-2 fp16 against the fp32 model)")
@@ -67,10 +70,20 @@ def main(argv=None):
     if args.tolerance is not None and not args.verify:
         raise BlockcacheError("--tolerance is the tolerance of --verify: add --verify")
     check_destination(args.out)  # before loading and tracing the model
+    if args.vae and settings is not None:
+        raise BlockcacheError("--vae: TensorRT plans do not build the decoder into an engine yet; export with "
+                              "--backend onnxruntime")
     schedules = [Schedule.load(path) for path in args.schedule]
     batch_sizes = parse_numbers(args.batch_sizes, "--batch-sizes") if args.batch_sizes else [args.batch_size or 1]
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
+    decoder = None
+    if args.vae:
+        from runtime.nn.decoder import ImageDecoder
+
+        from .vae import load_vae
+
+        decoder = ImageDecoder(*load_vae(args.vae))
     start = time.perf_counter()
     report = []
 
@@ -79,7 +92,7 @@ def main(argv=None):
         from .verify import DEFAULT_TOLERANCE, verify_plan
 
         tolerance = args.tolerance or DEFAULT_TOLERANCE[manifest["precision"]]
-        report.extend(verify_plan(model, load_plan(folder), tolerance))
+        report.extend(verify_plan(model, load_plan(folder), tolerance, decoder=decoder))
         return manifest
 
     finish = verify if args.verify else None
@@ -90,7 +103,7 @@ def main(argv=None):
         finish, precision = engine_stage(settings, progress=not args.quiet, then=finish), settings.onnx_precision
     manifest = export_plans(model, schedules, args.out, batch_sizes=batch_sizes, guidance_scale=args.guidance_scale,
                             guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
-                            precision=precision, progress=not args.quiet, finish=finish)
+                            precision=precision, progress=not args.quiet, finish=finish, decoder=decoder)
     elapsed = time.perf_counter() - start
     print(summary(args.out, manifest, elapsed))
     if report:
@@ -131,6 +144,8 @@ def summary(out: str, manifest: dict, seconds: float) -> str:
                      f"full, ideal speedup {p['macs_per_image']['ideal_speedup']:.2f}x" for p in programs)
     text = (f"wrote {out} in {seconds:.1f} s: {each} (graphs {graphs / 1e6:.2f} MB, weights "
             f"{files[names.WEIGHTS]['size'] / 1e6:.1f} MB stored once)")
+    if manifest.get("decoder"):
+        text += f"; images decoded in the plan (scaling factor {manifest['decoder']['scaling_factor']:g})"
     trt = manifest.get("tensorrt")
     if trt:
         engines = [e for p in programs for e in p.get("engines") or []]

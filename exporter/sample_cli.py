@@ -1,5 +1,7 @@
 """`blockcache-sample`: sample with the eager cached reference (`--model …`) or with an exported plan
-(`--plan DIR`, no torch needed). Writes the final latents of the labels (the conditional half)."""
+(`--plan DIR`, no torch needed). Writes images where there is a decoder (a plan exported with --vae, or
+--vae here): OUT.png a labelled grid, DIR/ one PNG per image, OUT.npy the uint8 array; else the final
+latents (OUT.npy, or OUT.png for models whose latents are images)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import check_output
-from schedules.images import save_samples
+from schedules.images import is_folder_output, save_images, save_samples
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_labels, parse_numbers
 from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, initial_noise
 from schedules.schedule import Schedule
@@ -41,10 +43,13 @@ def build_parser() -> ArgumentParser:
     noise.add_argument("--noise", metavar="Z.npy", help="starting noise (N, C, H, W) for the N labels")
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the family's "
                    "for eager runs, 4.0 DiT / 0.4 U-ViT in its form; the plan's scale with --plan)")
+    s.add_argument("--vae", metavar="PATH", help="eager runs: decode with this autoencoder (a diffusers folder or "
+                   "one latent-diffusion file, as blockcache-export --vae takes)")
     s.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS,
                    help="guidance form: first three channels (official DiT), all (diffusers) or uvit "
                         "(cond + s·(cond − uncond)); default: the model family's")
-    p.add_argument("--out", required=True, help="OUT.npy (latents) or OUT.png (grid, 1- or 3-channel models)")
+    p.add_argument("--out", required=True, help="OUT.png (grid), DIR/ (one PNG per image: <index>-<label>-<seed>.png) "
+                   "or OUT.npy; without a decoder, latents: OUT.npy, or OUT.png for 1- or 3-channel models")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
@@ -62,21 +67,25 @@ def main(argv=None):
     labels = parse_labels(args.labels)
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    check_output(args.out, (".npy", ".png"), "--out")  # before sampling, not after
+    folder = is_folder_output(args.out)
+    if not folder:
+        check_output(args.out, (".npy", ".png"), "--out")  # before sampling, not after
     noise = _load_noise(args.noise) if args.noise else None
     seeds = parse_numbers(args.seeds, "--seeds") if args.seeds else None
     if seeds is not None and len(seeds) != len(labels):
         raise BlockcacheError(f"--seeds has {len(seeds)} seeds for {len(labels)} labels: give one per label")
     seed = 0 if args.seed is None else args.seed
+    names = ["noise"] * len(labels) if noise is not None else seeds if seeds is not None else [seed] * len(labels)
     start = time.perf_counter()
     if args.plan:
-        if args.model or args.checkpoint or args.random_init or args.schedule or args.spacing:
-            raise BlockcacheError("--plan carries its model and schedules: drop --model/--checkpoint/--schedule/"
-                                  "--spacing (--steps chooses among the plan's schedules)")
+        if args.model or args.checkpoint or args.random_init or args.schedule or args.spacing or args.vae:
+            raise BlockcacheError("--plan carries its model, schedules and decoder: drop --model/--checkpoint/"
+                                  "--schedule/--spacing/--vae (--steps chooses among the plan's schedules)")
         from runtime import Sampler
 
         given = {"noise": noise} if noise is not None else {"seeds": seeds} if seeds is not None else {"seed": seed}
         with Sampler(args.plan, backend=args.backend, device=args.device) as sampler:
+            _check_images_out(args.out, folder, sampler.plan.decoder is not None, sampler.latent_shape[0])
             what = f"plan {args.plan} on {sampler.backend_name}"
             out = sampler(labels, guidance_scale=args.guidance_scale, steps=args.steps, **given)
     else:
@@ -93,9 +102,17 @@ def main(argv=None):
         schedule = (Schedule.load(args.schedule) if args.schedule
                     else Schedule.full(model.unit_names, DEFAULT_STEPS if args.steps is None else args.steps,
                                        args.spacing, model=args.model, sampler=family.samplers[0]))
+        decoder = None
+        if args.vae:
+            from runtime.nn.decoder import ImageDecoder
+
+            from .export import check_decoder
+            from .vae import load_vae
+
+            decoder = ImageDecoder(*load_vae(args.vae))
+            check_decoder(model, decoder)
         c, size = model.in_channels, model.config["input_size"]
-        if args.out.lower().endswith(".png") and c not in (1, 3):
-            raise BlockcacheError(f"{c}-channel latents are not images (no decoder here): write .npy instead")
+        _check_images_out(args.out, folder, decoder is not None, c)
         if noise is None and seeds is not None:  # as runtime.Sampler: image i from seed i alone
             noise = np.concatenate([initial_noise((1, c, size, size), s) for s in seeds])
         elif noise is None:
@@ -103,11 +120,32 @@ def main(argv=None):
         scale, _ = family.guidance_settings(args.guidance_scale)
         out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,
                      progress=not args.quiet)
+        if decoder is not None:
+            import torch
+
+            with torch.no_grad():
+                out = decoder(torch.from_numpy(out)).numpy()
         what = f"eager {args.model}, {schedule.num_steps} steps ({schedule.source or 'schedule'}), guidance {scale}"
-    save_samples(out, args.out)
+    if out.dtype == np.uint8:
+        written = save_images(out, args.out, labels, names)
+    else:
+        save_samples(out, args.out)
+        written = [args.out]
     if not args.quiet:
-        print(f"wrote {args.out}: {out.shape[0]} samples, {what}, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        where = args.out if len(written) == 1 else f"{len(written)} PNGs in {args.out}"
+        kind = "images" if out.dtype == np.uint8 else "latents"
+        print(f"wrote {where}: {out.shape[0]} {kind}, {what}, {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
+
+
+def _check_images_out(out: str, folder: bool, images: bool, channels: int) -> None:
+    """Refuse, before sampling, an output that the run cannot fill: one PNG per image without images, or
+    a PNG grid of latents that are not images."""
+    if folder and not images:
+        raise BlockcacheError(f"--out {out}: one PNG per image needs images, and this run yields latents (a plan "
+                              "exported with --vae, or --vae for eager runs); write .npy")
+    if not images and channels not in (1, 3) and out.lower().endswith(".png"):
+        raise BlockcacheError(f"{channels}-channel latents are not images (no decoder here): write .npy or give --vae")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Each variant gets random latents, labels, a timestep, coefficients (and a carrie
 DPM-Solver-2), random cache values for the units it reads (every history value of a forecast read,
 and random forecast weights) and random scale/shift vectors for those it corrects; the eager side runs the same `DenoisingStep` with a `CachePolicy` over those values.
 Both x_next and every unit output the graph writes must agree within `tolerance` (max abs error
-relative to the reference's max abs value).
+relative to the reference's max abs value). A plan's decoder graphs run on random latents beside the
+PyTorch decoder (`ImageDecoder` of the autoencoder it was exported from): their uint8 images may differ
+by one level at most (a value that rounds differently), never more.
 """
 
 from __future__ import annotations
@@ -22,13 +24,32 @@ from schedules.schedule import history_key
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # fp16 plans are compared with the fp32 model
 
 
-def verify_plan(model, plan: Plan, tolerance: float, seed: int = 0) -> list[dict]:
+def verify_plan(model, plan: Plan, tolerance: float, seed: int = 0, decoder=None) -> list[dict]:
+    """One report per variant (and per decoder graph, checked against `decoder` where the plan has one)."""
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     rng = np.random.default_rng(seed)
+    if plan.decoder is not None and decoder is None:
+        raise BlockcacheError("this plan decodes images: verify it with the decoder it was exported with")
     with OnnxRuntimeBackend(plan, device="cpu") as backend:
-        return [_verify_variant(model, plan, program, k, session, tolerance, rng)
-                for program in plan.programs for k, session in enumerate(backend.sessions[program.index])]
+        report = [_verify_variant(model, plan, program, k, session, tolerance, rng)
+                  for program in plan.programs for k, session in enumerate(backend.sessions[program.index])]
+        for batch_size, session in backend.decoders.items():
+            program = next(p for p in plan.programs if p.batch_size == batch_size)
+            report.append(_verify_decoder(decoder, program, session, rng))
+    return report
+
+
+@torch.no_grad()
+def _verify_decoder(decoder, program: Program, session, rng) -> dict:
+    latents = (rng.standard_normal(program.inputs[names.X].shape) * 0.18215 / decoder.scaling_factor).astype(np.float32)
+    got = session.run([names.DECODER_OUTPUT], {names.DECODER_INPUT: latents})[0]
+    want = decoder(torch.from_numpy(latents)).numpy()
+    worst = int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max())
+    if worst > 1:
+        raise BlockcacheError(f"verify failed: {program.decoder.file} differs from the PyTorch decoder by {worst} "
+                              "levels of 255 (at most 1 allowed)")
+    return {"program": program.index, "file": program.decoder.file, "max_level_error": worst}
 
 
 def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolerance: float, rng) -> dict:
@@ -93,5 +114,11 @@ def _rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def verify_summary(report) -> str:
-    worst = max(r["max_rel_error"] for r in report)
-    return f"verified {len(report)} variants against the eager model: max relative error {worst:.2e}"
+    variants = [r for r in report if "max_rel_error" in r]
+    text = (f"verified {len(variants)} variants against the eager model: max relative error "
+            f"{max(r['max_rel_error'] for r in variants):.2e}")
+    decoders = [r for r in report if "max_level_error" in r]
+    if decoders:
+        text += (f"; {len(decoders)} decoder graphs against the PyTorch decoder: images within "
+                 f"{max(r['max_level_error'] for r in decoders)} of 255 levels")
+    return text

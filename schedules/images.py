@@ -43,3 +43,51 @@ def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale:
             grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)),
                                                            np.uint8))
             plt.imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
+
+
+def is_folder_output(path: str) -> bool:
+    """`--out DIR/` (or an existing folder): one PNG per image."""
+    return path.endswith(("/", os.sep)) or os.path.isdir(path)
+
+
+def save_images(images: np.ndarray, path: str, labels, seeds) -> list[str]:
+    """Write uint8 images (N, H, W, 3): `.npy` the array, `.png` a grid with each image's label and seed,
+    `DIR/` one PNG per image named `<index>-<label>-<seed>.png` (`seeds`: one entry per image, a seed or
+    a word such as "noise"). Each file appears only when complete; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise BlockcacheError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if is_folder_output(path):
+        os.makedirs(path, exist_ok=True)
+        written = []
+        for i, (image, label, seed) in enumerate(zip(images, labels, seeds)):
+            target = os.path.join(path, f"{i}-{int(label)}-{seed}.png")
+            with atomic_output(target, ".png") as tmp:
+                plt.imsave(tmp, image, format="png")
+            written.append(target)
+        return written
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npy", ".png"):
+        raise BlockcacheError(f"output must end in .npy or .png, or be a folder (DIR/), got {path!r}")
+    with atomic_output(path, ext) as tmp:
+        if ext == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, images)
+        else:
+            n = len(images)
+            cols = min(n, int(np.ceil(np.sqrt(n))))
+            rows = -(-n // cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, image, label, seed in zip(axes.flat, images, labels, seeds):
+                ax.imshow(image)
+                ax.set_title(f"label {int(label)}, seed {seed}", fontsize=8)
+            fig.tight_layout()
+            fig.savefig(tmp, format="png", dpi=100)
+            plt.close(fig)
+    return [path]
