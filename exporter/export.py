@@ -29,7 +29,7 @@ from schedules.zoo import family_of, num_labels
 
 from .models import check_weights
 from .reference import check_schedule
-from .surgery import WeightsFile, derive_variant, parameter_sources, tensor_shape
+from .surgery import WeightsFile, derive_variant, parameter_sources, stored_weights, tensor_shape
 from .trace import StepSettings, TracedStep, at_precision, trace_step, weights_digest
 
 
@@ -231,7 +231,7 @@ def _write_decoders(model, decoder, batch_sizes, weights: "WeightsFile", folder:
         name = names.decoder_file(b)
         onnx.save(graph, os.path.join(folder, name))
         shape, dtype = tensor_shape(graph, names.DECODER_OUTPUT)
-        entries[b] = {"file": name, "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
+        entries[b] = {"file": name, "weights": stored_weights(graph),
                       "output": {"shape": shape, "dtype": dtype}}
     top = {"scaling_factor": decoder.scaling_factor, "config": decoder.vae_config, "parameters": sources}
     return top, entries
@@ -335,7 +335,7 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
             "adjusts": [u for u in units if u in adjusts[k]],
             **({"skips": skip_keys} if skip_keys else {}),
             **({"forecasts": forecasts[k]} if forecasts[k] else {}),
-            "weights": sorted(t.name for t in graph.graph.initializer if t.name in weights.index),
+            "weights": stored_weights(graph),
             "macs_per_image": step_macs(model.config, row),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
         })

@@ -84,6 +84,14 @@ class WeightsFile:
                 f.write(chunk)
 
 
+def stored_weights(graph) -> list[str]:
+    """The initializers of `graph` read from the plan's weights file (external data), sorted; a small
+    constant kept inline is not one, even where a tensor of its name is stored for another graph."""
+    import onnx
+
+    return sorted(t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
 def parameter_sources(master, state_dict) -> dict[str, dict]:
     """{model parameter: {"tensor": initializer name, "transposed": bool}}: where each PyTorch weight
     sits among the master graph's initializers (the ONNX exporter stores linear weights transposed
