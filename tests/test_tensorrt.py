@@ -559,3 +559,32 @@ def test_span_plan_binds_span_residual_buffers(tmp_path):
     want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
     got = replay(path, manifest, x, y, 4.0)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_plan_binds_history_in_rotation(tmp_path, order):
+    """A forecasting plan: each reused value's history buffers are slots that its inputs `cache.<u>~i`
+    are bound to in rotation, its weights per-step constants; the replayed engines reproduce ONNX
+    Runtime, and the TensorRT binding plan gives no slot to a rotation that copies."""
+    from conftest import tiny_model
+    from test_forecast import _schedule
+
+    model = tiny_model(depth=4)
+    path = str(tmp_path / "plan")
+    export_with_engines(model, _schedule(model.unit_names, order), path,
+                        EngineSettings(precision="fp32", min_weight_bytes=SMALL), builder=fake_builder(),
+                        version="10.test", batch_size=2, guidance_scale=4.0)
+    manifest = load_manifest(path)
+    x, y = noise(), np.array(LABELS, np.int64)
+    want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
+    got = replay(path, manifest, x, y, 4.0)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    program = Plan.parse(manifest, path).program
+    plan = plan_bindings(program)
+    ring = {"cache.blocks.1.attn"} | {f"cache.blocks.1.attn@{r}" for r in range(1, order + 1)}
+    # blocks.1.attn is reused at steps 3 and 5 and computed at 4 in between: the newest value moved
+    newest = [plan.steps[s]["cache.blocks.1.attn"][1] for s in (3, 5)]
+    assert set(newest) <= ring and newest[0] != newest[1]
+    # at step 5 (history 4, 2, 0) its order + 1 values are in the order + 1 distinct buffers of the ring
+    roles = [plan.steps[5]["cache.blocks.1.attn" + (f"~{i}" if i else "")][1] for i in range(order + 1)]
+    assert len(set(roles)) == order + 1 and set(roles) == ring
