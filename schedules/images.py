@@ -25,24 +25,36 @@ def to_grid(samples: np.ndarray, rows: int | None = None, pad: int = 1) -> np.nd
     return grid[..., 0] if c == 1 else grid
 
 
-def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale: int = 4) -> None:
-    """Write `samples` to `path` (.npy, or .png as a grid); the file appears only when complete."""
+def _write(path: str, array: np.ndarray, draw, formats: str = "") -> None:
+    """`array` to `path`: `.npy` as is, `.png` by `draw(file)`; the file appears only when complete."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".png"):
-        raise BlockcacheError(f"output must end in .npy or .png, got {path!r}")
+        raise BlockcacheError(f"output must end in .npy or .png{formats}, got {path!r}")
     with atomic_output(path, ext) as tmp:
         if ext == ".npy":
             with open(tmp, "wb") as f:
-                np.save(f, samples)
+                np.save(f, array)
         else:
-            import matplotlib
+            draw(tmp)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
 
-            grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)),
-                                                           np.uint8))
-            plt.imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale: int = 4) -> None:
+    """Write `samples` to `path` (.npy, or .png as a grid); the file appears only when complete."""
+    def draw(tmp):
+        grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)),
+                                                       np.uint8))
+        _pyplot().imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
+
+    _write(path, samples, draw)
 
 
 def is_folder_output(path: str) -> bool:
@@ -70,24 +82,20 @@ def save_images(images: np.ndarray, path: str, labels, seeds) -> list[str]:
                 plt.imsave(tmp, image, format="png")
             written.append(target)
         return written
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".npy", ".png"):
-        raise BlockcacheError(f"output must end in .npy or .png, or be a folder (DIR/), got {path!r}")
-    with atomic_output(path, ext) as tmp:
-        if ext == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, images)
-        else:
-            n = len(images)
-            cols = min(n, int(np.ceil(np.sqrt(n))))
-            rows = -(-n // cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-            for ax in axes.flat:
-                ax.axis("off")
-            for ax, image, label, seed in zip(axes.flat, images, labels, seeds):
-                ax.imshow(image)
-                ax.set_title(f"label {int(label)}, seed {seed}", fontsize=8)
-            fig.tight_layout()
-            fig.savefig(tmp, format="png", dpi=100)
-            plt.close(fig)
+
+    def draw(tmp):
+        n = len(images)
+        cols = min(n, int(np.ceil(np.sqrt(n))))
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, image, label, seed in zip(axes.flat, images, labels, seeds):
+            ax.imshow(image)
+            ax.set_title(f"label {int(label)}, seed {seed}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+    _write(path, images, draw, ", or be a folder (DIR/)")
     return [path]
