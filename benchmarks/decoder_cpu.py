@@ -5,8 +5,8 @@
 Model: DiT-XL/2's depth and token count (28 blocks, 32×32 latents for 256 px, patch 2) at width 256
 (4 heads), random weights, 1 image with CFG, DDIM-20: the full-compute plan and the published L2C
 DDIM-20 schedule where `../shared/data/l2c/DDIM20_router.pt` is present. Decoder: the Stable Diffusion
-autoencoder's real decoder shape (diffusers' AutoencoderKL default config: widths 128, 256, 512, 512,
-two blocks per level, 4 latent channels), random weights, decoding to 256×256 uint8. Reports per
+autoencoder's real decoder shape (`SD_VAE`: widths 128, 256, 512, 512, two blocks per level, 4 latent
+channels, as `sd-vae-ft-ema`'s config.json), random weights, decoding to 256×256 uint8. Reports per
 image the latency of the sampling call without decoding (`output="latents"`) and with it, and the
 process CPU time on one thread of each (insensitive to other load); the decoder's share is their
 difference.
@@ -23,6 +23,8 @@ import tempfile
 import time
 
 MODEL = dict(name="dit-xl2", hidden_size=256, num_heads=4)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256)
 ROUTER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "l2c", "DDIM20_router.pt")
 
 
@@ -55,14 +57,14 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = load_model(MODEL["name"], random_init=True, hidden_size=MODEL["hidden_size"], num_heads=MODEL["num_heads"])
-    decoder = ImageDecoder(AutoencoderKL().eval(), 0.18215)  # diffusers' default: the SD autoencoder's shape
+    decoder = ImageDecoder(AutoencoderKL(**SD_VAE).eval(), 0.18215)
     schedules = {"full": Schedule.full(model.unit_names, 20)}
     if os.path.exists(ROUTER):
         schedules["l2c20"] = import_l2c(ROUTER, model.unit_names, 20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "date": time.strftime("%Y-%m-%d"), "model": MODEL, "sampler": "ddim, 20 steps",
                "batch": "1 image with CFG 4 (graph batch 2)", "threads": 1,
-               "decoder": "AutoencoderKL default config (SD autoencoder shape), random weights, 32x32x4 -> 256x256x3",
+               "decoder": {"config": SD_VAE, "weights": "random", "shape": "32x32x4 -> 256x256x3"},
                "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, schedule in schedules.items():

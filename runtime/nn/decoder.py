@@ -3,6 +3,8 @@ uint8 RGB. What the exporter traces into a plan's decoder graph and what the tor
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 
@@ -15,7 +17,8 @@ class ImageDecoder(torch.nn.Module):
         super().__init__()
         self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
         self.scaling_factor = float(scaling_factor)
-        self.vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+        # as a manifest holds it (JSON: lists, not tuples)
+        self.vae_config = json.loads(json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}))
         self.latent_channels = int(vae.config.latent_channels)
 
     def decoded(self, latents):
