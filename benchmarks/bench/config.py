@@ -49,13 +49,11 @@ class BenchConfig:
         if not self.schedules and not self.peers:
             raise BlockcacheError("give at least one schedule or peer")
         if self.peers:
-            from .matched import MAKERS
+            from .matched import check_makers
             from .peers import parse_peers
 
             parse_peers(self.peers)  # one line for an unknown spec, before anything runs
-            for m in self.matched:
-                if m not in MAKERS:
-                    raise BlockcacheError(f"unknown matched maker {m!r} (expected some of {', '.join(MAKERS)})")
+            check_makers(self.matched)
         for m in self.methods:
             if m not in METHODS:
                 raise BlockcacheError(f"unknown method {m!r} (expected some of {', '.join(METHODS)})")

@@ -27,16 +27,21 @@ CALIBRATION_SEEDS = (1, 2)  # the measured run's noise is seed cfg.seed (0 by de
 L2C_LAMBDA = 1e-5
 
 
+def check_makers(makers) -> None:
+    """Refuse, in one line, a maker name that is not one of MAKERS with some of OPTIONS."""
+    unknown = [m for m in makers if m.split("+")[0] not in MAKERS or not set(m.split("+")[1:]) <= set(OPTIONS)]
+    if unknown:
+        raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)}, each "
+                              f"optionally with +{', +'.join(OPTIONS)})")
+
+
 class MatchedMaker:
     """Makes the matched schedules of one model and sampler (the statistics and the router are
     computed once, on first use)."""
 
     def __init__(self, model, full, guidance_scale: float, conditions, makers=MAKERS, seeds=CALIBRATION_SEEDS,
                  lam: float = L2C_LAMBDA):
-        unknown = [m for m in makers if m.split("+")[0] not in MAKERS or not set(m.split("+")[1:]) <= set(OPTIONS)]
-        if unknown:
-            raise BlockcacheError(f"unknown matched maker {unknown[0]!r} (expected some of {', '.join(MAKERS)}, each "
-                                  f"optionally with +{', +'.join(OPTIONS)})")
+        check_makers(makers)
         self.model, self.full, self.scale = model, full, guidance_scale
         self.conditions, self.makers, self.seeds = np.asarray(conditions), tuple(makers), tuple(seeds)
         self.lam = lam
