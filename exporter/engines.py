@@ -282,7 +282,8 @@ def tensorrt_version() -> str:
 
 def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, builder=None,
                   version: str | None = None, progress: bool = False) -> dict:
-    """Build one engine per variant of every program of the plan in `plan_dir` and add them to it;
+    """Build one engine per variant of every program of the plan in `plan_dir` (and one per batch size
+    for its decoder) and add them to it;
     returns the new manifest. Engines are built in a private folder and moved in only when all are
     built; the manifest is replaced last, by rename. `builder(onnx_path, settings, timing_cache) ->
     bytes` and `version` are for tests; by default TensorRT builds."""
@@ -302,26 +303,36 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     work = tempfile.mkdtemp(dir=plan_dir, prefix=".engines-")
     single = len(plan.programs) == 1
     engines = [[] for _ in plan.programs]  # per program
+    decoders = {}  # batch size → the decoder engine's entry
     try:
         cache = settings.timing_cache or os.path.join(work, "timing.cache")
         todo = [(p, k, v) for p in plan.programs for k, v in enumerate(p.variants)]
+        # a plan's decoder: one engine per batch size, fp32 at every precision (as its graph is)
+        todo += list({p.batch_size: (p, None, p.decoder) for p in plan.programs if p.decoder is not None}.values())
         for program, k, v in tqdm(todo, desc="engines", disable=not progress, leave=False):
             model = onnx.load(plan.path(v.file), load_external_data=False)
             model, weight_inputs, baked = prepare_graph(model, blob, min_weight_bytes=settings.min_weight_bytes,
-                                                        weights=set(plan.weights.tensors), precision=settings.precision)
+                                                        weights=set(plan.weights.tensors),
+                                                        precision="fp32" if k is None else settings.precision)
             path = os.path.join(work, f"{os.path.splitext(v.file)[0]}.trt.onnx")
             onnx.save(model, path)
             start = time.perf_counter()
             data = builder(path, settings, cache)
-            name = names.engine_file(k, None if single else program.index)
+            name = (names.decoder_engine_file(program.batch_size) if k is None
+                    else names.engine_file(k, None if single else program.index))
             with open(os.path.join(work, name), "wb") as f:
                 f.write(data)
-            engines[program.index].append({"variant": k, "file": name, **graph_io(model), "weight_inputs": weight_inputs,
-                                           "baked_bytes": baked,
-                                           "build_seconds": round(time.perf_counter() - start, 3)})
+            entry = {"file": name, **graph_io(model), "weight_inputs": weight_inputs, "baked_bytes": baked,
+                     "build_seconds": round(time.perf_counter() - start, 3)}
+            if k is None:
+                decoders[program.batch_size] = entry
+            else:
+                engines[program.index].append({"variant": k, **entry})
         # the engines must agree with each other and with the plan before they are moved in
-        with_engines = replace(plan, programs=tuple(replace(p, engines=tuple(Engine.parse(e) for e in engines[j]))
-                                                    for j, p in enumerate(plan.programs)))
+        with_engines = replace(plan, programs=tuple(
+            replace(p, engines=tuple(Engine.parse(e) for e in engines[j]),
+                    decoder_engine=Engine.parse(decoders[p.batch_size]) if p.batch_size in decoders else None)
+            for j, p in enumerate(plan.programs)))
         arena = weights_arena(with_engines)
         for program in with_engines.programs:
             plan_bindings(program, corrections=plan_corrections(plan, program), weights=arena)
@@ -335,18 +346,22 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
         }
         if single:
             new["tensorrt"]["engines"] = engines[0]
+            if decoders:
+                new["decoder_engine"] = decoders[plan.programs[0].batch_size]
         else:
-            new["programs"] = [dict(entry, engines=engines[j]) for j, (_, entry) in enumerate(program_entries(manifest))]
-        files = [e["file"] for program_engines in engines for e in program_engines]
+            new["programs"] = [dict(entry, engines=engines[j],
+                                    **({"decoder_engine": decoders[entry["batch_size"]]} if decoders else {}))
+                               for j, (_, entry) in enumerate(program_entries(manifest))]
+        files = [e["file"] for program_engines in engines for e in program_engines] + [e["file"] for e in decoders.values()]
         for name in files:
             os.replace(os.path.join(work, name), os.path.join(plan_dir, name))
         new = write_manifest(plan_dir, new, added=files)
     except BaseException:
-        for program_engines in engines:  # engines moved in before a failure are not listed anywhere: remove them
-            for e in program_engines:
-                path = os.path.join(plan_dir, e["file"])
-                if os.path.exists(path) and e["file"] not in manifest["files"]:
-                    os.remove(path)
+        # engines moved in before a failure are not listed anywhere: remove them
+        for e in [e for program_engines in engines for e in program_engines] + list(decoders.values()):
+            path = os.path.join(plan_dir, e["file"])
+            if os.path.exists(path) and e["file"] not in manifest["files"]:
+                os.remove(path)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

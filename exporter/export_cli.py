@@ -70,9 +70,6 @@ def main(argv=None):
     if args.tolerance is not None and not args.verify:
         raise BlockcacheError("--tolerance is the tolerance of --verify: add --verify")
     check_destination(args.out)  # before loading and tracing the model
-    if args.vae and settings is not None:
-        raise BlockcacheError("--vae: TensorRT plans do not build the decoder into an engine yet; export with "
-                              "--backend onnxruntime")
     schedules = [Schedule.load(path) for path in args.schedule]
     batch_sizes = parse_numbers(args.batch_sizes, "--batch-sizes") if args.batch_sizes else [args.batch_size or 1]
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,

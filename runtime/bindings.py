@@ -11,7 +11,8 @@ the same bookkeeping whatever executes the graphs, so it lives here, without any
   cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
   `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`); a forecast over m + 1 values has
   m + 1 buffers (`cache.<unit>@r`) that its inputs `cache.<unit>~i` are bound to in rotation
-  (`Program.cache_slots`).
+  (`Program.cache_slots`). A plan with a decoder also has the `image` slot, which the decoder engine
+  writes from the final latent's slot after the loop.
 - `weights` arena: one slot per weight that an engine takes as an *input*; every engine binds the
   same slot, so each weight is held on the device once however many engines use it.
 
@@ -33,7 +34,7 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 from .plan import Plan, names
-from .plan.graphs import variant_io
+from .plan.graphs import decoder_io, variant_io
 from .plan.manifest import Engine, Program
 
 ALIGNMENT = 256
@@ -113,11 +114,12 @@ class BindingPlan:
     constants: dict[str, np.ndarray]  # io slot → value written once at load
     output: str  # the io slot holding the final latent
     input: str = "x.0"  # the io slot the noise is written to
+    decoder: dict | None = None  # the decoder engine's tensor name → (arena, slot): final latent in, `image` out
 
-    def addresses(self, step: int, bases: dict[str, int]) -> dict[str, int]:
-        """Device address of every tensor of `step`, given each arena's base address."""
-        return {name: bases[arena] + getattr(self, arena).slots[slot].offset
-                for name, (arena, slot) in self.steps[step].items()}
+    def addresses(self, step: int | None, bases: dict[str, int]) -> dict[str, int]:
+        """Device address of every tensor of `step` (None: of the decoder), given each arena's base address."""
+        table = self.decoder if step is None else self.steps[step]
+        return {name: bases[arena] + getattr(self, arena).slots[slot].offset for name, (arena, slot) in table.items()}
 
     def initial_io(self) -> np.ndarray:
         """Host bytes of the io arena with every step constant written (the rest zero)."""
@@ -138,7 +140,8 @@ def weights_arena(plan: Plan) -> Arena:
     input has one slot, whichever programs' engines bind it."""
     specs: dict[str, tuple] = {}
     for program in plan.programs:
-        for k, engine in enumerate(engine_io(program)):
+        decoder = decoder_io(program)
+        for k, engine in enumerate(engine_io(program) + ((decoder,) if decoder is not None else ())):
             for name in engine.weight_inputs:
                 spec = engine.inputs[name]
                 if specs.setdefault(name, (list(spec.shape), spec.dtype)) != (list(spec.shape), spec.dtype):
@@ -201,6 +204,24 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
         if missing:
             raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
         bound.append(table)
+    output = f"x.{program.steps[-1].latents[2]}"
+    decoder_table = None
+    decoder = decoder_io(program)
+    if decoder is not None:  # after the loop: the final latent in, the uint8 image out
+        decoder_table = {}
+        for direction, tensors in (("inputs", decoder.inputs), ("outputs", decoder.outputs)):
+            for name, spec in tensors.items():
+                if name in decoder.weight_inputs:
+                    declare(weight_specs, name, spec, "the decoder engine")
+                    decoder_table[name] = ("weights", name)
+                elif (name, direction) == (names.DECODER_INPUT, "inputs"):
+                    declare(io_specs, "x.0", spec, "the decoder engine")
+                    decoder_table[name] = ("io", output)
+                elif (name, direction) == (names.DECODER_OUTPUT, "outputs"):
+                    declare(io_specs, names.DECODER_OUTPUT, spec, "the decoder engine")
+                    decoder_table[name] = ("io", names.DECODER_OUTPUT)
+                else:
+                    raise BlockcacheError(f"the decoder engine has a tensor {name!r} that no plan buffer matches")
 
     count = program.num_latents
     for k in range(count):
@@ -208,6 +229,7 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
     # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
     order = [f"x.{k}" for k in range(count)] + [n for n in names.CALL_INPUTS if n in io_specs and n != names.X]
     order += sorted(n for n in io_specs if n.startswith(names.CACHE_PREFIX))
+    order += [names.DECODER_OUTPUT] if names.DECODER_OUTPUT in io_specs else []
     order += [n for n in io_specs if n.startswith("step.")]
     io = Arena.pack((n, *io_specs[n]) for n in order)
     if weights is None:
@@ -231,8 +253,8 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
             if slot in io.slots:
                 constants[slot] = convert(value, io.slots[slot].dtype)
     return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in program.steps], steps=bound,
-                       constants=constants, output=f"x.{program.steps[-1].latents[2]}",
-                       input=f"x.{program.steps[0].latents[0]}")
+                       constants=constants, output=output, input=f"x.{program.steps[0].latents[0]}",
+                       decoder=decoder_table)
 
 
 def pack_weights(blob: np.ndarray, plan: Plan, arena: Arena) -> np.ndarray:

@@ -68,10 +68,10 @@ def noise():
     return np.random.default_rng(0).standard_normal((len(LABELS), 4, 8, 8)).astype(np.float32)
 
 
-def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0):
+def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0, decode=False):
     """The runtime's binding plan of program `index` executed on host arenas: every 'engine' (an ONNX
     graph here) reads and writes exactly the slots the TensorRT backend would bind, the weights in the
-    one arena every program shares."""
+    one arena every program shares. `decode`: then the decoder engine too, returning the images."""
     import onnxruntime as ort
 
     parsed = Plan.parse(manifest, plan_dir)
@@ -93,12 +93,15 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0):
     plan.io.view(arenas["io"], plan.input)[...] = x
     plan.io.view(arenas["io"], "y")[...] = y
     plan.io.view(arenas["io"], "guidance_scale")[...] = scale
-    for s, k in enumerate(plan.step_engine):
-        session, table = sessions[k], plan.steps[s]
+    runs = [(sessions[k], plan.steps[s]) for s, k in enumerate(plan.step_engine)]
+    if decode:
+        model = onnx.load(os.path.join(plan_dir, program.decoder_engine.file))
+        runs.append((ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), plan.decoder))
+    for session, table in runs:
         feeds = {i.name: arenas_view(table[i.name]).copy() for i in session.get_inputs()}
         for o, value in zip(session.get_outputs(), session.run(None, feeds)):
             arenas_view(table[o.name])[...] = value
-    return plan.io.view(arenas["io"], plan.output).copy()
+    return plan.io.view(arenas["io"], "image" if decode else plan.output).copy()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -588,3 +591,27 @@ def test_forecast_plan_binds_history_in_rotation(tmp_path, order):
     # at step 5 (history 4, 2, 0) its order + 1 values are in the order + 1 distinct buffers of the ring
     roles = [plan.steps[5]["cache.blocks.1.attn" + (f"~{i}" if i else "")][1] for i in range(order + 1)]
     assert len(set(roles)) == order + 1 and set(roles) == ring
+
+
+def test_decoder_engine_decodes_the_final_latent_slot(tmp_path):
+    """A TensorRT plan with a decoder: one fp32 decoder engine per batch size, its weights in the shared
+    arena, bound to the final latent's slot and the image slot; its replay gives ONNX Runtime's images."""
+    from conftest import tiny_model
+    from test_decoder import _tiny_vae
+
+    from runtime.nn.decoder import ImageDecoder
+
+    model = tiny_model()
+    path = str(tmp_path / "plan")
+    export_with_engines(model, Schedule.uniform(model.unit_names, 5, 2), path,
+                        EngineSettings(precision="fp32", min_weight_bytes=SMALL), builder=fake_builder(),
+                        version="10.test", batch_size=2, guidance_scale=4.0, decoder=ImageDecoder(_tiny_vae(), 0.18215))
+    manifest = load_manifest(path)
+    assert manifest["decoder_engine"]["file"] == "decoder_engine_2.plan" and manifest["decoder_engine"]["weight_inputs"]
+    program = Plan.parse(manifest, path).program
+    plan = plan_bindings(program)
+    assert plan.decoder["latents"] == ("io", plan.output) and plan.decoder["image"] == ("io", "image")
+    x, y = noise(), np.array(LABELS, np.int64)
+    want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
+    got = replay(path, manifest, x, y, 4.0, decode=True)
+    assert got.dtype == np.uint8 and np.abs(got.astype(int) - want.astype(int)).max() <= 1

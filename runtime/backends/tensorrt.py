@@ -14,6 +14,9 @@ CUDA runtime, and imports neither until a backend is made.
   the context's stream); per program an `io` arena and one TensorRT execution context per *step*,
   its addresses set once: nothing changes between calls, so after one eager warm-up each program's
   loop is captured once as a CUDA graph and each call is copy-in → graph launch → copy-out.
+- A plan with a decoder: one decoder engine per batch size (fp32), its TensorRT context bound to the
+  program's final latent slot and `image` slot; `decode` enqueues it after the loop (outside the loop's
+  graph, so a call for latents does not pay for it) and copies the uint8 images out.
 """
 
 from __future__ import annotations
@@ -186,12 +189,26 @@ class TensorRTBackend(Backend):
                 tensors.append(set(io))
             self.engines.append(engines)
             self.engine_tensors.append(tensors)
+        # the decoder engines (one per batch size, shared by that batch size's programs)
+        self.decoders = {}  # file → (engine, its tensor names)
+        for program in self.plan.programs:
+            entry = program.decoder_engine
+            if entry is not None and entry.file not in self.decoders:
+                with open(self.plan.path(entry.file), "rb") as f:
+                    engine = runtime.deserialize_cuda_engine(f.read())
+                if engine is None:
+                    raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
+                                          "the plan with the tensorrt backend on this machine")
+                io = self._engine_io(trt, engine)
+                check_engine_io(entry, io, entry.file)
+                self.decoders[entry.file] = (engine, set(io))
         cuda = self._cuda = _Cuda()
         self.weights_base = cuda.alloc(self.weights_arena.nbytes)
         cuda.upload(self.weights_base, host_weights)
         cuda.sync()
         # ICudaEngine.device_memory_size_v2 (TensorRT 10.1+): scratch an execution context needs.
-        self.scratch = max(int(e.device_memory_size_v2) for engines in self.engines for e in engines)
+        self.scratch = max(int(e.device_memory_size_v2) for e in [e for engines in self.engines for e in engines]
+                           + [engine for engine, _ in self.decoders.values()])
         self.memory = {"weights": self.weights_arena.nbytes, "io": sum(b.io.nbytes for b in self.bindings),
                        "scratch": self.scratch,
                        "engine_files": sum(self.plan.files[e.file].size for p in self.plan.programs for e in p.engines)}
@@ -223,7 +240,7 @@ class TensorRTBackend(Backend):
                 self._cuda.sync()
             except Exception:  # a failed start: free what there is
                 pass
-            self.engines = []
+            self.engines, self.decoders = [], {}
             self._cuda.close()
             self._cuda = None
 
@@ -251,6 +268,7 @@ class TensorRTContext(ExecutionContext):
         trt, cuda = backend.trt, self._cuda
         scratch = cuda.alloc(backend.scratch)
         self.io_bases, self.io_host, self.steps, self.graphs = [], [], [], None
+        self.decoders = {}  # program index → the decoder's TensorRT context (after the loop, outside its graph)
         for program, bindings in zip(backend.plan.programs, backend.bindings):
             bases = {"io": cuda.alloc(bindings.io.nbytes), "weights": backend.weights_base}
             host = bindings.initial_io()  # step constants, uploaded once
@@ -266,6 +284,14 @@ class TensorRTContext(ExecutionContext):
                     if name in backend.engine_tensors[program.index][k] and not ctx.set_tensor_address(name, address):
                         raise BlockcacheError(f"step {s}: TensorRT refused the address of {name!r}")
                 contexts.append(ctx)
+            if program.decoder_engine is not None:
+                engine, tensors = backend.decoders[program.decoder_engine.file]
+                ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                ctx.set_device_memory(scratch, backend.scratch)
+                for name, address in bindings.addresses(None, bases).items():
+                    if name in tensors and not ctx.set_tensor_address(name, address):
+                        raise BlockcacheError(f"decoder: TensorRT refused the address of {name!r}")
+                self.decoders[program.index] = ctx
             self.io_bases.append(bases["io"])
             self.io_host.append(host)
             self.steps.append(contexts)
@@ -308,13 +334,23 @@ class TensorRTContext(ExecutionContext):
         self._cuda.sync()
         return out.astype(np.float32)
 
+    def _decode(self, program: Program) -> np.ndarray:
+        bindings = self.backend.bindings[program.index]
+        if not self.decoders[program.index].execute_async_v3(self._cuda.stream):
+            raise BlockcacheError("TensorRT failed to enqueue the decoder")
+        slot = bindings.io.slots[names.DECODER_OUTPUT]
+        out = np.empty(slot.shape, np.uint8)
+        self._cuda.download(out, self.io_bases[program.index] + slot.offset)
+        self._cuda.sync()
+        return out
+
     def close(self) -> None:
         if getattr(self, "_cuda", None) is not None:
             try:
                 self._cuda.sync()
             except Exception:
                 pass
-            self.steps, self.graphs = [], None
+            self.steps, self.graphs, self.decoders = [], None, {}
             self._cuda.close()
             self._cuda = None
         super().close()

@@ -38,6 +38,17 @@ def variant_io(program: Program) -> tuple[Engine, ...]:
     return tuple(out)
 
 
+def decoder_io(program: Program) -> Engine | None:
+    """The program's decoder as an engine: its TensorRT engine, or for a plan without engines the
+    decoder graph's I/O (weights inside the graph); None without a decoder."""
+    if program.decoder is None:
+        return None
+    if program.decoder_engine is not None:
+        return program.decoder_engine
+    return Engine(program.decoder.file, {names.DECODER_INPUT: program.inputs[names.X]},
+                  {names.DECODER_OUTPUT: program.decoder.output}, ())
+
+
 def dtype_name(elem_type: int) -> str:
     """The plan's dtype name of an ONNX element type."""
     import onnx

@@ -249,6 +249,7 @@ class Program:
     scale_shift_file: str | None
     engines: tuple[Engine, ...] | None  # TensorRT engines, one per variant
     decoder: DecoderGraph | None = None  # the plan's decoder at this batch size
+    decoder_engine: Engine | None = None  # its TensorRT engine (TensorRT plans with a decoder)
 
     @property
     def evaluations(self) -> int:
@@ -377,8 +378,6 @@ class Plan:
         if tensorrt is not None:
             check.mapping(tensorrt, "tensorrt")
         decoder = _decoder(check, doc.get("decoder"), config, weights)
-        if decoder is not None and tensorrt is not None:
-            check.fail("decoder", "is not built into TensorRT engines yet: a TensorRT plan cannot have one")
         entries = program_entries(doc)
         programs = tuple(_program(check, entry, path, j, config, units, guidance, precision, weights, files,
                                   tensorrt is not None, decoder)
@@ -390,7 +389,7 @@ class Plan:
 
 
 PROGRAM_KEYS = ("batch_size", "sampler", "schedule", "schedule_source", "inputs", "output", "buffers", "variants",
-                "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph")
+                "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph", "decoder_engine")
 
 
 def program_entries(doc: dict) -> list[tuple[str, dict]]:
@@ -442,8 +441,16 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
     elif value.get("engines") is not None:
         check.fail(where + "engines", "are listed but the plan has no tensorrt entry")
     decoder_graph = _decoder_graph(check, value.get("decoder_graph"), where, batch, decoder, weights, files)
+    decoder_engine = None
+    if tensorrt and decoder_graph is not None:
+        if value.get("decoder_engine") is None:
+            check.fail(where + "decoder_engine", "is missing: a TensorRT plan with a decoder has an engine for it")
+        decoder_engine = Engine.parse(value["decoder_engine"], where + "decoder_engine", check)
+        check.file_name(decoder_engine.file, where + "decoder_engine.file", files)
+    elif value.get("decoder_engine") is not None:
+        check.fail(where + "decoder_engine", "is listed but the plan has no decoder or no tensorrt entry")
     return Program(index, batch, value["sampler"], schedule_file, inputs, cache, variants, steps, scale_shift_file,
-                   engines, decoder_graph)
+                   engines, decoder_graph, decoder_engine)
 
 
 def _check_programs(check: _Check, programs) -> None:

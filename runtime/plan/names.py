@@ -64,6 +64,10 @@ def decoder_file(batch_size: int) -> str:
     return f"decoder_{batch_size}.onnx"
 
 
+def decoder_engine_file(batch_size: int) -> str:
+    return f"decoder_engine_{batch_size}.plan"
+
+
 HIDDEN_PREFIX = "hidden."  # master graph outputs: the hidden state after each block (surgery's span cuts)
 HIDDEN_INPUT = "hidden.input"  # ... and before the first block
 
