@@ -208,7 +208,7 @@ def check_decoder(model, decoder) -> None:
 
 
 def _write_decoders(model, decoder, batch_sizes, weights: "WeightsFile", folder: str) -> tuple[dict, dict]:
-    """(the manifest's `decoder` entry, {batch size: the program's `decoder` entry}): one decoder graph
+    """(the manifest's `decoder` entry, {batch size: the program's `decoder_graph` entry}): one decoder graph
     per batch size, its weights stored once in the plan's weights file."""
     import onnx
 

@@ -218,3 +218,24 @@ def test_sample_cli_writes_grids_pngs_and_arrays_eager_and_plan_alike(tmp_path, 
     r = run_cli("exporter.sample_cli", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--steps", "2",
                 "--labels", "1", "--out", f"{tmp_path}/latents/", "--quiet")
     assert "needs images" in assert_one_line_error(r.stderr)
+
+
+def test_uvit_plan_yields_the_same_images_as_its_decoded_eager_latents(tmp_path, vae_files):
+    """U-ViT (DPM-Solver-2, its own guidance form) decodes through the same decoder graph."""
+    from exporter.export import export_plan
+    from exporter.models import load_model
+    from exporter.reference import sample
+    from exporter.vae import load_vae
+    from runtime import Sampler
+    from runtime.nn.decoder import ImageDecoder
+
+    vae, folder = vae_files
+    model = load_model("uvit-h2", random_init=True, seed=1, depth=4, hidden_size=32, num_heads=2, input_size=8)
+    schedule = Schedule.uniform(model.unit_names, 6, 2, sampler="dpm-solver-2")
+    path = str(tmp_path / "plan")
+    export_plan(model, schedule, path, batch_size=2, decoder=ImageDecoder(*load_vae(folder / "autoencoder_kl.pth")))
+    noise = np.concatenate([initial_noise((1, 4, 8, 8), s) for s in SEEDS[:2]])
+    _, want = _diffusers_images(vae, sample(model, schedule, LABELS[:2], noise, guidance_scale=0.4))
+    with Sampler(path, backend="onnxruntime") as sampler:
+        got = sampler(LABELS[:2], seeds=SEEDS[:2])
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

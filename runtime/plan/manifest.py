@@ -577,11 +577,11 @@ def _weights(check: _Check, value, files, parameter_dtype: str) -> Weights:
             check.fail(path, f"has {length} bytes, not those of a {list(spec.shape)} {spec.dtype} tensor")
         tensors[name] = StoredTensor(offset, length, spec.shape, spec.dtype)
     return Weights(file, tensors, _parameters(check, value.get("parameters") or {}, "weights.parameters", tensors,
-                                              parameter_dtype))
+                                              parameter_dtype, "the plan's"))
 
 
-def _parameters(check: _Check, value, where: str, tensors: dict, dtype: str) -> dict:
-    """PyTorch parameter name → ParameterSource: each a stored tensor of `dtype`."""
+def _parameters(check: _Check, value, where: str, tensors: dict, dtype: str, whose: str) -> dict:
+    """PyTorch parameter name → ParameterSource: each a stored tensor of `dtype` (`whose` dtype, in errors)."""
     parameters = {}
     for name, source in check.mapping(value, where).items():
         path = f"{where}[{name!r}]"
@@ -589,7 +589,7 @@ def _parameters(check: _Check, value, where: str, tensors: dict, dtype: str) -> 
         if not isinstance(source["tensor"], str) or source["tensor"] not in tensors:
             check.fail(path, "points to a tensor the weights file does not hold")
         if tensors[source["tensor"]].dtype != dtype:
-            check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not {dtype}")
+            check.fail(path, f"is stored as {tensors[source['tensor']].dtype}, not {whose} {dtype}")
         parameters[name] = ParameterSource(source["tensor"], check.flag(source.get("transposed", False),
                                                                         path + ".transposed"))
     return parameters
@@ -611,7 +611,7 @@ def _decoder(check: _Check, value, config: dict, weights: Weights) -> "Decoder |
     levels = check.sequence(vae["block_out_channels"], "decoder.config.block_out_channels", nonempty=True)
     size = config["input_size"] * 2 ** (len(levels) - 1)  # every level but the last upsamples by 2
     return Decoder(scale, dict(vae), _parameters(check, value["parameters"], "decoder.parameters",
-                                                 weights.tensors, "float32"), size)
+                                                 weights.tensors, "float32", "the decoder's"), size)
 
 
 def _decoder_graph(check: _Check, value, where: str, batch: int, decoder: "Decoder | None", weights: Weights,
