@@ -6,6 +6,7 @@ latents (OUT.npy, or OUT.png for models whose latents are images)."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -68,7 +69,12 @@ def main(argv=None):
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     folder = is_folder_output(args.out)
-    if not folder:
+    if folder:  # made now: a folder that cannot be made is refused before sampling
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise BlockcacheError(f"--out {args.out}: cannot make the folder ({e.strerror or e})") from None
+    else:
         check_output(args.out, (".npy", ".png"), "--out")  # before sampling, not after
     noise = _load_noise(args.noise) if args.noise else None
     seeds = parse_numbers(args.seeds, "--seeds") if args.seeds else None
