@@ -15,12 +15,13 @@ difference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+
+from benchmarks import write_json
 
 MODEL = dict(name="dit-xl2", hidden_size=256, num_heads=4)
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
@@ -81,10 +82,7 @@ def main(argv=None):
             print(f"{name}: loop {latents['cpu_s']:.2f} s CPU ({latents['wall_s']:.2f} s wall), with decoder "
                   f"{images['cpu_s']:.2f} s CPU ({images['wall_s']:.2f} s wall): decoder {row['decoder_cpu_s']:.2f} s "
                   f"= {row['decoder_share_cpu']:.0%} of the call", flush=True)
-    out = os.path.join(args.out, f"{results['date']}-decoder-cpu.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {out}")
+    print("wrote", write_json(args.out, results['date'] + "-decoder-cpu", results))
     return 0
 
 

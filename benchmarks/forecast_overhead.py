@@ -11,12 +11,13 @@ forecast order 0, 1 and 2. Reports per order the median process CPU time and wal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+
+from benchmarks import write_json
 
 MODEL = dict(name="dit-xl2", hidden_size=256, num_heads=4, input_size=16)
 
@@ -60,10 +61,7 @@ def main(argv=None):
         results["rows"].append(row)
         print(f"forecast {order}: {row['variants']} variants, {row['cpu_s']:.3f} s CPU (min {row['cpu_min_max'][0]:.3f}, "
               f"max {row['cpu_min_max'][1]:.3f}), {row['wall_s']:.3f} s wall", flush=True)
-    out = os.path.join(args.out, f"{time.strftime('%Y-%m-%d')}-forecast-overhead-cpu.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {out}")
+    print("wrote", write_json(args.out, time.strftime("%Y-%m-%d") + "-forecast-overhead-cpu", results))
     return 0
 
 

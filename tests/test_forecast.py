@@ -142,7 +142,7 @@ def test_forecast_plans_equal_the_eager_reference(tmp_path, order):
     assert f"span:blocks.2:blocks.3@{order}" in program.cache
     last = program.variants[program.steps[6].variant]
     assert last.forecasts["span:blocks.2:blocks.3"] == order
-    assert f"forecast.span:blocks.2:blocks.3" in variant_io(program)[program.steps[6].variant].inputs
+    assert "forecast.span:blocks.2:blocks.3" in variant_io(program)[program.steps[6].variant].inputs
     np.testing.assert_allclose(program.steps[6].forecast["blocks.1.attn"],
                                taylor_weights(schedule.history()[6]["blocks.1.attn"], 6))
     labels, noise = np.array([2, 4]), initial_noise((2, 4, 8, 8), 3)

@@ -176,32 +176,15 @@ class TensorRTBackend(Backend):
         runtime = self._runtime = trt.Runtime(self._logger)  # kept alive as long as its engines
         self.engines, self.engine_tensors = [], []  # per program, per variant
         for program in self.plan.programs:
-            engines, tensors = [], []
-            for entry in program.engines:
-                with open(self.plan.path(entry.file), "rb") as f:
-                    engine = runtime.deserialize_cuda_engine(f.read())
-                if engine is None:
-                    raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
-                                          "the plan with the tensorrt backend on this machine")
-                io = self._engine_io(trt, engine)
-                check_engine_io(entry, io, entry.file)
-                engines.append(engine)
-                tensors.append(set(io))
-            self.engines.append(engines)
-            self.engine_tensors.append(tensors)
+            loaded = [self._load_engine(trt, runtime, entry) for entry in program.engines]
+            self.engines.append([engine for engine, _ in loaded])
+            self.engine_tensors.append([tensors for _, tensors in loaded])
         # the decoder engines (one per batch size, shared by that batch size's programs)
         self.decoders = {}  # file → (engine, its tensor names)
         for program in self.plan.programs:
             entry = program.decoder_engine
             if entry is not None and entry.file not in self.decoders:
-                with open(self.plan.path(entry.file), "rb") as f:
-                    engine = runtime.deserialize_cuda_engine(f.read())
-                if engine is None:
-                    raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
-                                          "the plan with the tensorrt backend on this machine")
-                io = self._engine_io(trt, engine)
-                check_engine_io(entry, io, entry.file)
-                self.decoders[entry.file] = (engine, set(io))
+                self.decoders[entry.file] = self._load_engine(trt, runtime, entry)
         cuda = self._cuda = _Cuda()
         self.weights_base = cuda.alloc(self.weights_arena.nbytes)
         cuda.upload(self.weights_base, host_weights)
@@ -217,6 +200,17 @@ class TensorRTBackend(Backend):
     def cuda_graph(self) -> bool:
         """Whether every context replays captured CUDA graphs."""
         return bool(self.contexts) and all(c.graphs is not None for c in self.contexts)
+
+    def _load_engine(self, trt, runtime, entry) -> tuple:
+        """(the deserialized engine of manifest entry `entry`, its tensor names), checked against the entry."""
+        with open(self.plan.path(entry.file), "rb") as f:
+            engine = runtime.deserialize_cuda_engine(f.read())
+        if engine is None:
+            raise BlockcacheError(f"TensorRT cannot load {entry.file} (built for another GPU?): re-export "
+                                  "the plan with the tensorrt backend on this machine")
+        io = self._engine_io(trt, engine)
+        check_engine_io(entry, io, entry.file)
+        return engine, set(io)
 
     @staticmethod
     def _engine_io(trt, engine) -> dict:
