@@ -76,11 +76,9 @@ def main(argv=None):
                        **model_overrides(args))
     decoder = None
     if args.vae:
-        from runtime.nn.decoder import ImageDecoder
+        from .vae import load_decoder
 
-        from .vae import load_vae
-
-        decoder = ImageDecoder(*load_vae(args.vae))
+        decoder = load_decoder(args.vae)
     start = time.perf_counter()
     report = []
 

@@ -110,12 +110,10 @@ def main(argv=None):
                                        args.spacing, model=args.model, sampler=family.samplers[0]))
         decoder = None
         if args.vae:
-            from runtime.nn.decoder import ImageDecoder
-
             from .export import check_decoder
-            from .vae import load_vae
+            from .vae import load_decoder
 
-            decoder = ImageDecoder(*load_vae(args.vae))
+            decoder = load_decoder(args.vae)
             check_decoder(model, decoder)
         c, size = model.in_channels, model.config["input_size"]
         _check_images_out(args.out, folder, decoder is not None, c)

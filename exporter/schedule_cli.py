@@ -10,7 +10,6 @@ a model, which live here so that `schedules` never imports the network code:
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 

@@ -3,7 +3,7 @@ diffusers folder or from the original latent-diffusion single file, without runn
 
     vae, scaling_factor = load_vae("sd-vae-ft-ema")            # config.json + diffusion_pytorch_model.safetensors
     vae, scaling_factor = load_vae("autoencoder_kl.pth")        # latent-diffusion keys (U-ViT's file)
-    images = ImageDecoder(vae, scaling_factor)(latents)         # uint8 (N, H, W, 3), runtime/nn/decoder.py
+    images = load_decoder("sd-vae-ft-ema")(latents)             # uint8 (N, H, W, 3): runtime/nn/decoder.py
 
 Layouts:
 - a diffusers folder: `config.json` (AutoencoderKL's) and `diffusion_pytorch_model.safetensors` (or
@@ -146,9 +146,8 @@ def _load_strict(vae, state: dict, path: str) -> None:
         raise BlockcacheError(f"{path}: weights do not fit AutoencoderKL ({first[:200]})") from None
 
 
-def check_latent_channels(vae, model, where: str = "--vae") -> None:
-    """Refuse, in one line, an autoencoder whose latent channels are not the model's."""
-    channels = vae.config.latent_channels
-    if channels != model.in_channels:
-        raise BlockcacheError(f"{where}: the autoencoder has {channels} latent channels but "
-                              f"{getattr(model, 'name', None) or 'the model'} samples {model.in_channels}")
+def load_decoder(path):
+    """The `ImageDecoder` (runtime/nn/decoder.py) of the autoencoder at `path` (`load_vae`)."""
+    from runtime.nn.decoder import ImageDecoder
+
+    return ImageDecoder(*load_vae(path))

@@ -81,7 +81,7 @@ def stats(config: dict | None, schedule: Schedule) -> dict:
         "spans": sum(len(schedule.spans(s)) for s in range(schedule.num_steps)),
         "forecast_order": schedule.forecast,
         # reuses that are forecasts from more than one value (the first reuses after step 0 have one)
-        "forecast_reads": sum(len(w) for w in schedule.forecast_weights()) if schedule.forecast else 0,
+        "forecast_reads": sum(len(steps) > 1 for uses in schedule.history() for steps in uses.values()),
     }
     if config is not None:
         full, scheduled = schedule_macs(config, schedule)

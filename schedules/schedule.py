@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import islice
 
 import numpy as np
 import yaml
@@ -224,8 +225,8 @@ class Schedule:
                     for u, c, sp in zip(self.unit_names, self.compute[s], self.span[s]) if not c and not sp}
             for first, last in self.spans(s):
                 members = [columns[b][0] for b in order[order.index(first):order.index(last) + 1]]
-                ran = [k for k in range(s - 1, -1, -1) if not self.span[k, members].any()]  # step 0 ran all
-                uses[span_key(first, last)] = tuple(ran[:depth])
+                ran = (k for k in range(s - 1, -1, -1) if not self.span[k, members].any())  # step 0 ran all
+                uses[span_key(first, last)] = tuple(islice(ran, depth))
             for u, c in zip(self.unit_names, self.compute[s]):
                 if c:
                     computed[u].append(s)
@@ -347,9 +348,6 @@ class Schedule:
         for key in ("sampler", "units", "steps"):
             if key not in doc:
                 raise BlockcacheError(f"{where}: missing '{key}'")
-        forecast = doc.get("forecast", 0)
-        if isinstance(forecast, bool) or not isinstance(forecast, int):
-            raise BlockcacheError(f"{where}: 'forecast' must be an order 0…{MAX_ORDER}, not {forecast!r}")
         for key in ("model", "source"):
             if doc.get(key) is not None and not isinstance(doc[key], str):
                 raise BlockcacheError(f"{where}: '{key}' must be a text, not {type(doc[key]).__name__}")
@@ -388,7 +386,7 @@ class Schedule:
         scale_shift = _read_scale_shift(doc["scale_shift"], where, base_dir) if doc.get("scale_shift") else {}
         try:
             schedule = cls(tuple(units), compute, sampler, model=doc.get("model"), source=doc.get("source"),
-                           scale_shift=scale_shift, span=span, forecast=forecast)
+                           scale_shift=scale_shift, span=span, forecast=doc.get("forecast", 0))
         except BlockcacheError as e:
             raise BlockcacheError(f"{where}: {e}") from None
         if scale_shift and schedule.scale_shift_digest() != doc["scale_shift"].get("sha256"):
@@ -415,8 +413,6 @@ class Schedule:
         """This schedule with another reuse mode: `span` turns every block a step reuses entirely (all its
         units `.`) into a span skip, so runs of such blocks reuse their total residual; `unit` keeps the
         rows. `forecast`: the TaylorSeer order of every reuse (None keeps the schedule's)."""
-        import dataclasses
-
         if reuse not in REUSE_MODES:
             raise BlockcacheError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {reuse!r}")
         span = self.span.copy()
@@ -428,7 +424,7 @@ class Schedule:
         source = self.source or "schedule"
         extras = ([] if reuse == "unit" else [f"reuse={reuse}"]) + (
             [] if forecast in (None, self.forecast) else [f"forecast={forecast}"])
-        return dataclasses.replace(self, span=span, scale_shift=scale_shift,
+        return replace(self, span=span, scale_shift=scale_shift,
                                    forecast=self.forecast if forecast is None else forecast,
                                    source=" ".join([source] + extras))
 

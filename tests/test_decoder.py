@@ -104,14 +104,13 @@ def test_unsafe_or_foreign_autoencoder_files_are_refused_in_one_line(tmp_path, v
 
 def _export(tmp_path, vae_path, batch_size=2, **kw):
     from exporter.export import export_plan
-    from exporter.vae import load_vae
-    from runtime.nn.decoder import ImageDecoder
+    from exporter.vae import load_decoder
 
     model = tiny_model()
     schedule = Schedule.uniform(model.unit_names, 6, 2)
     path = str(tmp_path / "plan")
     export_plan(model, schedule, path, batch_size=batch_size, guidance_scale=4.0,
-                decoder=ImageDecoder(*load_vae(vae_path)), **kw)
+                decoder=load_decoder(vae_path), **kw)
     return model, schedule, path
 
 
@@ -225,15 +224,14 @@ def test_uvit_plan_yields_the_same_images_as_its_decoded_eager_latents(tmp_path,
     from exporter.export import export_plan
     from exporter.models import load_model
     from exporter.reference import sample
-    from exporter.vae import load_vae
+    from exporter.vae import load_decoder
     from runtime import Sampler
-    from runtime.nn.decoder import ImageDecoder
 
     vae, folder = vae_files
     model = load_model("uvit-h2", random_init=True, seed=1, depth=4, hidden_size=32, num_heads=2, input_size=8)
     schedule = Schedule.uniform(model.unit_names, 6, 2, sampler="dpm-solver-2")
     path = str(tmp_path / "plan")
-    export_plan(model, schedule, path, batch_size=2, decoder=ImageDecoder(*load_vae(folder / "autoencoder_kl.pth")))
+    export_plan(model, schedule, path, batch_size=2, decoder=load_decoder(folder / "autoencoder_kl.pth"))
     noise = np.concatenate([initial_noise((1, 4, 8, 8), s) for s in SEEDS[:2]])
     _, want = _diffusers_images(vae, sample(model, schedule, LABELS[:2], noise, guidance_scale=0.4))
     with Sampler(path, backend="onnxruntime") as sampler:

@@ -121,9 +121,9 @@ class TorchBackend(Backend):
         self.precision = precision_name(dtype) if dtype is not None else plan.precision
         self.dtype = torch_dtype(self.precision)
         storage = plan_storage(plan, self.device)  # read once for the network and the decoder
-        self.model = model_from_plan(plan, self.dtype, self.device, storage)
+        self.model = model_from_plan(plan, self.dtype, storage)
         # the image decoder, fp32 at every precision (an autoencoder's activations overflow fp16)
-        self.decoder = decoder_from_plan(plan, self.device, storage) if plan.decoder is not None else None
+        self.decoder = decoder_from_plan(plan, storage) if plan.decoder is not None else None
         del storage
         self.step = DenoisingStep(self.model, plan.guidance.enabled, plan.guidance.channels)
         self.constants = [self._constants(program) for program in plan.programs]

@@ -26,28 +26,27 @@ def plan_storage(plan: Plan, device: str) -> torch.Tensor:
     return storage.to(device) if device.startswith("cuda") else storage
 
 
-def model_from_plan(plan: Plan, dtype: torch.dtype, device: str, storage: torch.Tensor | None = None) -> torch.nn.Module:
-    """The plan's network in eval mode, parameters in `dtype` on `device`, sharing the weights buffer
-    (`storage`: `plan_storage(plan, device)`, read here if not given)."""
+def model_from_plan(plan: Plan, dtype: torch.dtype, storage: torch.Tensor) -> torch.nn.Module:
+    """The plan's network in eval mode, parameters in `dtype` on the device of `storage`
+    (`plan_storage`), sharing that weights buffer."""
     params = plan.weights.parameters
     if not params:
         raise BlockcacheError("plan has no PyTorch parameter map (weights.parameters): re-export it for "
                               "the torch backend")
     with torch.device("meta"):
         model = build_model(plan.config)
-    model = _bind_parameters(model, params, plan, plan_storage(plan, device) if storage is None else storage, dtype)
+    model = _bind_parameters(model, params, plan, storage, dtype)
     model.name = plan.model_name
     return model
 
 
-def decoder_from_plan(plan: Plan, device: str, storage: torch.Tensor | None = None) -> torch.nn.Module:
+def decoder_from_plan(plan: Plan, storage: torch.Tensor) -> torch.nn.Module:
     """The plan's image decoder (runtime/nn/decoder.py: diffusers' AutoencoderKL decoder) in float32 on
-    `device`, its parameters views of the weights buffer."""
+    the device of `storage`, its parameters views of that weights buffer."""
     from ..nn.decoder import ImageDecoder, autoencoder_from_config
 
     decoder = ImageDecoder(autoencoder_from_config(plan.decoder.config), plan.decoder.scaling_factor)
-    return _bind_parameters(decoder, plan.decoder.parameters, plan,
-                            plan_storage(plan, device) if storage is None else storage, torch.float32)
+    return _bind_parameters(decoder, plan.decoder.parameters, plan, storage, torch.float32)
 
 
 def _bind_parameters(model: torch.nn.Module, params: dict, plan: Plan, storage: torch.Tensor,

@@ -38,15 +38,19 @@ def variant_io(program: Program) -> tuple[Engine, ...]:
     return tuple(out)
 
 
-def decoder_io(program: Program) -> Engine | None:
-    """The program's decoder as an engine: its TensorRT engine, or for a plan without engines the
-    decoder graph's I/O (weights inside the graph); None without a decoder."""
-    if program.decoder is None:
-        return None
-    if program.decoder_engine is not None:
-        return program.decoder_engine
+def decoder_graph_io(program: Program) -> Engine:
+    """The I/O of the program's decoder graph (weights inside the graph): the final latents in, the
+    uint8 images out."""
     return Engine(program.decoder.file, {names.DECODER_INPUT: program.inputs[names.X]},
                   {names.DECODER_OUTPUT: program.decoder.output}, ())
+
+
+def decoder_io(program: Program) -> Engine | None:
+    """The program's decoder as an engine: its TensorRT engine, or for a plan without engines its
+    graph's I/O (`decoder_graph_io`); None without a decoder."""
+    if program.decoder is None:
+        return None
+    return program.decoder_engine or decoder_graph_io(program)
 
 
 def dtype_name(elem_type: int) -> str:
@@ -85,8 +89,8 @@ def _verify_program_graphs(plan: Plan, program: Program) -> None:
     for k, (variant, expected) in enumerate(zip(program.variants, variant_io(program))):
         _verify_graph(plan, variant.file, f"{prefix}variants[{k}]", expected.inputs, expected.outputs, variant.weights)
     if program.decoder is not None:
-        _verify_graph(plan, program.decoder.file, f"{prefix}decoder_graph",
-                      {names.DECODER_INPUT: program.inputs[names.X]}, {names.DECODER_OUTPUT: program.decoder.output},
+        expected = decoder_graph_io(program)
+        _verify_graph(plan, expected.file, f"{prefix}decoder_graph", expected.inputs, expected.outputs,
                       program.decoder.weights)
 
 

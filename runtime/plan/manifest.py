@@ -38,6 +38,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 
 import numpy as np
 
@@ -767,26 +768,26 @@ def _check_cache_flow(check: _Check, variants, steps, units, where: str = "") ->
         if set(step.forecast) != set(variant.forecasts):
             check.fail(here + ".forecast", "does not give weights for exactly the variant's forecast reads")
         for name in variant.reads:
+            order = variant.forecasts.get(name, 0)  # the read uses the last order + 1 values made
             if span_blocks(name) is None:
-                made = computed.get(name, [])[::-1]
+                made = computed.get(name, [])[-(order + 1):][::-1]
                 what = f"unit {name} from the cache before any step computed it"
             else:
                 members = set(_span_members(name, blocks))
-                made = [k for k in range(s - 1, -1, -1) if not members & skipped_at[k]]
+                made = list(islice((k for k in range(s - 1, -1, -1) if not members & skipped_at[k]), order + 1))
                 what = f"span {name} before any step ran its blocks"
-            order = variant.forecasts.get(name, 0)
             if len(made) < order + 1:
                 check.fail(here, f"reads {what}" if not made else f"forecasts {name} from {order + 1} values, but "
                            f"only {len(made)} were made before")
-            for r in made[:order + 1]:
+            for r in made:
                 if name not in variants[steps[r].variant].writes:
                     check.fail(here, f"reads {name}, which step {r} made but did not write to the cache")
             if order:
-                want = taylor_weights(made[:order + 1], s)
+                want = taylor_weights(made, s)
                 got = step.forecast[name]
                 if len(got) != order + 1 or not np.allclose(got, want, rtol=1e-9, atol=1e-12):
                     check.fail(f"{here}.forecast[{name!r}]", f"are {list(got)}, not TaylorSeer's weights "
-                               f"{[float(w) for w in want]} for steps {made[:order + 1]}")
+                               f"{[float(w) for w in want]} for steps {made}")
         for unit in variant.computes:
             computed.setdefault(unit, []).append(s)
         skipped_at.append({b for name in variant.skips for b in _span_members(name, blocks)})
