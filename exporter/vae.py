@@ -66,12 +66,15 @@ def _read_tensors(path: str) -> dict:
         state = state["state_dict"]  # a Lightning checkpoint, as latent diffusion saved them
     if not isinstance(state, dict):
         raise BlockcacheError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    return state
+    import torch
+
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}  # tensors only: the rest is metadata
 
 
 def _from_folder(path: str):
-    from diffusers import AutoencoderKL
+    from runtime.nn.decoder import autoencoder_class
 
+    AutoencoderKL = autoencoder_class()
     config_path = os.path.join(path, "config.json")
     try:
         if os.path.getsize(config_path) > MAX_CONFIG_BYTES:
@@ -99,7 +102,9 @@ def _from_folder(path: str):
 
 
 def _from_single_file(path: str):
-    from diffusers import AutoencoderKL
+    from runtime.nn.decoder import autoencoder_class
+
+    AutoencoderKL = autoencoder_class()  # refuses in one line without diffusers
     from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, convert_ldm_vae_checkpoint
 
     state = _read_tensors(path)

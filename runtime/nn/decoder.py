@@ -30,13 +30,18 @@ class ImageDecoder(torch.nn.Module):
         return torch.round(image).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def autoencoder_from_config(config: dict):
-    """diffusers' `AutoencoderKL` built from its config (weights uninitialised on the meta device)."""
+def autoencoder_class():
+    """diffusers' `AutoencoderKL`, or a one-line refusal where diffusers is not installed."""
     try:
         from diffusers import AutoencoderKL
     except ImportError:
         from schedules.errors import BlockcacheError
 
-        raise BlockcacheError("decoding images in PyTorch needs diffusers' AutoencoderKL: pip install diffusers") from None
+        raise BlockcacheError("decoding images needs diffusers' AutoencoderKL: pip install diffusers") from None
+    return AutoencoderKL
+
+
+def autoencoder_from_config(config: dict):
+    """diffusers' `AutoencoderKL` built from its config (weights uninitialised on the meta device)."""
     with torch.device("meta"):
-        return AutoencoderKL.from_config(config)
+        return autoencoder_class().from_config(config)
