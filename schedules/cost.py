@@ -3,7 +3,9 @@
 Counts the matrix products (linear layers, patch embedding, attention scores and values); the
 element-wise work (norms, softmax, GELU, modulation) is left out, as in the papers' GMAC figures.
 DiT-XL/2 at 256 px gives 118.6 GMACs per image, the published number; U-ViT-H/2 at 256 px gives
-133.2 (its paper lists 133 GFLOPs, counting a multiply-add as one).
+133.2 (its paper lists 133 GFLOPs, counting a multiply-add as one). PixArt's units add the
+cross-attention over the prompt's `max_text_tokens` tokens (the pipelines pad every prompt to that
+length and mask the padding, so the products run over all of them).
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ from .zoo import family_of, unit_names
 
 
 def unit_macs(config: dict) -> dict[str, int]:
-    """MACs per image of one unit of each kind: {"attn": …, "mlp": …}."""
+    """MACs per image of one unit of each kind: {"attn": …, "mlp": …} (PixArt: {"attn1", "attn2", "ff"})."""
     d = config["hidden_size"]
     t = (config["input_size"] // config["patch_size"]) ** 2 + family_of(config).extra_tokens
     hidden = int(d * config["mlp_ratio"])
+    if family_of(config).name == "pixart":
+        prompt = config["max_text_tokens"]
+        attn1 = t * d * 3 * d + 2 * t * t * d + t * d * d  # as DiT's attention
+        # q and out projections over the patches, q·kᵀ and softmax·v against the prompt, and the k and v
+        # projections of the prompt tokens. Those depend on the prompt only: once a prologue computes
+        # them once per call, they move to fixed_macs (divided by the steps) and attn2 keeps the rest.
+        attn2 = 2 * t * d * d + 2 * t * prompt * d + prompt * d * 2 * d
+        return {"attn1": attn1, "attn2": attn2, "ff": 2 * t * d * hidden}
     attn = t * d * 3 * d + 2 * t * t * d + t * d * d  # qkv, q·kᵀ and softmax·v, proj
     mlp = 2 * t * d * hidden
     return {"attn": attn, "mlp": mlp}
@@ -30,6 +40,8 @@ def fixed_macs(config: dict) -> int:
     d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
     t = (config["input_size"] // p) ** 2
     embed = t * c * p * p * d
+    if family_of(config).name == "pixart":
+        return embed + pixart_fixed_macs(config, t)
     if family_of(config).name == "uvit":
         t_all = t + family_of(config).extra_tokens
         time_mlp = 2 * d * 4 * d if config["mlp_time_embed"] else 0
@@ -42,6 +54,21 @@ def fixed_macs(config: dict) -> int:
     ada = config["depth"] * 6 * d * d + 2 * d * d
     final = t * d * p * p * out
     return embed + t_mlp + ada + final
+
+
+def pixart_fixed_macs(config: dict, t: int) -> int:
+    """PixArt outside its units and patch embedding: the timestep MLP (and the micro-conditions' three
+    MLPs of width d/3), one shared adaLN-single projection to 6·d (not one per block), the caption
+    projection of every prompt token (a step-independent prologue's work), and the final layer."""
+    d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
+    out = c * (2 if config["learn_sigma"] else 1)
+    t_mlp = 256 * d + d * d
+    size = d // 3
+    micro = 3 * (256 * size + size * size) if config["use_additional_conditions"] else 0  # resolution (2), aspect ratio
+    ada = d * 6 * d
+    caption = config["max_text_tokens"] * (config["caption_channels"] * d + d * d)
+    final = t * d * p * p * out
+    return t_mlp + micro + ada + caption + final
 
 
 def unit_costs(config: dict) -> list[int]:

@@ -8,9 +8,10 @@ from schedules.errors import BlockcacheError
 from schedules.zoo import family_of
 
 from .dit import DiT
+from .pixart import PixArt
 from .uvit import UViT
 
-NETWORKS = {"dit": DiT, "uvit": UViT}  # family name → network class
+NETWORKS = {"dit": DiT, "uvit": UViT, "pixart": PixArt}  # family name → network class
 
 
 def build_model(config: dict) -> nn.Module:
