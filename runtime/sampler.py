@@ -28,6 +28,7 @@ the call) and `noise` keep their meaning.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -109,6 +110,10 @@ class Sampler:
         return max(p.batch_size for p in self.plan.programs)
 
     @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
     def backend_name(self) -> str:
         return f"{self.backend.name} ({self.backend.device})"
 
@@ -116,13 +121,9 @@ class Sampler:
                  guidance_scale: float | None = None, steps: int | None = None, output: str | None = None):
         """Final latents (N, C, H, W) float32, or for a plan with a decoder uint8 images (N, H, W, 3);
         `output="latents"` or `"images"` chooses (default: images where the plan has a decoder)."""
-        labels = check_labels(class_labels, self.num_classes)
-        n = len(labels)
-        images = self._output(output)
-        evaluations = self._steps(steps)
-        noise = self._noise(n, noise, seed, seeds)
-        scale = self._guidance_scale(guidance_scale)
-        batches = split_batches(n, self.plan.batch_sizes(evaluations), self.batch_costs)
+        labels, noise, scale, evaluations, images = self._request(class_labels, noise, seed, seeds, guidance_scale,
+                                                                   steps, output)
+        batches = self.split(len(labels), evaluations)
         context = self._acquire()
         try:
             out, start = [], 0
@@ -139,6 +140,42 @@ class Sampler:
         finally:
             self._release(context)  # also after an interrupted call: every call writes all it reads
         return np.concatenate(out)
+
+    def check(self, class_labels, *, seeds=None, guidance_scale: float | None = None, steps: int | None = None,
+              output: str | None = None) -> None:
+        """Refuse in one line what the same call would refuse, without sampling: a service checks each
+        request alone before batching it with others, so one bad request cannot fail its batch."""
+        self._request(class_labels, None, None, seeds, guidance_scale, steps, output)
+
+    def split(self, n: int, steps: int | None = None) -> list[int]:
+        """The batch sizes a call of `n` images with `steps` runs as (largest first), in image order."""
+        evaluations = self._steps(steps)
+        return split_batches(n, self.plan.batch_sizes(evaluations), self.batch_costs)
+
+    def measure_batch_costs(self, repeats: int = 2) -> dict:
+        """Time a run of each batch size (per model evaluation, on its shortest schedule, best of
+        `repeats` after a warm-up run) and split requests by those costs from now on, as `batch_costs=`
+        would; returns them. Call it before the Sampler is shared: a service does, so that 7 gathered
+        images run as one batch of 8 where that is faster than 4 + 2 + 1."""
+        costs, self.batch_costs = {}, None  # each timed call runs as one batch of its size
+        for b in sorted({p.batch_size for p in self.plan.programs}):
+            steps = min(p.evaluations for p in self.plan.programs if p.batch_size == b)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                self([0] * b, seeds=[0] * b, steps=steps, output="latents")
+                times.append((time.perf_counter() - start) / steps)
+            costs[b] = min(times[1:])
+        self.batch_costs = check_batch_costs(costs, set(costs))
+        return self.batch_costs
+
+    def _request(self, class_labels, noise, seed, seeds, guidance_scale, steps, output):
+        """A call's checked arguments: (labels, starting noise, guidance scale, evaluations, images?)."""
+        labels = check_labels(class_labels, self.num_classes)
+        images = self._output(output)
+        evaluations = self._steps(steps)
+        noise = self._noise(len(labels), noise, seed, seeds)
+        return labels, noise, self._guidance_scale(guidance_scale), evaluations, images
 
     def _output(self, output) -> bool:
         """Whether the call returns images (`output`: None, "images" or "latents")."""

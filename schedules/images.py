@@ -1,4 +1,5 @@
-"""Writing samples: .npy latents, or a PNG grid where the latent *is* the image (1 or 3 channels)."""
+"""Writing samples: .npy arrays, and PNG grids of decoded images or of latents that *are* images (1 or 3
+channels), to files (complete or absent) or to file objects (a service's response)."""
 
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ def _pyplot():
     return plt
 
 
+def write_samples_png(samples: np.ndarray, file, rows: int | None = None, scale: int = 4) -> None:
+    """Latents that are images (1 or 3 channels, in [-1, 1]) as one PNG grid, to a path or file object."""
+    grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)), np.uint8))
+    _pyplot().imsave(file, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
+
+
 def save_samples(samples: np.ndarray, path: str, rows: int | None = None, scale: int = 4) -> None:
     """Write `samples` to `path` (.npy, or .png as a grid); the file appears only when complete."""
-    def draw(tmp):
-        grid = np.kron(to_grid(samples, rows), np.ones((scale, scale) + (() if samples.shape[1] == 1 else (1,)),
-                                                       np.uint8))
-        _pyplot().imsave(tmp, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, format="png")
-
-    _write(path, samples, draw)
+    _write(path, samples, lambda tmp: write_samples_png(samples, tmp, rows, scale))
 
 
 def is_folder_output(path: str) -> bool:
@@ -62,40 +64,41 @@ def is_folder_output(path: str) -> bool:
     return path.endswith(("/", os.sep)) or os.path.isdir(path)
 
 
+def check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise BlockcacheError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+
+
+def write_images_png(images: np.ndarray, file, labels, seeds) -> None:
+    """uint8 images (N, H, W, 3) as one PNG grid, each titled with its label and seed, to a path or file object."""
+    check_images(images)
+    plt = _pyplot()
+    n = len(images)
+    cols = min(n, int(np.ceil(np.sqrt(n))))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, seed in zip(axes.flat, images, labels, seeds):
+        ax.imshow(image)
+        ax.set_title(f"label {int(label)}, seed {seed}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, format="png", dpi=100)
+    plt.close(fig)
+
+
 def save_images(images: np.ndarray, path: str, labels, seeds) -> list[str]:
     """Write uint8 images (N, H, W, 3): `.npy` the array, `.png` a grid with each image's label and seed,
     `DIR/` one PNG per image named `<index>-<label>-<seed>.png` (`seeds`: one entry per image, a seed or
     a word such as "noise"). Each file appears only when complete; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise BlockcacheError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    check_images(images)
     if is_folder_output(path):
         os.makedirs(path, exist_ok=True)
         written = []
         for i, (image, label, seed) in enumerate(zip(images, labels, seeds)):
             target = os.path.join(path, f"{i}-{int(label)}-{seed}.png")
             with atomic_output(target, ".png") as tmp:
-                plt.imsave(tmp, image, format="png")
+                _pyplot().imsave(tmp, image, format="png")
             written.append(target)
         return written
-
-    def draw(tmp):
-        n = len(images)
-        cols = min(n, int(np.ceil(np.sqrt(n))))
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, image, label, seed in zip(axes.flat, images, labels, seeds):
-            ax.imshow(image)
-            ax.set_title(f"label {int(label)}, seed {seed}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-
-    _write(path, images, draw, ", or be a folder (DIR/)")
-    return [path]
+    _write(path, images, lambda tmp: write_images_png(images, tmp, labels, seeds), ", or be a folder (DIR/)")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-PACKAGES = ("benchmarks", "exporter", "runtime", "schedules")
+PACKAGES = ("benchmarks", "exporter", "runtime", "schedules", "serve")
 # Torch-free at module level: all of schedules, and the runtime except its torch parts.
 TORCH_FREE = ("schedules", "runtime")
 TORCH_PARTS = ("runtime/nn/", "runtime/backends/torch.py", "runtime/backends/torch_weights.py")
@@ -76,5 +76,13 @@ def test_onnxruntime_sampling_imports_no_torch(tiny_plan):
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'exporter'))))")
     done = subprocess.run([sys.executable, "-c", code, str(tiny_plan)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_service_client_imports_neither_ray_nor_torch():
+    code = ("import sys, serve.client, serve.api; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'starlette')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
