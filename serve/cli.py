@@ -66,7 +66,12 @@ def start_ray(args, options: Options, plans: int) -> bool:
 
     quiet = dict(logging_level=logging.WARNING, include_dashboard=False)
     if args.address:
-        ray.init(address=args.address, **quiet)
+        try:
+            ray.init(address=args.address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # Ray's errors of a join, incl. authentication
+            raise BlockcacheError(f"cannot join the Ray cluster at {args.address} ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:160]}); a cluster started with token "
+                                  "authentication also needs RAY_AUTH_MODE=token and its token here") from None
         return False
     cores = os.cpu_count() or 1
     actor, _ = replica_resources(options, gpus=0)

@@ -91,6 +91,30 @@ def test_batch_costs_choose_the_split(plan, tiny):
         assert "\n" not in str(e.value)
 
 
+def test_measured_batch_costs_time_each_size_and_drive_the_split(plan):
+    """One cost per batch size, per model evaluation; the split follows them as given costs would."""
+    with Sampler(plan, device="cpu", threads=1) as sampler:
+        costs = sampler.measure_batch_costs(repeats=1)
+        assert set(costs) == set(BATCH_SIZES) and all(0 < c < 10 for c in costs.values())
+        for n in range(1, 8):
+            for steps in STEPS:
+                assert sampler.split(n, steps) == split_batches(n, BATCH_SIZES, costs)
+
+
+def test_check_refuses_what_the_call_would_without_sampling(plan):
+    with Sampler(plan, device="cpu", threads=1) as sampler:
+        sampler.check([1, 2], seeds=[3, 4], steps=6)  # a good request passes
+        for bad, words in ((dict(class_labels=[1000], steps=6), "out of range"),
+                           (dict(class_labels=[1], steps=5), "schedules of 4, 6 steps"),
+                           (dict(class_labels=[1]), "choose one with steps"),
+                           (dict(class_labels=[1, 2], seeds=[1], steps=6), "give one per image"),
+                           (dict(class_labels=[1], steps=6, guidance_scale=1e9), "guidance_scale")):
+            labels = bad.pop("class_labels")
+            for call in (sampler.check, sampler):
+                with pytest.raises(BlockcacheError, match=words):
+                    call(labels, **bad)
+
+
 def test_a_request_runs_as_the_split_batches(plan, tiny):
     """5 images on a plan of 1, 2 and 4 run as 4 + 1: equal to the eager reference on those noises."""
     labels, seeds = [1, 2, 3, 4, 5], [7, 8, 9, 10, 11]

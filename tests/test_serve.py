@@ -328,3 +328,59 @@ def test_sigterm_stops_the_service_and_the_ray_instance_it_started(service):
     assert re.search(r"stopped in \d+\.\d s", log.read_text())
     time.sleep(2)
     assert session_processes(proc.pid) == []  # its Ray instance (GCS, raylet, actors) went with it
+
+
+def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
+    """`--address`: the application runs on a cluster started apart (`ray start --head`); a join
+    without the cluster's token is refused in one line; SIGTERM deletes only the application."""
+    port, http = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        serve_cmd = [sys.executable, "-m", "serve.cli", f"multi={plans['multi']}", "--address", address,
+                     "--port", str(http)]
+        deadline = time.monotonic() + STARTUP_S
+        while True:  # the head is up once a join gets past the connection (to the token, or in)
+            refused = subprocess.run(serve_cmd, cwd=REPO, env=dict(env, RAY_AUTH_MODE="disabled"),
+                                     capture_output=True, text=True, timeout=STARTUP_S)
+            if "Token" in refused.stderr or "token" in refused.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert refused.returncode == 2
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot join the Ray cluster" in errors[0] and "RAY_AUTH_MODE=token" in errors[0]
+        assert "Traceback" not in refused.stderr
+
+        log = tmp_path / "join.txt"
+        with open(log, "w") as err:
+            joined = subprocess.Popen(serve_cmd, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"),
+                                      stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        client = Client(f"http://127.0.0.1:{http}", timeout=120)
+        try:
+            client.wait_ready(timeout=STARTUP_S)
+            assert client.samples([1, 2], seeds=[3, 4]).array.shape == (2, 4, 8, 8)
+        finally:
+            joined.send_signal(signal.SIGTERM)
+            assert joined.wait(timeout=STOP_S + 30) == 0, log.read_text()[-2000:]
+        assert "stopped in" in log.read_text()
+        assert head.poll() is None and session_processes(head.pid)  # the cluster runs on
+        status = subprocess.run([sys.executable, "-c", "import ray; from ray import serve; "
+                                 f"ray.init(address='{address}', logging_level='error'); "
+                                 "print(sorted(serve.status().applications))"],
+                                env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+        assert status.stdout.strip().splitlines()[-1] == "[]", status.stderr[-1000:]  # only our app went away
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in session_processes(head.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
