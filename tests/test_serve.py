@@ -177,6 +177,53 @@ def test_encoded_results_decode_to_what_was_sampled():
     assert tiles.shape[:2] == (4 * 10, 4 * 19)  # to_grid: 1 row × 2 of 8 px with 1 px borders, ×4
 
 
+def test_replica_resources_and_autoscaling_follow_the_cluster():
+    from serve.app import Options, replica_resources, scaling
+
+    cpu = Options(contexts=2, threads=3)
+    assert replica_resources(cpu, gpus=0) == ({"num_cpus": 6}, "cpu")
+    assert replica_resources(cpu, gpus=4) == ({"num_gpus": 1, "num_cpus": 1}, "cuda")
+    assert replica_resources(Options(device="cpu"), gpus=4) == ({"num_cpus": 1}, "cpu")
+    assert scaling(Options(replicas=3), 8, {"CPU": 16}, {"num_cpus": 1}) == {"num_replicas": 3}
+    auto = Options(replicas="auto", contexts=2)
+    assert scaling(auto, 8, {"CPU": 16, "GPU": 4}, {"num_gpus": 1, "num_cpus": 1}) == {"autoscaling_config": {
+        "min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}}
+    assert scaling(auto, 4, {"CPU": 16}, {"num_cpus": 4})["autoscaling_config"]["max_replicas"] == 4
+    assert scaling(Options(replicas="auto", max_replicas=9), 4, {"CPU": 2}, {"num_cpus": 1}
+                   )["autoscaling_config"]["max_replicas"] == 9
+
+
+def test_plan_names_and_options_are_checked():
+    from serve.app import Options, parse_plans
+    from schedules import BlockcacheError
+
+    assert parse_plans(["a=/x/p", "/y/q/"]) == {"a": "/x/p", "q": "/y/q"}
+    assert parse_plans("a=/x/p,b=/y") == {"a": "/x/p", "b": "/y"} == parse_plans({"a": "/x/p", "b": "/y"})
+    for bad, words in ((["a=/x", "a=/y"], "two plans are named"), (["bad name=/x"], "plan name"), ([], "at least one")):
+        with pytest.raises(BlockcacheError, match=words):
+            parse_plans(bad)
+    for bad in (dict(replicas=0), dict(replicas="many"), dict(contexts=0), dict(threads=True),
+                dict(max_batch_wait_ms=-1), dict(device="tpu"), dict(log_level="loud")):
+        with pytest.raises(BlockcacheError):
+            Options(**bad)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["/no/such/plan"], "plan folder not found"),
+    (["a=PLAN", "a=PLAN"], "two plans are named"),
+    (["PLAN", "--replicas", "some"], "--replicas must be a number or auto"),
+    (["PLAN", "--port", "70000"], "port number"),
+    (["PLAN", "--contexts", "0"], "contexts must be an integer"),
+])
+def test_bad_command_lines_are_one_line_before_ray_starts(plans, args, words):
+    args = [a.replace("PLAN", plans["multi"]) for a in args]
+    done = subprocess.run([sys.executable, "-m", "serve.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert words in lines[-1] and "Traceback" not in done.stderr and "Ray" not in done.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # the service
 
