@@ -5,10 +5,11 @@ atomically.
     plan = export_plans(model, [l2c20, l2c50], "plans/l2c", batch_sizes=[1, 2, 4, 8])   # 8 programs, one weights file
 
 Steps (model evaluations) with the same computed-unit set share one variant graph; the per-step
-constants (timestep, the solver's a, b and c, guidance scale, and Block Caching scale/shift vectors)
-are graph inputs: the solver's are listed per step in the manifest with the step's latent buffers
-(input, carry, output), the vectors stay in the schedule's sidecar file. The manifest format is
-runtime/plan's (docs/ARCHITECTURE.md, "The plan format").
+constants (timestep, the solver's a, b, c (and p, q), guidance scale, and Block Caching scale/shift
+vectors) are graph inputs: the solver's are listed per step in the manifest with the step's latent
+buffers (input, carry, output, and carry output where the carry is a step's output), the vectors stay
+in the schedule's sidecar file. The manifest format is runtime/plan's (docs/ARCHITECTURE.md, "The plan
+format").
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from schedules import BlockcacheError, Schedule
 from schedules.schedule import scale_shift_file, span_blocks, span_key
 from schedules.cost import schedule_macs, step_macs
 from schedules.errors import ParameterError
-from schedules.sampling import check_guidance_scale, guidance_needed, model_timesteps, neutral_guidance_scale
+from schedules.sampling import (carry_term, check_guidance_scale, guidance_needed, model_timesteps,
+                                neutral_guidance_scale)
 from schedules.zoo import family_of, num_labels
 
 from .models import check_weights
@@ -85,6 +87,13 @@ def latent_buffers(carry_source) -> list[tuple[int, int, int]]:
     return slots
 
 
+def carry_output_buffers(evaluations: int) -> list[tuple[int, int, int, int]]:
+    """Per evaluation, the latent buffers (input, carry, output, carry output) of a solver whose carry is
+    the previous evaluation's output (DPM-Solver++ 2M's data prediction): the latents ping-pong between
+    buffers 0 and 1, the carries between 2 and 3; the first evaluation, whose c is 0, carries its input."""
+    return [(s % 2, 2 + (s - 1) % 2 if s else 0, (s + 1) % 2, 2 + s % 2) for s in range(evaluations)]
+
+
 def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_scale: float | None = None,
                   guidance: bool | None = None, guidance_channels: str | None = None,
                   precision: str = "fp32") -> tuple[StepSettings, float]:
@@ -104,7 +113,8 @@ def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_sc
     sampler = schedule.make_sampler()
     settings = StepSettings(batch_size=batch_size,
                             guidance=guidance_needed(guidance_scale, guidance_channels) if guidance is None else guidance,
-                            guidance_channels=guidance_channels, carry=bool(np.any(sampler.carry_coefficients())),
+                            guidance_channels=guidance_channels, carry=carry_term(sampler) is not None,
+                            carry_output=carry_term(sampler) == "output",
                             fractional_time=model_timesteps(sampler).dtype.kind == "f", precision=precision)
     return settings, float(guidance_scale)
 
@@ -298,7 +308,11 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     c = sampler.carry_coefficients()
     timesteps = model_timesteps(sampler)
     rows, step_variant = group_variants(schedule)
-    latents = latent_buffers(sampler.carry_source)
+    if settings.carry_output:
+        latents = carry_output_buffers(len(timesteps))
+        p, q = sampler.carry_output_coefficients()
+    else:  # an earlier input carried (DPM-Solver-2), or no carry term (DDIM: each evaluation's own input)
+        latents = latent_buffers(sampler.carry_source if settings.carry else range(len(timesteps)))
     units = schedule.unit_names
     # A computed unit is a graph output iff some step of this variant has a later reader (liveness).
     outputs = [set() for _ in rows]
@@ -350,7 +364,7 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         for r in range(1 + max(v.get("forecasts", {}).get(name, 0) for v in variants)):
             buffers[names.cache_input(names.ring_buffer(name, r))] = {"shape": shape, "dtype": dtype}
     inputs = {}
-    for name in names.step_inputs(settings.carry):
+    for name in names.step_inputs(settings.carry, settings.carry_output):
         shape, dtype = tensor_shape(master, name)
         inputs[name] = {"shape": shape, "dtype": dtype}
     full, scheduled = schedule_macs(model.config, schedule)
@@ -365,7 +379,9 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         "buffers": buffers,
         "variants": variants,
         "steps": [{"variant": k, "timestep": timesteps[s].item(), "a": float(a[s]), "b": float(b[s]),
-                   **({"c": float(c[s])} if settings.carry else {}), "latents": list(latents[s]),
+                   **({"c": float(c[s])} if settings.carry else {}),
+                   **({"p": float(p[s]), "q": float(q[s])} if settings.carry_output else {}),
+                   "latents": list(latents[s]),
                    **({"forecast": {n: [float(v) for v in w] for n, w in forecast_weights[s].items()}}
                       if forecast_weights[s] else {})}
                   for s, k in enumerate(step_variant)],

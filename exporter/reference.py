@@ -22,8 +22,8 @@ from runtime.nn.step import DenoisingStep
 from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
 from schedules.schedule import span_blocks
-from schedules.sampling import (check_finite_result, check_guidance_scale, check_labels, check_noise, guidance_needed,
-                                initial_noise, model_timesteps)
+from schedules.sampling import (carry_term, check_finite_result, check_guidance_scale, check_labels, check_noise,
+                                guidance_needed, initial_noise, model_timesteps)
 from schedules.zoo import DIT, check_sampler, family_of
 
 DEFAULT_GUIDANCE_SCALE = DIT.guidance_scale  # DiT's demo setting, 4; 1.5 is the paper's FID setting
@@ -46,11 +46,13 @@ def guided_step(model, guidance_scale: float | None = None, guidance_channels: s
 
 
 class Denoiser:
-    """Evaluation s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, policy, x_carry)`
-    (CFG, network with the unit `policy`, solver update), with the per-step constants made once on
-    `device`. `x_carry` is the input of evaluation `carry_source[s]` (needed where `has_carry`:
-    DPM-Solver-2's intermediate evaluations); `run` shows the bookkeeping. `guidance_channels` defaults
-    to the model family's guidance form, `guidance_scale` to its published setting."""
+    """Evaluation s of a schedule's sampler as one call: `x_next = denoiser(s, x, y, policy, x_carry,
+    carried)` (CFG, network with the unit `policy`, solver update), with the per-step constants made
+    once on `device`. `x_carry` is s's carry, `carry(carried, s, x)` (needed where `has_carry`): the
+    input of evaluation `carry_source[s]` (DPM-Solver-2's intermediate evaluations), or where
+    `carry_output` the carry the previous evaluation handed on, p·x + q·eps (DPM-Solver++ 2M's data
+    prediction), which a call records in `carried`; `run` shows the bookkeeping. `guidance_channels`
+    defaults to the model family's guidance form, `guidance_scale` to its published setting."""
 
     def __init__(self, model, schedule: Schedule, guidance_scale: float | None = None,
                  guidance_channels: str | None = None, device="cpu"):
@@ -59,34 +61,52 @@ class Denoiser:
         self.scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
         sampler = schedule.make_sampler()
         self.timesteps = [torch.from_numpy(t.reshape(1)).to(device) for t in model_timesteps(sampler)]
-        self.a, self.b, self.c = (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1).to(device)
-                                  for v in (*sampler.coefficients(), sampler.carry_coefficients()))
-        self.carry_source = [int(k) for k in sampler.carry_source]
-        self.has_carry = bool(np.any(sampler.carry_coefficients()))
+
+        def constants(values):
+            return (torch.from_numpy(v.astype(np.float32)).reshape(-1, 1).to(device) for v in values)
+
+        self.a, self.b, self.c = constants((*sampler.coefficients(), sampler.carry_coefficients()))
+        self.has_carry, self.carry_output = carry_term(sampler) is not None, carry_term(sampler) == "output"
+        if self.carry_output:
+            self.p, self.q = constants(sampler.carry_output_coefficients())
+        else:  # the evaluation whose input each carries (without a carry term, as in DDIM, its own)
+            self.carry_source = [int(k) for k in sampler.carry_source] if self.has_carry else list(range(len(self)))
 
     def __len__(self):
         return len(self.timesteps)
 
-    def __call__(self, s: int, x, y, policy=None, x_carry=None):
-        if self.has_carry and self.carry_source[s] != s and x_carry is None:
-            raise BlockcacheError(f"evaluation {s} needs the latent of evaluation {self.carry_source[s]}")
+    def __call__(self, s: int, x, y, policy=None, x_carry=None, carried: dict | None = None):
+        needed = s > 0 if self.carry_output else self.has_carry and self.carry_source[s] != s
+        if needed and x_carry is None:
+            raise BlockcacheError(f"evaluation {s} needs " + (f"the carry of evaluation {s - 1}" if self.carry_output
+                                                            else f"the latent of evaluation {self.carry_source[s]}"))
         c = self.c[s] if x_carry is not None else None
-        return self.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale,
-                            COMPUTE if policy is None else policy, c, x_carry)
+        p_q = (self.p[s], self.q[s]) if self.carry_output else ()
+        out = self.denoise(x, y, self.timesteps[s], self.a[s], self.b[s], self.scale,
+                           COMPUTE if policy is None else policy, c, x_carry, *p_q)
+        if not self.carry_output:
+            return out
+        if carried is not None:  # detached, as callers detach the latent: nothing trains across evaluations
+            carried[s + 1] = out[1].detach()
+        return out[0]
 
-    def carry(self, inputs: dict, s: int, x):
-        """Record `x` as evaluation s's input in `inputs` and return s's carried latent (None without a
-        carry term); inputs no later evaluation carries are dropped."""
-        inputs[s] = x
-        for k in [k for k in inputs if k < self.carry_source[s]]:
-            del inputs[k]
-        return inputs[self.carry_source[s]] if self.has_carry else None
+    def carry(self, carried: dict, s: int, x):
+        """Evaluation s's carry (None without a carry term) from `carried`, the run's record: the input
+        of evaluation `carry_source[s]` (x is recorded as s's input; inputs no later evaluation carries
+        are dropped), or where `carry_output` the carry evaluation s − 1 recorded (evaluation 0, whose
+        c is 0, carries its own input)."""
+        if self.carry_output:
+            return carried.pop(s, None) if s else x
+        carried[s] = x
+        for k in [k for k in carried if k < self.carry_source[s]]:
+            del carried[k]
+        return carried[self.carry_source[s]] if self.has_carry else None
 
     def run(self, x, y, policy=lambda s: None, progress: bool = False, desc: str = "sampling"):
         """All evaluations from `x`; `policy(s)` gives evaluation s's unit policy (None: compute)."""
-        inputs = {}
+        carried = {}
         for s in tqdm(range(len(self)), desc=desc, disable=not progress, leave=False):
-            x = self(s, x, y, policy(s), self.carry(inputs, s, x))
+            x = self(s, x, y, policy(s), self.carry(carried, s, x), carried)
         return x
 
 

@@ -161,7 +161,7 @@ def derive_variant(master, compute: dict[str, bool], outputs: set[str], adjust: 
     forecasts = forecasts or {}
     graph = gs.import_onnx(master)
     tensors = graph.tensors()
-    keep = {names.X_NEXT} | {names.unit_output(u) for u in outputs}
+    keep = {names.X_NEXT, names.CARRY_NEXT} | {names.unit_output(u) for u in outputs}  # carry_next where traced
     skipped_units = set()
 
     def before(first_before):

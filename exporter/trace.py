@@ -3,7 +3,8 @@
 The traced step contains everything a step does (runtime/nn/step.py), so that the runtime issues
 exactly one graph execution per step: classifier-free guidance, the network, the guidance combination
 and the solver update. The step's timestep (an integer for DDIM, fractional for DPM-Solver), a, b, c
-and guidance scale are small graph inputs, so steps with the same computed units share a graph.
+(p, q) and guidance scale are small graph inputs, so steps with the same computed units share a graph.
+A solver whose carry is the previous step's output (DPM-Solver++ 2M) also outputs it, `carry_next`.
 
 Every cacheable unit's raw output is also a named graph output `unit.<name>`: graph surgery later
 detaches exactly these tensors from their producers to make cache reads (exporter/surgery.py). For
@@ -41,13 +42,16 @@ class StepSettings:
     guidance: bool  # the doubled CFG batch is in the graph
     guidance_channels: str = "first3"
     carry: bool = False  # x_carry and c inputs (solvers with a carry term)
+    carry_output: bool = False  # p and q inputs and the carry_next output (a carry that is a step's output)
     fractional_time: bool = False  # a float32 timestep (continuous-time solvers)
     precision: str = "fp32"  # the model's stored precision: fp32 or fp16
 
 
 @dataclass(frozen=True)
 class TracedStep:
-    proto: object  # onnx.ModelProto: inputs `step_inputs(carry)`, outputs `x_next` and `unit.<u>` in unit order
+    # onnx.ModelProto: inputs `step_inputs(carry, carry_output)`; outputs `x_next` (and `carry_next`), then
+    # `unit.<u>` in unit order
+    proto: object
     settings: StepSettings
     weights_digest: str  # of the traced model's config and weights (`weights_digest`)
 
@@ -71,10 +75,11 @@ class _RecordingStep(torch.nn.Module):
         self.model = model  # a submodule named "model": the exporter's name scopes read model.blocks.3.attn …
         self.step = DenoisingStep(model, settings.guidance, settings.guidance_channels)
 
-    def forward(self, x, y, timestep, a, b, guidance_scale, c=None, x_carry=None):
+    def forward(self, x, y, timestep, a, b, guidance_scale, c=None, x_carry=None, p=None, q=None):
         record = _Recorder({})
-        x_next = self.step.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry)
-        return (x_next, *(record.cache[u] for u in self.model.unit_names), *record.hidden.values())
+        latents = self.step.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry, p, q)
+        latents = latents if p is not None else (latents,)  # x_next, and carry_next with p and q
+        return (*latents, *(record.cache[u] for u in self.model.unit_names), *record.hidden.values())
 
 
 class _Recorder(CachePolicy):
@@ -108,7 +113,8 @@ def example_inputs(model, settings: StepSettings):
     x = torch.zeros(n, c, size, size)
     timestep = torch.zeros(1, dtype=torch.float32 if settings.fractional_time else torch.int64)
     inputs = (x, torch.zeros(n, dtype=torch.int64), timestep, torch.ones(1), torch.ones(1), torch.ones(1))
-    return inputs + ((torch.ones(1), torch.zeros_like(x)) if settings.carry else ())
+    inputs += (torch.ones(1), torch.zeros_like(x)) if settings.carry else ()
+    return inputs + ((torch.ones(1), torch.ones(1)) if settings.carry_output else ())
 
 
 def at_precision(model, precision: str):
@@ -124,8 +130,10 @@ def trace_step(model, settings: StepSettings) -> TracedStep:
     """The master step graph of `model` for `settings` (the model is taken at `settings.precision`)."""
     model = at_precision(model, settings.precision)
     step = _RecordingStep(model.eval(), settings)
-    output_names = [names.X_NEXT] + [names.unit_output(u) for u in model.unit_names] + hidden_outputs(model)
-    proto = export_onnx(step, example_inputs(model, settings), list(names.step_inputs(settings.carry)), output_names)
+    output_names = ([names.X_NEXT] + ([names.CARRY_NEXT] if settings.carry_output else [])
+                    + [names.unit_output(u) for u in model.unit_names] + hidden_outputs(model))
+    proto = export_onnx(step, example_inputs(model, settings),
+                        list(names.step_inputs(settings.carry, settings.carry_output)), output_names)
     return TracedStep(proto, settings, weights_digest(model))
 
 

@@ -1,12 +1,13 @@
 """`--verify`: run every variant graph on random inputs and compare it with the eager PyTorch step.
 
 Each variant gets random latents, labels, a timestep, coefficients (and a carried latent for
-DPM-Solver-2), random cache values for the units it reads (every history value of a forecast read,
-and random forecast weights) and random scale/shift vectors for those it corrects; the eager side runs the same `DenoisingStep` with a `CachePolicy` over those values.
-Both x_next and every unit output the graph writes must agree within `tolerance` (max abs error
-relative to the reference's max abs value). A plan's decoder graphs run on random latents beside the
-PyTorch decoder (`ImageDecoder` of the autoencoder it was exported from): their uint8 images may differ
-by one level at most (a value that rounds differently), never more.
+solvers with a carry, p and q where a step hands its carry on), random cache values for the units it
+reads (every history value of a forecast read, and random forecast weights) and random scale/shift
+vectors for those it corrects; the eager side runs the same `DenoisingStep` with a `CachePolicy` over
+those values. x_next (and carry_next) and every unit output the graph writes must agree within
+`tolerance` (max abs error relative to the reference's max abs value). A plan's decoder graphs run on
+random latents beside the PyTorch decoder (`ImageDecoder` of the autoencoder it was exported from):
+their uint8 images may differ by one level at most (a value that rounds differently), never more.
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
         names.B: rng.uniform(-1, 1, (1,)).astype(np.float32),
         names.GUIDANCE_SCALE: np.array([plan.guidance.scale], np.float32),
     }
-    if program.has_carry:  # solvers with a carry term (DPM-Solver-2)
+    if program.has_carry:  # solvers with a carry term (DPM-Solver-2, DPM-Solver++ 2M)
         feeds[names.C] = rng.uniform(0.5, 1.5, (1,)).astype(np.float32)
         feeds[names.X_CARRY] = rng.standard_normal(x_shape).astype(np.float32)
+    if program.carry_output:  # carry_next = p·x + q·eps (DPM-Solver++ 2M)
+        feeds[names.P] = rng.uniform(0.5, 1.5, (1,)).astype(np.float32)
+        feeds[names.Q] = rng.uniform(-1, 1, (1,)).astype(np.float32)
     cached, forecasts = {}, {}
     for u in variant.reads:
         spec, order = program.cache[u], variant.forecasts.get(u, 0)
@@ -81,7 +85,8 @@ def _verify_variant(model, plan: Plan, program: Program, k: int, session, tolera
         pair = tuple(rng.normal(0, 0.2, program.cache[u].shape[-1:]).astype(program.cache[u].dtype) for _ in "ab")
         corrections[u] = pair
         feeds.update(zip(names.correction_inputs(u), pair))
-    outputs = [names.X_NEXT] + [names.unit_output(u) for u in variant.writes]
+    outputs = ([names.X_NEXT] + ([names.CARRY_NEXT] if program.carry_output else [])
+               + [names.unit_output(u) for u in variant.writes])
     got = dict(zip(outputs, session.run(outputs, feeds)))
     want = _eager(model, plan, feeds, cached, corrections, forecasts, variant)
     worst = max(_rel_error(got[n], want[n]) for n in outputs)
@@ -101,10 +106,12 @@ def _eager(model, plan: Plan, feeds: dict, cached: dict, corrections: dict, fore
                                       for u, pair in corrections.items()},
                          spans=variant.spans, span_writes=variant.span_records,
                          forecasts={u: [float(w) for w in ws] for u, ws in forecasts.items()})
-    t = {k: torch.from_numpy(v) for k, v in feeds.items() if k in names.step_inputs(True)}
-    x_next = step.denoise(t[names.X], t[names.Y], t[names.TIMESTEP], t[names.A], t[names.B], t[names.GUIDANCE_SCALE],
-                          policy, t.get(names.C), t.get(names.X_CARRY))
-    return {names.X_NEXT: x_next.numpy(), **{names.unit_output(u): cache[u].numpy() for u in writes}}
+    t = {k: torch.from_numpy(v) for k, v in feeds.items() if k in names.step_inputs(True, True)}
+    latents = step.denoise(t[names.X], t[names.Y], t[names.TIMESTEP], t[names.A], t[names.B], t[names.GUIDANCE_SCALE],
+                           policy, t.get(names.C), t.get(names.X_CARRY), t.get(names.P), t.get(names.Q))
+    latents = latents if names.P in t else (latents,)  # x_next, and carry_next where the step hands it on
+    return {**{n: v.numpy() for n, v in zip((names.X_NEXT, names.CARRY_NEXT), latents)},
+            **{names.unit_output(u): cache[u].numpy() for u in writes}}
 
 
 def _rel_error(got: np.ndarray, want: np.ndarray) -> float:

@@ -4,10 +4,11 @@ A backend that replays a plan with fixed device addresses (TensorRT, and a CUDA 
 the same bookkeeping whatever executes the graphs, so it lives here, without any GPU library:
 
 - `io` arena: the latents (DDIM ping-pongs: step s reads `x.{s%2}` and writes `x.{(s+1)%2}`;
-  DPM-Solver-2 rotates three, as the manifest's per-step `latents` say), the labels, the
-  guidance scale, every step's constants (`step.{s}.timestep|a|b`, written once at load, so a captured
-  loop needs no host writes; `step.{s}.c` for DPM-Solver-2; with Block Caching, also
-  `step.{s}.scale.<unit>|shift.<unit>`; with forecasts `step.{s}.forecast.<unit>`) and one
+  DPM-Solver-2 rotates three, DPM-Solver++ 2M four, its `carry_next` output bound like `x_next`, as
+  the manifest's per-step `latents` say), the labels, the guidance scale, every step's constants
+  (`step.{s}.timestep|a|b`, written once at load, so a captured loop needs no host writes;
+  `step.{s}.c` for solvers with a carry, `step.{s}.p|q` where it is a step's output; with Block
+  Caching, also `step.{s}.scale.<unit>|shift.<unit>`; with forecasts `step.{s}.forecast.<unit>`) and one
   cache buffer per reused unit (`cache.<unit>`: written by the variants that compute the unit as
   `unit.<unit>`, read by the ones that reuse it as `cache.<unit>`); a forecast over m + 1 values has
   m + 1 buffers (`cache.<unit>@r`) that its inputs `cache.<unit>~i` are bound to in rotation
@@ -184,7 +185,7 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
                     declare(weight_specs, name, spec, owner)
                     table[name] = ("weights", name)
                     continue
-                if name in names.LATENTS:  # the step's (input, carry, output) latent buffers
+                if name in names.LATENTS:  # the step's (input, carry, output, carry output) latent buffers
                     slot = f"x.{step.latents[names.LATENTS.index(name)]}"
                 elif name in names.STEP_CONSTANTS or name.startswith(names.STEP_VECTOR_PREFIXES):
                     slot = f"step.{s}.{name}"

@@ -27,9 +27,10 @@ def build_parser(add_commands=None) -> ArgumentParser:
         p.add_argument("--steps", type=int, required=True,
                        help="model evaluations (DDIM: sampling steps; dpm-solver-2: twice its solver steps)")
         p.add_argument("--sampler", choices=SAMPLERS, help="solver (default: the model family's: ddim for DiT, "
-                       "dpm-solver-2 for U-ViT)")
+                       "dpm-solver-2 for U-ViT, dpm-solver++-2m for PixArt)")
         p.add_argument("--spacing", choices=SPACINGS + ("time-uniform",),
-                       help="timestep spacing (default: linspace for ddim, time-uniform for dpm-solver-2)")
+                       help="timestep spacing (default: linspace for ddim and dpm-solver++-2m, time-uniform for "
+                       "dpm-solver-2)")
         p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
         return p
 

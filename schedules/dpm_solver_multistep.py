@@ -10,7 +10,7 @@ pipeline splits off the learned sigma before `scheduler.step`).
 
 Noise tables. diffusers keeps σ_k = √((1 − ᾱ_k)/ᾱ_k) (its `sigmas`, an EDM-style noise level) and
 derives per step α = 1/√(σ² + 1), σ_t = σ·α (the VP pair), λ = log α − log σ_t. Here ᾱ comes from
-float64 linear betas (`sampling.linear_betas`, the same betas as DiT); diffusers builds them in
+float64 linear betas (`betas.linear_betas`, the same betas as DiT); diffusers builds them in
 float32 (torch.linspace/cumprod) and casts its σ table to float32, which moves ᾱ by up to 2.5e-7 and
 σ by up to 3e-6 relative on the 20-step grid (8e-5 at t = 1), but the sampled latents by only ~1e-7
 relative, less than diffusers' own float32 arithmetic does (~3e-7 for 20 steps). Every later formula is diffusers' own expression, in the same order, in float64.
@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BlockcacheError
-from .sampling import linear_betas
+from .betas import linear_betas
 
 NUM_TRAIN_TIMESTEPS = 1000
 SPACINGS = ("linspace",)

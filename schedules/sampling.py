@@ -11,7 +11,9 @@ Every sampler offers the same interface, so that the exporter can unroll any of 
 evaluation graphs: `timesteps` (what the model is called with, per evaluation), `coefficients()`
 (a, b) and `carry_coefficients()` c with `x_next = a·x + b·eps + c·x_carry`, where `x_carry` is the
 input of evaluation `carry_source[s]` (a second-order single-step solver's intermediate evaluation
-needs the latent its solver step started from; DDIM has c = 0). DPM-Solver-2 lives in dpm_solver.py.
+needs the latent its solver step started from; DDIM has c = 0) or, for a multistep solver, the carry
+the previous evaluation hands on, `p·x + q·eps` (`carry_output_coefficients()`; `carry_term` says
+which). DPM-Solver-2 lives in dpm_solver.py, DPM-Solver++ 2M in dpm_solver_multistep.py.
 """
 
 from __future__ import annotations
@@ -21,22 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .betas import NUM_TRAIN_TIMESTEPS, linear_betas
 from .errors import BlockcacheError, ParameterError
 
-NUM_TRAIN_TIMESTEPS = 1000
 SPACINGS = ("linspace", "ddim")
 # Each sampler's spacings of its model evaluations; the first is its default.
-SAMPLER_SPACINGS = {"ddim": SPACINGS, "dpm-solver-2": ("time-uniform",)}
+SAMPLER_SPACINGS = {"ddim": SPACINGS, "dpm-solver-2": ("time-uniform",), "dpm-solver++-2m": ("linspace",)}
 SAMPLERS = tuple(SAMPLER_SPACINGS)
 # Guidance forms: DiT's `uncond + s·(cond − uncond)` on the first three channels (official) or on
 # all (diffusers), and U-ViT's `cond + s·(cond − uncond)` on all channels.
 GUIDANCE_CHANNELS = ("first3", "all", "uvit")
-
-
-def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    """DiT's `get_named_beta_schedule("linear", 1000)`: scaled so that 1000 steps give 1e-4 … 0.02."""
-    scale = 1000 / num_timesteps
-    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
 def respace(num_steps: int, spacing: str = "linspace", num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -141,7 +137,8 @@ def default_spacing(name: str) -> str:
 
 
 def make_sampler(name: str, steps: int, spacing: str | None = None):
-    """The sampler `name` with `steps` model evaluations (DDIM: steps; DPM-Solver-2: twice its solver steps)."""
+    """The sampler `name` with `steps` model evaluations (DDIM, DPM-Solver++ 2M: steps; DPM-Solver-2: twice
+    its solver steps)."""
     default = default_spacing(name)  # refuses an unknown name
     spacing = spacing or default
     if spacing not in SAMPLER_SPACINGS[name]:
@@ -151,7 +148,20 @@ def make_sampler(name: str, steps: int, spacing: str | None = None):
         from .dpm_solver import DPMSolver2Sampler
 
         return DPMSolver2Sampler(steps)
+    if name == "dpm-solver++-2m":
+        from .dpm_solver_multistep import DPMSolverPP2MSampler
+
+        return DPMSolverPP2MSampler(steps, spacing)
     return DDIMSampler(int(steps), spacing)
+
+
+def carry_term(sampler) -> str | None:
+    """What the sampler's carry term c·x_carry carries: None where c = 0 at every evaluation (DDIM);
+    "input" for the input latent of evaluation `carry_source[s]` (DPM-Solver-2); "output" for the carry
+    the previous evaluation hands on, p·x + q·eps (DPM-Solver++ 2M's data prediction)."""
+    if not np.any(sampler.carry_coefficients()):
+        return None
+    return "output" if hasattr(sampler, "carry_output_coefficients") else "input"
 
 
 def guided_eps(eps_cond, eps_uncond, scale: float, channels: str = "first3"):

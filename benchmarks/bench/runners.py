@@ -48,7 +48,8 @@ def _fresh_outputs(step_fn, device: str):
     def step(*args):
         if device.startswith("cuda"):
             torch.compiler.cudagraph_mark_step_begin()
-        return step_fn(*args).clone()
+        out = step_fn(*args)  # x_next, or (x_next, carry_next) where a step hands its carry on
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     return step
 

@@ -49,12 +49,12 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
                              (_Student, _ForecastStudent))
     for s in range(len(denoiser)):
         student = policy(s)
-        carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations
+        carry = denoiser.carry(inputs, s, x)  # DPM-Solver-2's intermediate evaluations, DPM-Solver++ 2M
         with torch.no_grad():
             teacher = denoiser(s, x, y, None, carry)
         trains = optimizer is not None and bool(student.corrections)
         with torch.set_grad_enabled(trains):
-            out = denoiser(s, x, y, student, carry)
+            out = denoiser(s, x, y, student, carry, inputs)  # the run's carry, where a step hands one on
             loss = torch.mean((out - teacher) ** 2)
         if trains:
             optimizer.zero_grad(set_to_none=True)

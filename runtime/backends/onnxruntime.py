@@ -8,7 +8,8 @@ every tensor the loop touches resident on the device, one graph execution per st
 - Shared by every call: the sessions, and the per-step constants (timestep, a, b, c and Block Caching
   scale/shift vectors, forecast weights), which the graphs only read.
 - Per execution context (one call at a time): for each batch size, the latents (two, ping-pong; three
-  for DPM-Solver-2, whose intermediate evaluation also reads its solver step's starting latent), the
+  for DPM-Solver-2, whose intermediate evaluation also reads its solver step's starting latent; four
+  for DPM-Solver++ 2M, whose steps also write the next step's carry to a latent buffer), the
   labels, the guidance scale and one cache buffer per reused unit (m + 1 for a forecast over m + 1
   values, rotated by binding: `Program.cache_slots`), shared by that batch size's
   programs (a context runs one program at a time); and every step's IOBinding, built when the context
@@ -168,7 +169,7 @@ class OnnxRuntimeContext(ExecutionContext):
         backend = self.backend
         held = self.buffers[program.batch_size]
         binding = backend.sessions[program.index][step.variant].io_binding()
-        latent, carry, out = step.latents
+        latent, carry, out, *carry_out = step.latents  # (a carry output where the carry is a step's output)
         binding.bind_ortvalue_input(names.X, held["x"][latent])
         if program.has_carry:
             binding.bind_ortvalue_input(names.X_CARRY, held["x"][carry])
@@ -180,6 +181,8 @@ class OnnxRuntimeContext(ExecutionContext):
         for key, buffer in reads.items():
             binding.bind_ortvalue_input(names.cache_input(key), held["cache"][buffer])
         binding.bind_ortvalue_output(names.X_NEXT, held["x"][out])
+        if carry_out:
+            binding.bind_ortvalue_output(names.CARRY_NEXT, held["x"][carry_out[0]])
         for name, buffer in writes.items():
             binding.bind_ortvalue_output(names.unit_output(name), held["cache"][buffer])
         return binding

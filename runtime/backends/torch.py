@@ -8,11 +8,12 @@ The one runtime backend that needs torch and the networks (runtime/nn):
 
 - Weights: every parameter is a view of the plan's single weights copy (torch_weights.py), so the
   weights exist once whatever the number of variants: all variants run the same module.
-- Steps: each step runs `DenoisingStep.denoise` (CFG, network, solver update with DPM-Solver-2's
-  carry term, as the eager reference and the traced graphs do) with a `ResidentCache` unit policy: units
-  its variant reads return their cache buffer (corrected by the step's Block Caching scale/shift where
-  the plan has one), units it writes are copied into theirs. Every step's timestep, a, b (and c) and
-  scale/shift vectors are device tensors made once per program and shared by every execution context.
+- Steps: each step runs `DenoisingStep.denoise` (CFG, network, solver update with its carry term, and
+  DPM-Solver++ 2M's carry for the next step, as the eager reference and the traced graphs do) with a
+  `ResidentCache` unit policy: units its variant reads return their cache buffer (corrected by the
+  step's Block Caching scale/shift where the plan has one), units it writes are copied into theirs.
+  Every step's timestep, a, b (c, p, q) and scale/shift vectors are device tensors made once per
+  program and shared by every execution context.
 - Per execution context (one call at a time; contexts run concurrently): for each batch size, the
   latents, labels, guidance scale and cache buffers, shared by that batch size's programs (a context
   runs one program at a time); each program's steps with their policies over those buffers; and on
@@ -144,8 +145,8 @@ class TorchBackend(Backend):
 
     # -- load -----------------------------------------------------------------------------------
     def _constants(self, program: Program) -> list[tuple]:
-        """Per step: timestep, a, b, c (None without a carry term), scale/shift tensors and forecast
-        weights, on the device once."""
+        """Per step: timestep, a, b, c (None without a carry term), (p, q) where the step hands on a carry
+        (else ()), scale/shift tensors and forecast weights, on the device once."""
         torch = _torch()
         from ..plan.files import plan_corrections
 
@@ -162,7 +163,9 @@ class TorchBackend(Backend):
             forecasts = {name: [torch.tensor(w, dtype=self.dtype, device=dev) for w in weights]
                          for name, weights in step.forecast.items()}
             c = scalar(step.c) if program.has_carry else None
-            out.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, corrections, forecasts))
+            p_q = (scalar(step.p), scalar(step.q)) if program.carry_output else ()
+            out.append((scalar(step.timestep, time_dtype), scalar(step.a), scalar(step.b), c, p_q, corrections,
+                        forecasts))
         return out
 
     def _compile_blocks(self, mode: str, backend: str) -> None:
@@ -250,25 +253,27 @@ class TorchContext(ExecutionContext):
         (a forecast's history rotates by binding: `Program.cache_slots`)."""
         cache = self.buffers[program.batch_size]["cache"]
         out = []
-        for step, (timestep, a, b, c, corrections, forecasts), (reads, writes) in zip(
+        for step, (timestep, a, b, c, p_q, corrections, forecasts), (reads, writes) in zip(
                 program.steps, self.backend.constants[program.index], program.cache_slots):
             variant = program.variants[step.variant]
             bound = {key: cache[buffer] for key, buffer in {**reads, **writes}.items()}
             policy = ResidentCache(bound, variant.reads, variant.writes, corrections, spans=variant.spans,
                                    span_writes=variant.span_records, forecasts=forecasts)
-            out.append((timestep, a, b, c, policy, step.latents))
+            out.append((timestep, a, b, c, p_q, policy, step.latents))
         return out
 
     def _loop(self, program: Program):
         """Every step of `program` on the resident tensors; returns the final latent (a new tensor)."""
         held, steps = self.buffers[program.batch_size], self.steps[program.index]
         latents = [None] * program.num_latents  # the latents by the manifest's buffer numbers
-        latents[steps[0][5][0]] = held["x"]
-        for timestep, a, b, c, policy, (latent, carry, out) in steps:
+        latents[steps[0][-1][0]] = held["x"]
+        for timestep, a, b, c, p_q, policy, (latent, carry, *written) in steps:
             x_carry = latents[carry] if c is not None else None
-            latents[out] = self.backend.step.denoise(latents[latent], held["y"], timestep, a, b,
-                                                     held["guidance_scale"], policy, c, x_carry)
-        return latents[out]
+            out = self.backend.step.denoise(latents[latent], held["y"], timestep, a, b, held["guidance_scale"],
+                                            policy, c, x_carry, *p_q)
+            for buffer, value in zip(written, out if p_q else (out,)):  # x_next (and carry_next)
+                latents[buffer] = value
+        return latents[written[0]]
 
     def _capture(self) -> None:
         """Capture each program's `_loop` as one CUDA graph: warm-up on a side stream (lazy initialisation,

@@ -32,7 +32,7 @@ def variant_io(program: Program) -> tuple[Engine, ...]:
         for u in v.adjusts:
             vector = TensorSpec(program.cache[u].shape[-1:], program.cache[u].dtype)
             inputs.update({name: vector for name in names.correction_inputs(u)})
-        outputs = {names.X_NEXT: x}
+        outputs = {names.X_NEXT: x, **({names.CARRY_NEXT: x} if program.carry_output else {})}
         outputs.update({names.unit_output(u): program.cache[u] for u in v.writes})
         out.append(Engine(v.file, inputs, outputs, ()))
     return tuple(out)

@@ -14,7 +14,8 @@ with several lists them under `programs`.
   its writes within its computes and its corrections within its reads, a cache buffer for each;
 - every step's variant, and its timestep and coefficients against the ones the recorded sampler
   derives (so a plan cannot run another schedule than it says); its latent buffers: each step reads
-  the previous step's output, and its carry buffer holds the latent its solver step started from;
+  the previous step's output, and its carry buffer holds the latent its solver step started from
+  or, where the carry is the previous step's output (DPM-Solver++ 2M), the carry that step wrote;
 - that each read of the cache follows a step that wrote the unit; that a forecast's values were all
   written, fit its buffers, and that its weights are TaylorSeer's for the steps they came from;
 - that every file the manifest names is a plain name listed among its checksummed files, every
@@ -43,7 +44,7 @@ from itertools import islice
 import numpy as np
 
 from schedules.errors import BlockcacheError
-from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, make_sampler, model_timesteps
+from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, carry_term, make_sampler, model_timesteps
 from schedules.forecast import MAX_ORDER, taylor_weights
 from schedules.schedule import history_key, span_blocks, unit_blocks
 from schedules.zoo import check_config, family_of, num_labels, unit_names
@@ -183,14 +184,17 @@ class Variant:
 
 @dataclass(frozen=True)
 class Step:
-    """One model evaluation: its variant, its constants and its latent buffers (input, carry, output)."""
+    """One model evaluation: its variant, its constants and its latent buffers (input, carry, output, and
+    where the carry is a step's output the buffer the step writes it to)."""
     variant: int
     timestep: float
     a: float
     b: float
     c: float | None  # the carry coefficient (solvers with a carry term), None otherwise
-    latents: tuple[int, int, int]
+    latents: tuple[int, ...]
     forecast: dict = field(default_factory=dict)  # read name → its forecast weights, newest value first
+    p: float | None = None  # carry_next = p·x + q·eps where the carry is a step's output, None otherwise
+    q: float | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,11 @@ class Program:
     @property
     def has_carry(self) -> bool:
         return names.X_CARRY in self.inputs
+
+    @property
+    def carry_output(self) -> bool:
+        """Whether each step writes the next one's carry (`carry_next`, to its fourth latent buffer)."""
+        return names.P in self.inputs
 
     @property
     def num_latents(self) -> int:
@@ -424,10 +433,11 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
                                                      config["hidden_size"]), PRECISION_DTYPE[precision], where)
     variants = tuple(_variant(check, v, f"{where}variants[{k}]", units, cache, weights, files, family_of(config).spans)
                      for k, v in enumerate(check.sequence(value["variants"], where + "variants", nonempty=True)))
-    steps = tuple(_step(check, s, f"{where}steps[{i}]", i, len(variants), names.X_CARRY in inputs)
+    steps = tuple(_step(check, s, f"{where}steps[{i}]", i, len(variants), names.X_CARRY in inputs,
+                        names.P in inputs)
                   for i, s in enumerate(check.sequence(value["steps"], where + "steps", nonempty=True)))
     _check_constants(check, steps, sampler, where)
-    _check_latents(check, steps, sampler.carry_source, where)
+    _check_latents(check, steps, sampler, where)
     _check_cache_flow(check, variants, steps, units, where)
     scale_shift = value.get("scale_shift")
     scale_shift_file = None
@@ -525,14 +535,16 @@ def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str 
     """The step graph's inputs, each pinned: what every backend writes into them is fixed."""
     inputs = {name: check.spec(spec, f"{where}inputs[{name!r}]")
               for name, spec in check.mapping(value, where + "inputs").items()}
-    carry = bool(np.any(sampler.carry_coefficients()))
+    carry = carry_term(sampler)
     size, channels = config["input_size"], config["in_channels"]
     time_dtype = model_timesteps(sampler).dtype.name
     expected = {names.X: TensorSpec((batch, channels, size, size), "float32"), names.Y: TensorSpec((batch,), "int64"),
                 names.TIMESTEP: TensorSpec((1,), time_dtype), names.A: TensorSpec((1,), "float32"),
                 names.B: TensorSpec((1,), "float32"), names.GUIDANCE_SCALE: TensorSpec((1,), "float32")}
-    if carry:  # the solver's intermediate evaluations need the latent their step started from
+    if carry:  # the latent an earlier step started from, or the carry the previous step wrote
         expected.update({names.C: TensorSpec((1,), "float32"), names.X_CARRY: expected[names.X]})
+    if carry == "output":  # carry_next = p·x + q·eps
+        expected.update({names.P: TensorSpec((1,), "float32"), names.Q: TensorSpec((1,), "float32")})
     for name in sorted(expected.keys() | inputs.keys()):
         if name not in inputs:
             check.fail(where + "inputs", f"lack {name!r}, which a {sampler.name} plan's graphs take")
@@ -705,24 +717,33 @@ def _variant(check: _Check, value, path: str, units, cache, weights: Weights, fi
                    None if macs is None else check.integer(macs, path + ".macs_per_image", 0), skips, dict(forecasts))
 
 
-def _step(check: _Check, value, path: str, index: int, num_variants: int, carry: bool) -> Step:
-    value = check.mapping(value, path, ("variant", "timestep", "a", "b") + (("c",) if carry else ()))
+def _step(check: _Check, value, path: str, index: int, num_variants: int, carry: bool,
+          carry_output: bool) -> Step:
+    value = check.mapping(value, path, ("variant", "timestep", "a", "b") + (("c",) if carry else ())
+                          + (("p", "q") if carry_output else ()))
     variant = check.integer(value["variant"], path + ".variant", 0)
     if variant >= num_variants:
         check.fail(path + ".variant", f"is {variant} but the plan has {num_variants} variants")
     latents = value.get("latents", [index % 2, index % 2, (index + 1) % 2])  # older plans: DDIM's ping-pong
-    if (not isinstance(latents, list) or len(latents) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 3 for v in latents)
-            or latents[2] in latents[:2]):
-        check.fail(path + ".latents", f"are not three buffer numbers (input, carry, output) in 0…2: {latents!r}")
+    count = 4 if carry_output else 3  # the buffers it reads (input, carry), then those it writes
+    if (not isinstance(latents, list) or len(latents) != count
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < count for v in latents)
+            or set(latents[2:]) & set(latents[:2]) or len(set(latents[2:])) != count - 2):
+        roles = "input, carry, output" + (", carry output" if carry_output else "")
+        check.fail(path + ".latents", f"are not {'four' if carry_output else 'three'} buffer numbers ({roles}) in "
+                   f"0…{count - 1}: {latents!r}")
     if not carry and "c" in value:
         check.fail(path + ".c", "is given but the plan's graphs have no carry input")
+    for key in ("p", "q"):
+        if not carry_output and key in value:
+            check.fail(f"{path}.{key}", "is given but the plan's graphs hand on no carry")
     forecast = {name: tuple(check.number(w, f"{path}.forecast[{name!r}]")
                             for w in check.sequence(weights, f"{path}.forecast[{name!r}]"))
                 for name, weights in check.mapping(value.get("forecast", {}), path + ".forecast").items()}
+    p, q = (check.number(value[k], f"{path}.{k}") for k in "pq") if carry_output else (None, None)
     return Step(variant, check.number(value["timestep"], path + ".timestep"), check.number(value["a"], path + ".a"),
                 check.number(value["b"], path + ".b"), check.number(value["c"], path + ".c") if carry else None,
-                tuple(latents), forecast)
+                tuple(latents), forecast, p, q)
 
 
 def _check_constants(check: _Check, steps, sampler, where: str = "") -> None:
@@ -733,6 +754,8 @@ def _check_constants(check: _Check, steps, sampler, where: str = "") -> None:
     a, b = sampler.coefficients()
     expected = {"timestep": model_timesteps(sampler).astype(np.float64), "a": a, "b": b,
                 "c": sampler.carry_coefficients()}
+    if carry_term(sampler) == "output":
+        expected["p"], expected["q"] = sampler.carry_output_coefficients()
     for s, step in enumerate(steps):
         for name, values in expected.items():
             got = getattr(step, name)
@@ -740,19 +763,27 @@ def _check_constants(check: _Check, steps, sampler, where: str = "") -> None:
                 check.fail(f"{where}steps[{s}].{name}", f"is {got!r}, but the recorded sampler derives {float(values[s])!r}")
 
 
-def _check_latents(check: _Check, steps, carry_source, where: str = "") -> None:
-    """Each step reads the latent the previous step wrote, and carries the input of evaluation
-    `carry_source[s]` from a buffer no later step has overwritten (exporter/export.py:latent_buffers)."""
-    holds = {steps[0].latents[0]: 0}  # buffer → the evaluation whose input it holds
+def _check_latents(check: _Check, steps, sampler, where: str = "") -> None:
+    """Each step reads the latent the previous step wrote, and carries, from a buffer no later step has
+    overwritten, the input of evaluation `carry_source[s]` or, where the carry is the previous step's
+    output, the carry that step wrote (the first step, whose c is 0, its own input; exporter/export.py:
+    latent_buffers, carry_output_buffers)."""
+    output = carry_term(sampler) == "output"
+    source = sampler.carry_source if carry_term(sampler) == "input" else range(len(steps))
+    holds = {steps[0].latents[0]: ("input", 0)}  # buffer → ("input" | "carry", the evaluation it is for)
     for s, step in enumerate(steps):
-        latent, carry, out = step.latents
-        if holds.get(latent) != s:
+        latent, carry, *written = step.latents
+        if holds.get(latent) != ("input", s):
             check.fail(f"{where}steps[{s}].latents", "do not start from the previous step's output buffer")
-        if holds.get(carry) != int(carry_source[s]):
+        if output and s:
+            if holds.get(carry) != ("carry", s):
+                check.fail(f"{where}steps[{s}].latents", f"carry buffer {carry} does not hold the carry step {s - 1} "
+                           "wrote")
+        elif holds.get(carry) != ("input", int(source[s])):
             check.fail(f"{where}steps[{s}].latents", f"carry buffer {carry} does not hold the input of evaluation "
-                       f"{int(carry_source[s])}")
-        holds = {buffer: e for buffer, e in holds.items() if buffer != out}
-        holds[out] = s + 1
+                       f"{int(source[s])}")
+        holds = {buffer: held for buffer, held in holds.items() if buffer not in written}
+        holds.update(zip(written, (("input", s + 1), ("carry", s + 1))))
 
 
 def _check_cache_flow(check: _Check, variants, steps, units, where: str = "") -> None:

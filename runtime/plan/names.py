@@ -40,12 +40,16 @@ ENGINE_SOURCE = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp16"}  # bf16 engines
 
 # Inputs and outputs of a step graph.
 X, Y, TIMESTEP, A, B, GUIDANCE_SCALE = "x", "y", "timestep", "a", "b", "guidance_scale"
-C, X_CARRY = "c", "x_carry"  # only in graphs of solvers with a carry term (DPM-Solver-2)
+C, X_CARRY = "c", "x_carry"  # only in graphs of solvers with a carry term (DPM-Solver-2, DPM-Solver++ 2M)
+# Only where the carry is the previous step's output (DPM-Solver++ 2M): the output carry_next = p·x + q·eps
+# (fp32, of the guided eps) is the next step's x_carry.
+P, Q, CARRY_NEXT = "p", "q", "carry_next"
 X_NEXT = "x_next"
 STEP_INPUTS = (X, Y, TIMESTEP, A, B, GUIDANCE_SCALE)
 CARRY_INPUTS = (C, X_CARRY)
-LATENTS = (X, X_CARRY, X_NEXT)  # bound to a step's (input, carry, output) latent buffer
-STEP_CONSTANTS = (TIMESTEP, A, B, C)  # one value per step, fixed at export
+CARRY_OUTPUT_INPUTS = (P, Q)
+LATENTS = (X, X_CARRY, X_NEXT, CARRY_NEXT)  # bound to a step's (input, carry, output, carry output) latent buffer
+STEP_CONSTANTS = (TIMESTEP, A, B, C, P, Q)  # one value per step, fixed at export
 CALL_INPUTS = (X, Y, GUIDANCE_SCALE)  # written by the host on every call
 
 UNIT_PREFIX = "unit."  # graph output: a computed unit's raw value, kept for a later step
@@ -76,8 +80,8 @@ def hidden_output(block: str) -> str:
     return HIDDEN_PREFIX + block
 
 
-def step_inputs(carry: bool) -> tuple[str, ...]:
-    return STEP_INPUTS + (CARRY_INPUTS if carry else ())
+def step_inputs(carry: bool, carry_output: bool = False) -> tuple[str, ...]:
+    return STEP_INPUTS + (CARRY_INPUTS if carry else ()) + (CARRY_OUTPUT_INPUTS if carry_output else ())
 
 
 def unit_output(unit: str) -> str:
