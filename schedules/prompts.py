@@ -49,13 +49,18 @@ MAX_PROMPTS_FILE_BYTES = 64 << 20
 _DEFLATE_RATIO = 1100  # deflate expands at most about 1032×: a member claiming more is corrupt
 
 
-def read_prompts(path) -> list[str]:
-    """The prompts of a prompts file (see the module docstring), as given; one-line errors."""
+def _existing_file(path, what: str, not_folder: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise BlockcacheError(f"prompts file not found: {path}")
+        raise BlockcacheError(f"{what} not found: {path}")
     if os.path.isdir(path):
-        raise BlockcacheError(f"prompts file {path} is a folder")
+        raise BlockcacheError(f"{what} {path} is a folder{not_folder}")
+    return path
+
+
+def read_prompts(path) -> list[str]:
+    """The prompts of a prompts file (see the module docstring), as given; one-line errors."""
+    path = _existing_file(path, "prompts file", "")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_PROMPTS_FILE_BYTES + 1)
@@ -181,11 +186,7 @@ def check_prompt_embeds(embeds: np.ndarray, mask: np.ndarray, what: str = PROMPT
 def load_prompt_embeds(path) -> dict:
     """Read and validate a prompt-embeddings file (see the module docstring): a dict of the six keys,
     the arrays native float32 / int64, `prompts` a list of str and `max_length` an int; one-line errors."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise BlockcacheError(f"prompt embeddings not found: {path}")
-    if os.path.isdir(path):
-        raise BlockcacheError(f"prompt embeddings {path} is a folder, not an .npz file")
+    path = _existing_file(path, "prompt embeddings", ", not an .npz file")
     try:
         with zipfile.ZipFile(path) as z:
             headers = _headers(path, z)
