@@ -67,7 +67,7 @@ class Options:
             raise BlockcacheError(f"max_batch_wait_ms must be a number of milliseconds in 0…60000, got {wait!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise BlockcacheError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        if not isinstance(self.log_level, str) or self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise BlockcacheError(f"log level must be debug, info, warning or error, got {self.log_level!r}")
 
 
@@ -103,7 +103,9 @@ class PlanReplica:
         self.sampler = Sampler(path, backend=options.backend, device=device, threads=options.threads,
                                contexts=options.contexts)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.costs = self.sampler.measure_batch_costs()  # 7 gathered images: one run of 8 where that is faster
+        costs = self.sampler.measure_batch_costs()  # 7 gathered images: one run of 8 where that is faster
+        logger.info("plan %s: batch costs (ms per evaluation) %s", name,
+                    {b: round(c * 1000, 2) for b, c in costs.items()})
         # Ray's batching, sized to this plan: up to its largest compiled batch, one batch per context
         self.wait_s = options.max_batch_wait_ms / 1000
         self.batched = serve.batch(max_batch_size=self.sampler.batch_size, batch_wait_timeout_s=self.wait_s,
