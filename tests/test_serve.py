@@ -203,7 +203,7 @@ def test_plan_names_and_options_are_checked():
         with pytest.raises(BlockcacheError, match=words):
             parse_plans(bad)
     for bad in (dict(replicas=0), dict(replicas="many"), dict(contexts=0), dict(threads=True),
-                dict(max_batch_wait_ms=-1), dict(device="tpu"), dict(log_level="loud")):
+                dict(max_batch_wait_ms=-1), dict(device="tpu"), dict(log_level="loud"), dict(log_level=3)):
         with pytest.raises(BlockcacheError):
             Options(**bad)
 
