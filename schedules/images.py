@@ -102,3 +102,4 @@ def save_images(images: np.ndarray, path: str, labels, seeds) -> list[str]:
             written.append(target)
         return written
     _write(path, images, lambda tmp: write_images_png(images, tmp, labels, seeds), ", or be a folder (DIR/)")
+    return [path]

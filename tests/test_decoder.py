@@ -201,9 +201,10 @@ def test_sample_cli_writes_grids_pngs_and_arrays_eager_and_plan_alike(tmp_path, 
     assert r.returncode == 0, r.stderr
     assert "decoder graphs against the PyTorch decoder" in r.stdout
     plan = ["--plan", tmp_path / "plan", "--labels", ",".join(map(str, LABELS)), "--seeds", ",".join(map(str, SEEDS))]
-    for out in ("grid.png", "images/", "images.npy"):  # (a Path would drop the folder's slash)
-        r = run_cli("exporter.sample_cli", *plan, "--out", f"{tmp_path}/{out}", "--quiet")
+    for out, wrote in (("grid.png", "grid.png: 3 images"), ("images/", "3 PNGs in"), ("images.npy", "images.npy: 3 images")):
+        r = run_cli("exporter.sample_cli", *plan, "--out", f"{tmp_path}/{out}")  # (a Path would drop the folder's slash)
         assert r.returncode == 0, r.stderr
+        assert wrote in r.stderr.strip().splitlines()[-1]  # the report names what was written
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0-1-4.png", "1-2-5.png", "2-3-6.png"]
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = run_cli("exporter.sample_cli", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--schedule", schedule,
