@@ -90,7 +90,6 @@ class Service:
     def __init__(self, plan: str, replicas: int, log: str):
         self.port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.log = log
         with open(log, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", plan, "--port", str(self.port),
                                           "--replicas", str(replicas), "--threads", "1", "--contexts", "1",
@@ -112,7 +111,7 @@ def drive(service: Service, clients: int, requests: int, seconds: float, largest
     lock, answers = threading.Lock(), []
     deadline = time.monotonic() + seconds
 
-    def client_loop(k):
+    def client_loop(_):
         while time.monotonic() < deadline:
             with lock:
                 if not work:

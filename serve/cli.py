@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from runtime.plan import load_plan
 from schedules.errors import BlockcacheError, cli_main
 
 from .app import APP_NAME, Options, build_app, parse_plans, replica_resources
@@ -92,8 +93,6 @@ def main(argv=None) -> int:
                       device=args.device, log_level=args.log_level)
     plans = parse_plans(args.plans)
     for path in plans.values():  # refused in one line before Ray starts
-        from runtime.plan import load_plan
-
         load_plan(path, verify=False)
 
     import ray

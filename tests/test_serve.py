@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from benchmarks.serve_load import session_processes
+from benchmarks.serve_load import free_port, session_processes
 from conftest import REPO, tiny_model
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[serve]')")
@@ -36,12 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 STARTUP_S = 240  # a loaded 2-core machine starts Ray and three replicas in 20-60 s
 STOP_S = 30  # the README's bound on SIGTERM → exit
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
