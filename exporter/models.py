@@ -17,6 +17,9 @@ from schedules.errors import BlockcacheError, ParameterError, one_line
 from schedules.zoo import model_config
 
 EMBEDDED_WEIGHTS = {"dit-digits": "dit-digits.safetensors"}
+# Parameters drawn at a quarter of the Xavier bound (with every `adaLN_modulation` and
+# `scale_shift_table`): DiT's final layer; PixArt's adaLN-single projection and output projection.
+MODULATION_PREFIXES = ("final_layer", "adaln_single.linear.", "proj_out.")
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -24,9 +27,15 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     fresh DiT output zeros and every comparison vacuous). Matrices are Xavier-uniform, biases
     N(0, 0.02²), label vectors N(0, 1); the adaLN and final layers are drawn at a quarter of the Xavier
     bound, so that gates stay moderate as in trained adaLN-Zero models and a 28-block random model is
-    not chaotic (its sampling trajectory then says something about numerical agreement). A fixed
-    sin-cos `pos_embed` (DiT's) is kept; a learned one (a model with `learned_pos_embed = True`, U-ViT)
-    is drawn from N(0, 0.02²) as its official initialisation does."""
+    not chaotic (its sampling trajectory then says something about numerical agreement). PixArt's
+    counterparts get the same quarter bound: adaLN-single's projection, the `scale_shift_table`s (each
+    block's and the final layer's, added to it) and `proj_out`; its caption projection keeps the full
+    bound, so that the prompt matters. Without that, a 2-block random PixArt's eps has std 1.7 at
+    t = 999 and DPM-Solver++ 2M (10 steps) ends at mean |latent| 244 (408 with 12 blocks); with it
+    eps has std 0.4 and the latents end at 138 (169), as a random DiT's do (138): a latent whose eps does
+    not track its noise ends near x_T/√ᾱ_999, mean |x| ≈ 125, a floor that is the sampler's. A fixed sin-cos
+    `pos_embed` (DiT's) is kept; a learned one (a model with `learned_pos_embed = True`, U-ViT) is drawn
+    from N(0, 0.02²) as its official initialisation does."""
     g = torch.Generator().manual_seed(seed)
     learned_pos_embed = getattr(model, "learned_pos_embed", False)
     for name, p in model.named_parameters():
@@ -40,7 +49,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             elif p.ndim >= 2:
                 fan_in, fan_out = p.shape[1] * math.prod(p.shape[2:]), p.shape[0] * math.prod(p.shape[2:])
                 bound = math.sqrt(6.0 / (fan_in + fan_out))
-                if "adaLN_modulation" in name or name.startswith("final_layer"):
+                if "adaLN_modulation" in name or name.startswith(MODULATION_PREFIXES) \
+                        or name.endswith("scale_shift_table"):
                     bound /= 4
                 p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
             elif "norm" in name and name.endswith(".weight"):  # affine LayerNorm scales (U-ViT) stay near 1
@@ -73,7 +83,7 @@ def load_model(name: str, checkpoint=None, *, random_init: bool = False, seed: i
     else:
         from .checkpoints import load_state_dict
 
-        load_state_dict(model, checkpoint)
+        load_state_dict(model, checkpoint, name)
     model.name = name
     return model.eval()
 
