@@ -2,6 +2,7 @@
 a model, which live here so that `schedules` never imports the network code:
 
     blockcache-schedule analyze --model dit-digits --steps 50 [--labels 0,1,…] [--seeds 0,1] -o stats.npz [--png P]
+    blockcache-schedule analyze --model pixart-alpha-512 --checkpoint transformer/ --prompt-embeds calib.npz …
     blockcache-schedule learn-l2c --model dit-digits --steps 20 [--lambda L] [--threshold θ] -o l2c.yaml
     blockcache-schedule scale-shift --model dit-digits --schedule bc.yaml -o bc-ss.yaml
     blockcache-schedule calibrate --model dit-digits --steps 50 --method first-block --threshold 0.1 -o fbc.yaml
@@ -18,9 +19,9 @@ import numpy as np
 from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output, check_output
-from schedules.options import add_model_args, add_weights_args, model_overrides, parse_labels
-from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS, check_labels
-from schedules.zoo import family_of
+from schedules.options import add_model_args, add_weights_args, config_from_args, model_overrides, parse_labels
+from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS
+from schedules.zoo import family_of, takes_prompt
 
 
 def build_parser():
@@ -40,9 +41,12 @@ def add_model_commands(sub) -> None:
                            help="model evaluations (DDIM steps; twice the solver steps for dpm-solver-2)")
             p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep respacing (default linspace)")
         p.add_argument("--labels", help=f"comma-separated class labels {what} (default: 10 spread over the classes)")
+        p.add_argument("--prompt-embeds", metavar="FILE",
+                       help=f"text-to-image models (PixArt): the prompt embeddings {what} (.npz of "
+                       "blockcache-encode-prompts), every prompt with every seed; its negative prompt guides")
         p.add_argument("--seeds", default=seeds, help=f"comma-separated noise seeds {what} (default {seeds})")
         p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the family's, 4 for DiT, 0.4 "
-                       "for U-ViT in its form)")
+                       "for U-ViT in its form, 4.5 for PixArt)")
         if channels:
             p.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS,
                            help="guidance form, as the plan will use it (default: the model family's)")
@@ -112,6 +116,32 @@ def _load(args):
     return model, family.samplers[0], family.guidance_settings(args.guidance_scale)[0]
 
 
+def _conditions(args, command: str):
+    """(labels, prompts) to calibrate on, checked against the model's kind before any weights load:
+    class labels (--labels or 10 spread over the classes) for a class model, the --prompt-embeds
+    file's prompts (schedules.prompts.PromptInputs) for a text-to-image model."""
+    config = config_from_args(args)
+    if not takes_prompt(config):
+        if args.prompt_embeds is not None:
+            raise BlockcacheError(f"--prompt-embeds: {args.model} is class-conditional: it calibrates on --labels, "
+                                  "not on prompts")
+        return (parse_labels(args.labels) if args.labels else _default_labels(config["num_classes"])), None
+    if command in ("calibrate", "choose"):
+        raise BlockcacheError(f"{command} does not run text-to-image models yet ({args.model} is one): make the "
+                              "schedule with analyze and derive, learn-l2c or uniform")
+    if args.labels:
+        raise BlockcacheError(f"--labels: {args.model} is a text-to-image model: it calibrates on prompts "
+                              "(--prompt-embeds FILE), not class labels")
+    if args.prompt_embeds is None:
+        raise BlockcacheError(f"{args.model} is a text-to-image model: give its calibration prompts with "
+                              "--prompt-embeds FILE (written by blockcache-encode-prompts)")
+    from schedules.prompts import NEGATIVE_EMBEDS, NEGATIVE_MASK, PROMPT_EMBEDS, PROMPT_MASK, PromptInputs, \
+        load_prompt_embeds
+
+    data = load_prompt_embeds(args.prompt_embeds)
+    return None, PromptInputs(data[PROMPT_EMBEDS], data[PROMPT_MASK], data[NEGATIVE_EMBEDS], data[NEGATIVE_MASK])
+
+
 def _default_labels(num_classes: int) -> list[int]:
     n = min(10, num_classes)
     return [round(i * (num_classes - 1) / max(1, n - 1)) for i in range(n)]
@@ -137,10 +167,14 @@ def _learn_l2c(args) -> int:
     if not math.isfinite(args.lam) or args.lam < 0:
         raise BlockcacheError(f"--lambda must be a finite non-negative number, got {args.lam}")
     seeds = parse_labels(args.seeds, "--seeds")
-    model, sampler, args.guidance_scale = _load(args)
-    if sampler != "ddim":
-        raise BlockcacheError(f"learn-l2c learns routers for DDIM sampling; {args.model} samples with {sampler} "
-                              "(import the published routers with import-l2c)")
+    labels, prompts = _conditions(args, "learn-l2c")
+    if prompts is not None and args.data == "digits":
+        raise BlockcacheError("--data digits needs a 1-channel, 10-class model such as dit-digits")
+    model, _, args.guidance_scale = _load(args)
+    samplers = family_of(model.config).samplers
+    if "ddim" not in samplers:  # PixArt samples with DDIM too: its routers are learned for DDIM
+        raise BlockcacheError(f"learn-l2c learns routers for DDIM sampling; {args.model} samples with "
+                              f"{samplers[0]} (import the published routers with import-l2c)")
     schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
     if args.data == "digits":
         from .digits import load_digits_images
@@ -151,9 +185,7 @@ def _learn_l2c(args) -> int:
         picked = np.random.default_rng(seeds[0]).choice(len(images), size=min(200, len(images)), replace=False)
         xs, y = image_inputs(schedule, images[picked], labels[picked], seeds[0])
     else:
-        labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
-        xs, y = trajectory_inputs(model, schedule, check_labels(labels, model.num_classes), seeds,
-                                  args.guidance_scale)
+        xs, y = trajectory_inputs(model, schedule, labels, seeds, args.guidance_scale, prompts=prompts)
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
                                    epochs=args.epochs, lr=args.lr, progress=not args.quiet, forecast=args.forecast_order)
     learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold,
@@ -186,16 +218,17 @@ def _scale_shift(args) -> int:
         raise BlockcacheError(f"--held-out-seed must be non-negative, got {args.held_out_seed}")
     seeds = parse_labels(args.seeds, "--seeds")
     schedule = Schedule.load(args.schedule)
-    model, _, args.guidance_scale = _load(args)
-    check_schedule(model, schedule)
-    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
+    labels, prompts = _conditions(args, "scale-shift")
     if args.held_out_seed in seeds:
         raise BlockcacheError(f"--held-out-seed {args.held_out_seed} is one of the training seeds")
-    corrected, history = learn_scale_shift(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
-                                           epochs=args.epochs, lr=args.lr, progress=not args.quiet)
+    model, _, args.guidance_scale = _load(args)
+    check_schedule(model, schedule)
+    corrected, history = learn_scale_shift(model, schedule, labels, seeds, prompts=prompts,
+                                           guidance_scale=args.guidance_scale, epochs=args.epochs, lr=args.lr,
+                                           progress=not args.quiet)
     plain = dataclasses.replace(schedule, scale_shift={})
-    before = distillation_error(model, plain, labels, [args.held_out_seed], args.guidance_scale)
-    after = distillation_error(model, corrected, labels, [args.held_out_seed], args.guidance_scale)
+    before = distillation_error(model, plain, labels, [args.held_out_seed], args.guidance_scale, prompts=prompts)
+    after = distillation_error(model, corrected, labels, [args.held_out_seed], args.guidance_scale, prompts=prompts)
     schedule_cli.write_schedule(corrected, out)
     print(f"wrote {out}: training error {history[0]:.3e} → {history[-1]:.3e}; held-out seed "
           f"{args.held_out_seed}: {before:.3e} without scale-shift, {after:.3e} with")
@@ -213,10 +246,10 @@ def _calibrate(args) -> int:
         if value is not None and (not math.isfinite(value) or value < low):
             raise BlockcacheError(f"{name} must be a finite number >= {low}, got {value}")
     seeds = parse_labels(args.seeds, "--seeds")
+    labels, _ = _conditions(args, "calibrate")
     model, sampler, args.guidance_scale = _load(args)
     if sampler != "ddim":
         raise BlockcacheError(f"calibrate freezes DDIM schedules; {args.model} samples with {sampler}")
-    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     full = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
     options = dict(guidance_scale=args.guidance_scale, guidance_channels=args.guidance_channels,
                    aggregate=args.aggregate)
@@ -241,9 +274,9 @@ def _choose(args) -> int:
     _check_scale(args.guidance_scale)
     seeds = parse_labels(args.seeds, "--seeds")
     schedule = Schedule.load(args.schedule)
+    labels, _ = _conditions(args, "choose")
     model, _, args.guidance_scale = _load(args)
     check_schedule(model, schedule)
-    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     chosen, table = choose_reuse(model, schedule, labels, seeds, args.guidance_scale, args.guidance_channels)
     for row in table:
         print(f"reuse {row['reuse']:>4}, forecast order {row['forecast']}: MSE {row['mse']:.4g} against full compute")
@@ -264,17 +297,18 @@ def _analyze(args) -> int:
         check_output(args.png, (".png",), "--png")
     _check_scale(args.guidance_scale)
     seeds = parse_labels(args.seeds, "--seeds")
+    labels, prompts = _conditions(args, "analyze")
     model, sampler, args.guidance_scale = _load(args)
-    labels = parse_labels(args.labels) if args.labels else _default_labels(model.num_classes)
     schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model, sampler=sampler)
-    change = measure_change(model, schedule, labels, seeds, guidance_scale=args.guidance_scale,
+    change = measure_change(model, schedule, labels, seeds, prompts=prompts, guidance_scale=args.guidance_scale,
                             guidance_channels=args.guidance_channels, progress=not args.quiet)
     save_change(args.output, change=change, unit_names=model.unit_names,
                 timesteps=schedule.make_sampler().timesteps, sampler=schedule.sampler, config=model.config,
-                model=args.model, labels=labels, seeds=seeds, guidance_scale=args.guidance_scale)
+                model=args.model, labels=labels or [], seeds=seeds, guidance_scale=args.guidance_scale)
     if args.png:
         change_heatmap(change, args.png, title=f"{args.model}, {args.steps} steps: relative L1 change per unit")
-    print(f"wrote {args.output}: {len(labels)} labels × {len(seeds)} seeds, {args.steps} steps; mean change "
+    conditions = f"{len(labels)} labels" if prompts is None else f"{len(prompts)} prompts"
+    print(f"wrote {args.output}: {conditions} × {len(seeds)} seeds, {args.steps} steps; mean change "
           f"{float(change[1:].mean()):.4f}" + (f"; heatmap {args.png}" if args.png else ""))
     return 0
 

@@ -2,8 +2,9 @@
 
     change = measure_change(model, Schedule.full(model.unit_names, 50), labels=[0, 1, …], seeds=[0, 1])
 
-Runs the eager model with full compute over every (label, seed) pair as one batch (with guidance, the
-network batch is [cond; uncond] and both halves count) and records, per step s ≥ 1 and unit u, the
+Runs the eager model with full compute over every (label, seed) pair as one batch, or for a
+text-to-image model every (prompt, seed) pair (makers/conditioning.py; with guidance, the network
+batch is [cond; uncond] and both halves count) and records, per step s ≥ 1 and unit u, the
 relative L1 change ‖o_s − o_{s−1}‖₁ / ‖o_s‖₁ of the unit's raw branch output (before gate and
 residual: the value a cache would hold), per image, then averaged over the images. Step 0 is NaN.
 """
@@ -15,9 +16,9 @@ import torch
 
 from runtime.nn.units import UnitPolicy
 from schedules import Schedule
-from schedules.sampling import check_labels, check_seeds
 
-from ..reference import Denoiser, check_schedule, seeded_batch
+from ..reference import Denoiser, check_schedule
+from .conditioning import calibration_batch, network_conditioning
 
 
 class ChangeRecorder(UnitPolicy):
@@ -41,15 +42,15 @@ class ChangeRecorder(UnitPolicy):
 
 
 @torch.no_grad()
-def measure_change(model, schedule: Schedule, labels, seeds, *, guidance_scale: float | None = None,
+def measure_change(model, schedule: Schedule, labels, seeds, *, prompts=None, guidance_scale: float | None = None,
                    guidance_channels: str | None = None, progress: bool = False) -> np.ndarray:
     """(steps, units) float64 change statistics for `schedule`'s sampler (its compute rows are ignored:
-    the analysis always computes everything)."""
+    the analysis always computes everything). A text-to-image model takes `prompts` (PromptInputs)
+    and labels None."""
     check_schedule(model, schedule)
-    labels = check_labels(labels, model.num_classes)
-    seeds = check_seeds(seeds)
-    x, y = seeded_batch(model, labels, seeds)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
+    x, y = calibration_batch(model, denoiser.step, labels, seeds, prompts)
+    y = network_conditioning(denoiser.step, y)
     recorder = ChangeRecorder(model.unit_names, schedule.num_steps)
 
     def policy(s):

@@ -37,7 +37,8 @@ from schedules import BlockcacheError, Schedule
 from schedules.forecast import MAX_ORDER, taylor_weights
 from schedules.sampling import initial_noise
 
-from ..reference import Denoiser, seeded_batch
+from ..reference import Denoiser
+from .conditioning import calibration_batch, network_conditioning
 
 # dit-digits DDIM-20: 1.24x ideal speedup at 46 dB PSNR to full compute (README); L2C used 1e-6…5e-6 for DiT.
 DEFAULT_LAMBDA = 1e-6
@@ -54,15 +55,18 @@ class _Blend(UnitPolicy):
         return self.cache[name] * (1 - b) + value * b
 
 
-def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x for every step (steps, B, C, H, W), labels (B,)): full-compute sampling from seeded noise."""
-    x, y = seeded_batch(model, labels, seeds)
+def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float, *,
+                      prompts=None) -> tuple[torch.Tensor, object]:
+    """(x for every step (steps, B, C, H, W), the conditions: labels (B,) or, for a text-to-image model
+    given `prompts`, PromptInputs of B rows): full-compute sampling from seeded noise."""
     denoiser = Denoiser(model, schedule, guidance_scale)
+    x, y = calibration_batch(model, denoiser.step, labels, seeds, prompts)
+    conditioning = network_conditioning(denoiser.step, y)
     xs = []
     with torch.no_grad():
         for s in range(len(denoiser)):
             xs.append(x)
-            x = denoiser(s, x, y)
+            x = denoiser(s, x, conditioning)
     return torch.stack(xs), y
 
 
@@ -94,8 +98,8 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
                  forecast: int = 0) -> tuple[np.ndarray, dict]:
     """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
-    `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels; `forecast`: the TaylorSeer
-    order the schedule will reuse with (0–2)."""
+    `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels (or prompts, as
+    `trajectory_inputs` gives them); `forecast`: the TaylorSeer order the schedule will reuse with (0–2)."""
     if not np.isfinite(lam) or lam < 0:
         raise BlockcacheError(f"lambda must be a finite non-negative number, got {lam}")
     if isinstance(forecast, bool) or forecast not in range(MAX_ORDER + 1):
@@ -112,15 +116,17 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
     logits = torch.full((n, len(units)), 3.0, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
     g = torch.Generator().manual_seed(seed)
+    starts = range(0, len(y), batch_size)
+    conditions = {start: network_conditioning(denoiser.step, y, slice(start, start + batch_size)) for start in starts}
     history = {"loss": [], "mse": []}
     bar = tqdm(range(epochs), desc="learn-l2c", disable=not progress)
     for _ in bar:
         totals, count = np.zeros(2), 0
         for s in torch.randperm(n - 1, generator=g).tolist():
             s += 1
-            for start in range(0, len(y), batch_size):
+            for start in starts:
                 sl = slice(start, start + batch_size)
-                x_now, yb = xs[s][sl], y[sl]
+                x_now, yb = xs[s][sl], conditions[start]  # the encoded prompts made once, above
                 with torch.no_grad():
                     cached = reused_values(denoiser, s, xs, yb, sl, forecast)
                     teacher = denoiser(s, x_now, yb)
@@ -131,8 +137,8 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                totals += np.array([loss.item(), mse.item()]) * len(yb)
-                count += len(yb)
+                totals += np.array([loss.item(), mse.item()]) * len(x_now)
+                count += len(x_now)
         for key, value in zip(("loss", "mse"), totals / count):
             history[key].append(float(value))
         mean_score = float(torch.sigmoid(logits[1:].detach()).mean())

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from runtime.nn.units import CachePolicy
 from schedules import BlockcacheError, Schedule
-from schedules.sampling import check_labels
 
-from ..reference import Denoiser, TaylorSeerCache, check_schedule, schedule_policy, seeded_batch
+from ..reference import Denoiser, TaylorSeerCache, check_schedule, guided_step, schedule_policy
+from .conditioning import calibration_batch, network_conditioning
 
 
 class _Student(CachePolicy):
@@ -44,6 +44,7 @@ class _ForecastStudent(_Student, TaylorSeerCache):
 def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, optimizer=None) -> list[float]:
     """Run the student from x; per step the distillation MSE (an Adam step per step when training)."""
     denoiser = Denoiser(model, schedule, guidance_scale)
+    y = network_conditioning(denoiser.step, y)
     errors, inputs = [], {}
     policy = schedule_policy(schedule, [params.get(s, {}) for s in range(schedule.num_steps)],
                              (_Student, _ForecastStudent))
@@ -65,19 +66,21 @@ def _unroll(model, schedule: Schedule, params, x, y, guidance_scale: float, opti
     return errors
 
 
-def distillation_error(model, schedule: Schedule, labels, seeds, guidance_scale: float | None = None) -> float:
+def distillation_error(model, schedule: Schedule, labels, seeds, guidance_scale: float | None = None, *,
+                       prompts=None) -> float:
     """Mean per-step MSE between the schedule's run (with its scale-shift) and the uncached model on
-    the run's own latents, over the (label, seed) pairs."""
+    the run's own latents, over the (label or prompt, seed) pairs."""
     params = {}
     for (step, unit), (scale, shift) in schedule.scale_shift.items():
         params.setdefault(step, {})[unit] = (torch.from_numpy(scale), torch.from_numpy(shift))
-    x, y = seeded_batch(model, check_labels(labels, model.num_classes), seeds)
+    x, y = calibration_batch(model, guided_step(model, guidance_scale)[0], labels, seeds, prompts)
     return float(np.mean(_unroll(model.eval(), schedule, params, x, y, guidance_scale)))
 
 
-def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scale: float | None = None,
+def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, prompts=None, guidance_scale: float | None = None,
                       epochs: int = 10, lr: float = 1e-3, progress: bool = False) -> tuple[Schedule, list[float]]:
-    """(the schedule with learned scale-shift for every reused (step, unit), mean error per epoch)."""
+    """(the schedule with learned scale-shift for every reused (step, unit), mean error per epoch). A
+    text-to-image model takes `prompts` (PromptInputs) and labels None."""
     check_schedule(model, schedule)
     if epochs < 1 or not np.isfinite(lr) or lr <= 0:
         raise BlockcacheError("epochs must be positive and the learning rate a positive number")
@@ -92,7 +95,7 @@ def learn_scale_shift(model, schedule: Schedule, labels, seeds, *, guidance_scal
                 params.setdefault(s, {})[unit] = (torch.zeros(width, requires_grad=True),
                                                   torch.zeros(width, requires_grad=True))
     optimizer = torch.optim.Adam([t for step in params.values() for pair in step.values() for t in pair], lr=lr)
-    x, y = seeded_batch(model, check_labels(labels, model.num_classes), seeds)
+    x, y = calibration_batch(model, guided_step(model, guidance_scale)[0], labels, seeds, prompts)
     history = []
     for _ in tqdm(range(epochs), desc="scale-shift", disable=not progress):
         history.append(float(np.mean(_unroll(model, schedule, params, x, y, guidance_scale, optimizer))))
