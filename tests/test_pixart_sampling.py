@@ -249,3 +249,62 @@ def test_a_cached_schedule_reuses_units_and_stays_close(alpha, kind):
     error = rel(got, want)
     assert 1e-6 < error < 0.2, error  # measured: 0.045 (uniform), 0.042 (attn2)
     assert math.isfinite(error)
+
+
+def tiny_folder(tmp_path, name, overrides, **save):
+    """A diffusers PixArt of zoo model `name`'s tiny config saved with save_pretrained (as the
+    conversion scripts build it: interpolation scale and micro-conditions left to diffusers' defaults
+    unless the config needs others)."""
+    from schedules.zoo import model_config
+
+    cfg = model_config(name, **overrides)
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(**diffusers_kwargs(cfg)).eval()
+    ref.save_pretrained(tmp_path / "transformer", **save)
+    return ref, tmp_path / "transformer"
+
+
+def test_a_sharded_folder_and_a_pipeline_folder_load(tmp_path):
+    name, overrides = CASES["alpha"][:2]
+    ref, folder = tiny_folder(tmp_path, name, overrides, max_shard_size="20KB")
+    assert not (folder / "diffusion_pytorch_model.safetensors").exists()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    for path in (folder, tmp_path):  # the transformer folder, or the pipeline folder above it
+        model = load_model(name, path, **overrides)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("given, wanted, message", [
+    ("sigma-1024", "alpha-1024", r"use_additional_conditions is False, so it is not pixart-alpha-1024"),
+    ("alpha", "alpha-deeper", r"num_layers is 2, so it is not pixart-alpha-256 \(depth 3"),
+    ("alpha", "dit", r"holds a PixArtTransformer2DModel, not the DiTTransformer2DModel"),
+])
+def test_a_folder_of_another_model_is_one_line(tmp_path, given, wanted, message):
+    tiny = dict(SIZE, max_text_tokens=7)
+    sources = {"sigma-1024": ("pixart-sigma-1024", tiny), "alpha": ("pixart-alpha-256", tiny)}
+    targets = {"alpha-1024": ("pixart-alpha-1024", tiny), "alpha-deeper": ("pixart-alpha-256", dict(tiny, depth=3)),
+               "dit": ("dit-s2", dict(depth=2, hidden_size=48, num_heads=4, input_size=8))}
+    _, folder = tiny_folder(tmp_path, *sources[given])
+    with pytest.raises(BlockcacheError, match=message) as excinfo:
+        load_model(*targets[wanted][:1], folder, **targets[wanted][1])
+    one_line(excinfo)
+
+
+def test_pickles_and_escaping_shards_are_refused(tmp_path):
+    name, overrides = CASES["alpha"][:2]
+    ref, folder = tiny_folder(tmp_path, name, overrides)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    pickle = tmp_path / "model.pt"
+    torch.save(ref.state_dict(), pickle)
+    with pytest.raises(BlockcacheError, match="never from a pickle") as excinfo:
+        load_model(name, pickle, **overrides)
+    one_line(excinfo)
+    weights.rename(folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(BlockcacheError, match="diffusion_pytorch_model.bin is a pickle") as excinfo:
+        load_model(name, folder, **overrides)
+    one_line(excinfo)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"proj_out.weight": "../outside.safetensors"}}')
+    with pytest.raises(BlockcacheError, match="not a .safetensors file name inside the folder") as excinfo:
+        load_model(name, folder, **overrides)
+    one_line(excinfo)
