@@ -101,14 +101,15 @@ def main(argv=None) -> int:
     started = start_ray(args, options, len(plans))
     signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own; ours shuts down first
     signal.signal(signal.SIGINT, _stop)
-    deployed = False
+    deploying = False  # from the moment serve.run is asked: a signal during it must still remove the app
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        application = build_app({"plans": plans, **vars(options)})
+        deploying = True
         try:
-            serve.run(build_app({"plans": plans, **vars(options)}), name=APP_NAME, route_prefix="/")
+            serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # a replica failed to start: Ray's message, first line
             raise BlockcacheError(f"the application did not start: {str(e).strip().splitlines()[0][:300]}") from None
-        deployed = True
         print(f"serving {', '.join(plans)} at http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops)",
               file=sys.stderr, flush=True)
         while True:
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
             serve.shutdown()
             ray.shutdown()
         else:
-            if deployed:
+            if deploying:
                 serve.delete(APP_NAME)
             ray.shutdown()
         print(f"stopped in {time.monotonic() - begun:.1f} s", file=sys.stderr, flush=True)

@@ -410,9 +410,11 @@ def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
         assert head.poll() is None and session_processes(head.pid)  # the cluster runs on
         status = subprocess.run([sys.executable, "-c", "import ray; from ray import serve; "
                                  f"ray.init(address='{address}', logging_level='error'); "
-                                 "print(sorted(serve.status().applications))"],
+                                 "import json; print(json.dumps({n: str(a.status) for n, a in "
+                                 "serve.status().applications.items()}))"],
                                 env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
-        assert status.stdout.strip().splitlines()[-1] == "[]", status.stderr[-1000:]  # only our app went away
+        apps = json.loads(status.stdout.strip().splitlines()[-1])  # {name: status}
+        assert apps == {}, (apps, log.read_text()[-3000:])  # only our app went away
     finally:
         head.send_signal(signal.SIGTERM)
         try:
