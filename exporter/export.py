@@ -23,11 +23,11 @@ from runtime.plan import names
 from runtime.plan.staging import check_destination, staging, write_manifest
 from schedules import BlockcacheError, Schedule
 from schedules.schedule import scale_shift_file, span_blocks, span_key
-from schedules.cost import schedule_macs, step_macs
+from schedules.cost import prologue_macs, schedule_macs, step_macs
 from schedules.errors import ParameterError
 from schedules.sampling import (carry_term, check_guidance_scale, guidance_needed, model_timesteps,
                                 neutral_guidance_scale)
-from schedules.zoo import family_of, num_labels
+from schedules.zoo import family_of, num_labels, takes_prompt
 
 from .models import check_weights
 from .reference import check_schedule
@@ -96,7 +96,7 @@ def carry_output_buffers(evaluations: int) -> list[tuple[int, int, int, int]]:
 
 def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_scale: float | None = None,
                   guidance: bool | None = None, guidance_channels: str | None = None,
-                  precision: str = "fp32") -> tuple[StepSettings, float]:
+                  precision: str = "fp32", prologue: bool = True) -> tuple[StepSettings, float]:
     """(what the step graph of this export is traced for, the plan's default guidance scale), with the
     defaults `export_plan` documents; bad values are refused in one line."""
     family = family_of(model.config)
@@ -115,13 +115,15 @@ def plan_settings(model, schedule: Schedule, *, batch_size: int = 1, guidance_sc
                             guidance=guidance_needed(guidance_scale, guidance_channels) if guidance is None else guidance,
                             guidance_channels=guidance_channels, carry=carry_term(sampler) is not None,
                             carry_output=carry_term(sampler) == "output",
-                            fractional_time=model_timesteps(sampler).dtype.kind == "f", precision=precision)
+                            fractional_time=model_timesteps(sampler).dtype.kind == "f", precision=precision,
+                            prompt=("prologue" if prologue else "inline") if takes_prompt(model.config) else "")
     return settings, float(guidance_scale)
 
 
 def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1, guidance_scale: float | None = None,
                 guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
-                traced: TracedStep | None = None, finish=None, progress: bool = False, decoder=None) -> dict:
+                traced: TracedStep | None = None, finish=None, progress: bool = False, decoder=None,
+                prologue: bool = True) -> dict:
     """Write a plan for `model` + `schedule` at `batch_size` to `out_dir` and return its manifest
     (`export_plans` with one schedule and one batch size).
 
@@ -138,21 +140,26 @@ def export_plan(model, schedule: Schedule, out_dir: str, *, batch_size: int = 1,
 
     `decoder`: an `ImageDecoder` (runtime/nn/decoder.py, e.g. of `exporter.vae.load_vae`'s autoencoder):
     the plan then also decodes the final latents to uint8 images, in a decoder graph run after the last
-    step (fp32 at every plan precision: the autoencoder's activations overflow fp16)."""
+    step (fp32 at every plan precision: the autoencoder's activations overflow fp16).
+
+    `prologue` (text-to-image models): the prompt's step-independent work (caption projection, every
+    block's cross-attention keys and values, the mask's bias) runs once per call in a prologue graph
+    whose outputs stay resident for every step; `False` leaves it in every step graph (the same
+    result, more work: for comparison)."""
     return export_plans(model, [schedule], out_dir, batch_sizes=[batch_size], guidance_scale=guidance_scale,
                         guidance=guidance, guidance_channels=guidance_channels, precision=precision,
                         traced=None if traced is None else [traced], finish=finish, progress=progress,
-                        decoder=decoder)
+                        decoder=decoder, prologue=prologue)
 
 
 def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_scale: float | None = None,
                  guidance: bool | None = None, guidance_channels: str | None = None, precision: str = "fp32",
-                 traced=None, finish=None, progress: bool = False, decoder=None) -> dict:
+                 traced=None, finish=None, progress: bool = False, decoder=None, prologue: bool = True) -> dict:
     """Write one plan with a program for every (batch size, schedule) to `out_dir`: the weights stored
     once, the model traced once per batch size (whatever the number of schedules), each schedule's
     variants derived per batch size. Schedules must differ in their step counts (a call chooses one by
     `steps=`). `traced`: step graphs traced before, any of the settings this export needs (see
-    `export_plan`); the others are traced here. The rest (and `decoder`) as `export_plan`."""
+    `export_plan`); the others are traced here. The rest (`decoder`, `prologue`) as `export_plan`."""
     schedules = list(schedules)
     if not schedules:
         raise ParameterError("schedules", "{name} is empty: give at least one schedule")
@@ -168,7 +175,7 @@ def export_plans(model, schedules, out_dir: str, *, batch_sizes=(1,), guidance_s
         for b in batch_sizes:  # plan_settings checks each value
             settings, resolved_scale = plan_settings(model, schedule, batch_size=b, guidance_scale=guidance_scale,
                                                      guidance=guidance, guidance_channels=guidance_channels,
-                                                     precision=precision)
+                                                     precision=precision, prologue=prologue)
             programs.append((b, schedule, settings))
     if not batch_sizes or len(set(batch_sizes)) != len(batch_sizes):
         raise ParameterError("batch_sizes", f"{{name}} must be distinct batch sizes, got {batch_sizes}")
@@ -231,13 +238,7 @@ def _write_decoders(model, decoder, batch_sizes, weights: "WeightsFile", folder:
         found = parameter_sources(graph, decoder.state_dict())
         weights.add(graph, keep={src["tensor"] for src in found.values()})
         if sources is None:
-            sources = found
-            # parameters the exporter folded into other constants (a norm's ones) are stored as they are
-            for name, value in decoder.state_dict().items():
-                if name not in sources:
-                    array = value.detach().cpu().float().contiguous().numpy()
-                    stored = weights.store(f"decoder.parameter.{name}", array.tobytes(), list(array.shape), "float32")
-                    sources[name] = {"tensor": stored, "transposed": False}
+            sources = store_folded(weights, decoder, found, "decoder.parameter.")
         name = names.decoder_file(b)
         onnx.save(graph, os.path.join(folder, name))
         shape, dtype = tensor_shape(graph, names.DECODER_OUTPUT)
@@ -245,6 +246,39 @@ def _write_decoders(model, decoder, batch_sizes, weights: "WeightsFile", folder:
                       "output": {"shape": shape, "dtype": dtype}}
     top = {"scaling_factor": decoder.scaling_factor, "config": decoder.vae_config, "parameters": sources}
     return top, entries
+
+
+def store_folded(weights: "WeightsFile", module, sources: dict, prefix: str) -> dict:
+    """`sources` completed with the parameters of `module` that no graph holds as they are, stored under
+    `prefix` + name: the ONNX exporter folded them into other constants (a norm's ones; PixArt-α's
+    micro-condition embedders, whose inputs are constants of the plan's image size). The torch backend
+    needs every parameter."""
+    for name, value in module.state_dict().items():
+        if name not in sources:
+            array = value.detach().cpu().contiguous().numpy()
+            stored = weights.store(prefix + name, array.tobytes(), list(array.shape), array.dtype.name)
+            sources[name] = {"tensor": stored, "transposed": False}
+    return sources
+
+
+def _write_prologue(model, graph, settings: StepSettings, weights: "WeightsFile", folder: str) -> tuple[dict, dict]:
+    """(a program's `prologue_graph` entry, the parameter sources it adds): the prologue graph of one batch
+    size written to `folder`, its weights moved into the plan's weights file."""
+    import onnx
+
+    prologue = onnx.ModelProto()
+    prologue.CopyFrom(graph)
+    found = parameter_sources(prologue, model.state_dict())
+    weights.add(prologue, keep={src["tensor"] for src in found.values()})
+    name = names.prologue_file(settings.batch_size)
+    onnx.save(prologue, os.path.join(folder, name))
+
+    def specs(names_):
+        return {n: dict(zip(("shape", "dtype"), tensor_shape(prologue, n))) for n in names_}
+
+    entry = {"file": name, "weights": stored_weights(prologue), "inputs": specs(names.PROMPT_INPUTS),
+             "outputs": specs(names.prologue_outputs(model.config["depth"]))}
+    return entry, found
 
 
 def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: float, progress: bool,
@@ -259,7 +293,7 @@ def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: floa
         schedule.save(os.path.join(folder, schedule_files[steps]))
     bar = tqdm(total=len(traces) + sum(len(group_variants(s)[0]) for _, s, _ in programs), desc="export",
                disable=not progress, leave=False)
-    weights, masters, sources = WeightsFile(), {}, None
+    weights, masters, sources, prologues = WeightsFile(), {}, None, {}
     for settings, traced in sorted(traces.items(), key=lambda item: item[0].batch_size):
         master = onnx.ModelProto()
         master.CopyFrom(traced.proto)  # weights move out of the copy; a handed-in trace stays whole
@@ -267,17 +301,24 @@ def _write_plan(model, programs, traces: dict, folder: str, guidance_scale: floa
         sources = sources or found
         weights.add(master, keep={src["tensor"] for src in found.values()})
         masters[settings] = master
+        if traced.prologue is not None:  # the parameters only the prologue reads (caption projection, keys, values)
+            prologues[settings.batch_size], found = _write_prologue(model, traced.prologue, settings, weights, folder)
+            for name, source in found.items():
+                sources.setdefault(name, source)
         bar.update()
     entries = []
     for j, (batch_size, schedule, settings) in enumerate(programs):
         entries.append(_program(model, schedule, masters[settings], settings, weights, folder,
                                 schedule_files[schedule.num_steps], None if single else j, bar))
+        if settings.prompt == "prologue":
+            entries[-1]["prologue_graph"] = prologues[batch_size]
     bar.close()
     decoder_entry = None
     if decoder is not None:
         decoder_entry, graphs = _write_decoders(model, decoder, [b for b, _, _ in programs], weights, folder)
         for entry in entries:
             entry["decoder_graph"] = graphs[entry["batch_size"]]
+    store_folded(weights, model, sources, "parameter.")
     weights.write(os.path.join(folder, names.WEIGHTS))
     first = programs[0][2]
     manifest = {
@@ -350,7 +391,7 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
             **({"skips": skip_keys} if skip_keys else {}),
             **({"forecasts": forecasts[k]} if forecasts[k] else {}),
             "weights": stored_weights(graph),
-            "macs_per_image": step_macs(model.config, row),
+            "macs_per_image": step_macs(model.config, row, settings.prompt == "prologue"),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
         })
         bar.update()
@@ -364,10 +405,11 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
         for r in range(1 + max(v.get("forecasts", {}).get(name, 0) for v in variants)):
             buffers[names.cache_input(names.ring_buffer(name, r))] = {"shape": shape, "dtype": dtype}
     inputs = {}
-    for name in names.step_inputs(settings.carry, settings.carry_output):
+    for name in settings.input_names(model.config["depth"]):
         shape, dtype = tensor_shape(master, name)
         inputs[name] = {"shape": shape, "dtype": dtype}
-    full, scheduled = schedule_macs(model.config, schedule)
+    hoisted = settings.prompt == "prologue"
+    full, scheduled = schedule_macs(model.config, schedule, hoisted)
     forecast_weights = schedule.forecast_weights()
     return {
         "batch_size": settings.batch_size,
@@ -386,5 +428,6 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
                       if forecast_weights[s] else {})}
                   for s, k in enumerate(step_variant)],
         "scale_shift": {"file": scale_shift_file(schedule_file)} if schedule.scale_shift else None,
-        "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled},
+        "macs_per_image": {"full": full, "scheduled": scheduled, "ideal_speedup": full / scheduled,
+                           **({"prologue": prologue_macs(model.config)} if hoisted else {})},
     }

@@ -11,6 +11,7 @@ from schedules.errors import CLI_FLAGS, BlockcacheError, ParameterError, cli_mai
 from schedules.options import ArgumentParser, add_model_args, add_weights_args, model_overrides, parse_numbers
 from schedules.sampling import GUIDANCE_CHANNELS
 from schedules.schedule import Schedule
+from schedules.zoo import takes_prompt
 
 
 def build_parser() -> ArgumentParser:
@@ -43,6 +44,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--vae", metavar="PATH", help="the autoencoder (a diffusers AutoencoderKL folder, or one file in "
                    "latent diffusion's layout, e.g. U-ViT's autoencoder_kl.pth): its decoder joins the plan, which "
                    "then yields uint8 images (fp32 at every precision)")
+    p.add_argument("--no-prologue", action="store_true", help="text-to-image models: encode the prompt in every "
+                   "step graph instead of once per call in a prologue graph (the same result, more work: for "
+                   "comparison)")
     p.add_argument("--verify", action="store_true", help="check every variant against the eager model")
     p.add_argument("--tolerance", type=float, help="--verify tolerance, relative to the max abs value "
                    "(default 1e-4 fp32, 2e-2 fp16 against the fp32 model)")
@@ -74,6 +78,11 @@ def main(argv=None):
     batch_sizes = parse_numbers(args.batch_sizes, "--batch-sizes") if args.batch_sizes else [args.batch_size or 1]
     model = load_model(args.model, args.checkpoint, random_init=args.random_init, seed=args.init_seed,
                        **model_overrides(args))
+    if args.no_prologue and not takes_prompt(model.config):
+        raise BlockcacheError(f"--no-prologue is for text-to-image models; {args.model} takes class labels")
+    if settings is not None and takes_prompt(model.config):
+        raise BlockcacheError(f"{args.model} is a text-to-image model: its plans run on ONNX Runtime and torch "
+                              "(TensorRT engines for prompt plans are not built yet)")
     decoder = None
     if args.vae:
         from .vae import load_decoder
@@ -98,7 +107,8 @@ def main(argv=None):
         finish, precision = engine_stage(settings, progress=not args.quiet, then=finish), settings.onnx_precision
     manifest = export_plans(model, schedules, args.out, batch_sizes=batch_sizes, guidance_scale=args.guidance_scale,
                             guidance=False if args.no_guidance else None, guidance_channels=args.guidance_channels,
-                            precision=precision, progress=not args.quiet, finish=finish, decoder=decoder)
+                            precision=precision, progress=not args.quiet, finish=finish, decoder=decoder,
+                            prologue=not args.no_prologue)
     elapsed = time.perf_counter() - start
     print(summary(args.out, manifest, elapsed))
     if report:
@@ -139,6 +149,9 @@ def summary(out: str, manifest: dict, seconds: float) -> str:
                      f"full, ideal speedup {p['macs_per_image']['ideal_speedup']:.2f}x" for p in programs)
     text = (f"wrote {out} in {seconds:.1f} s: {each} (graphs {graphs / 1e6:.2f} MB, weights "
             f"{files[names.WEIGHTS]['size'] / 1e6:.1f} MB stored once)")
+    if "prologue" in programs[0]["macs_per_image"]:
+        text += (f"; the prompt encoded once per call in a prologue graph "
+                 f"({programs[0]['macs_per_image']['prologue'] / 1e9:.3g} GMACs/image)")
     if manifest.get("decoder"):
         text += f"; images decoded in the plan (scaling factor {manifest['decoder']['scaling_factor']:g})"
     trt = manifest.get("tensorrt")

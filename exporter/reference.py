@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
+from schedules.prompts import PromptInputs, check_conditioning, check_prompt_inputs
 from schedules.schedule import span_blocks
 from schedules.sampling import (carry_term, check_finite_result, check_guidance_scale, check_labels, check_noise,
                                 guidance_needed, initial_noise, model_timesteps)
-from schedules.zoo import DIT, check_sampler, family_of
+from schedules.zoo import DIT, check_sampler, family_of, takes_prompt
 
 DEFAULT_GUIDANCE_SCALE = DIT.guidance_scale  # DiT's demo setting, 4; 1.5 is the paper's FID setting
 
@@ -177,16 +178,33 @@ def check_schedule(model, schedule: Schedule) -> None:
                                   f"{width} (learned for another model?)")
 
 
+def encoded_prompt(step: DenoisingStep, prompts: PromptInputs):
+    """The network batch's encoded prompt for `step` (the negative rows under its guidance): what a
+    plan's prologue computes once per call."""
+    embeds, mask = prompts.network(step.guidance)
+    return step.encode(torch.from_numpy(embeds), torch.from_numpy(mask))
+
+
 @torch.no_grad()
-def sample(model, schedule: Schedule, labels, noise, *, guidance_scale: float | None = None,
-           guidance_channels: str | None = None, progress: bool = False) -> np.ndarray:
-    """Final latents (N, C, H, W) for `labels` from `noise`, following `schedule` evaluation by evaluation."""
+def sample(model, schedule: Schedule, labels, noise, *, prompts: PromptInputs | None = None,
+           guidance_scale: float | None = None, guidance_channels: str | None = None,
+           progress: bool = False) -> np.ndarray:
+    """Final latents (N, C, H, W) for `labels` from `noise`, following `schedule` evaluation by evaluation.
+    A text-to-image model takes `prompts` (`schedules.prompts.check_prompt_inputs`) and labels None."""
     check_schedule(model, schedule)
-    labels = check_labels(labels, model.num_classes)
-    c, size = model.in_channels, model.config["input_size"]
-    x = torch.from_numpy(check_noise(noise, (len(labels), c, size, size)))
+    name = getattr(model, "name", None) or "the model"
+    check_conditioning(model.config, labels, None if prompts is None else prompts.embeds, name)
     if guidance_scale is not None:
         guidance_scale = check_guidance_scale(guidance_scale)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
-    out = denoiser.run(x, torch.from_numpy(labels), schedule_policy(schedule), progress).numpy()
+    if takes_prompt(model.config):
+        prompts = check_prompt_inputs(model.config, prompts.embeds, prompts.mask, prompts.negative_embeds,
+                                      prompts.negative_mask, denoiser.step.guidance, name)
+        n, y = len(prompts), encoded_prompt(denoiser.step, prompts)
+    else:
+        labels = check_labels(labels, model.num_classes)
+        n, y = len(labels), torch.from_numpy(labels)
+    c, size = model.in_channels, model.config["input_size"]
+    x = torch.from_numpy(check_noise(noise, (n, c, size, size)))
+    out = denoiser.run(x, y, schedule_policy(schedule), progress).numpy()
     return check_finite_result(out, float(denoiser.scale))

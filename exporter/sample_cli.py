@@ -36,10 +36,13 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--steps", type=int, help=f"full-compute steps when no schedule is given (default {DEFAULT_STEPS}); "
                    "with --plan, which of the plan's schedules to run")
     s.add_argument("--spacing", choices=SPACINGS, help="DDIM respacing for --steps (default linspace)")
-    s.add_argument("--labels", required=True, help="comma-separated class labels, e.g. 1,2,3")
+    cond = s.add_mutually_exclusive_group(required=True)
+    cond.add_argument("--labels", help="comma-separated class labels, e.g. 1,2,3 (class-conditional models)")
+    cond.add_argument("--prompt-embeds", metavar="E.npz", help="text-to-image models: the prompts' embeddings "
+                      "(blockcache-encode-prompts), one image per prompt, guided by the file's negative prompt")
     noise = s.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, help="noise seed for the whole call (default 0)")
-    noise.add_argument("--seeds", help="comma-separated noise seeds, one per label: image i's noise from seed i alone "
+    noise.add_argument("--seeds", help="comma-separated noise seeds, one per label or prompt: image i's noise from seed i alone "
                        "(the same image whatever it is batched with)")
     noise.add_argument("--noise", metavar="Z.npy", help="starting noise (N, C, H, W) for the N labels")
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the family's "
@@ -65,7 +68,15 @@ def _load_noise(path: str) -> np.ndarray:
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    labels = parse_labels(args.labels)
+    prompts = None
+    if args.prompt_embeds:
+        from schedules.prompts import PromptInputs, load_prompt_embeds
+
+        e = load_prompt_embeds(args.prompt_embeds)
+        prompts = PromptInputs(e["prompt_embeds"], e["prompt_mask"], e["negative_embeds"], e["negative_mask"])
+        labels = list(range(len(prompts)))  # images are named by prompt index
+    else:
+        labels = parse_labels(args.labels)
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise BlockcacheError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     folder = is_folder_output(args.out)
@@ -79,7 +90,8 @@ def main(argv=None):
     noise = _load_noise(args.noise) if args.noise else None
     seeds = parse_numbers(args.seeds, "--seeds") if args.seeds else None
     if seeds is not None and len(seeds) != len(labels):
-        raise BlockcacheError(f"--seeds has {len(seeds)} seeds for {len(labels)} labels: give one per label")
+        what = "prompt" if prompts is not None else "label"
+        raise BlockcacheError(f"--seeds has {len(seeds)} seeds for {len(labels)} {what}s: give one per {what}")
     seed = 0 if args.seed is None else args.seed
     names = ["noise"] * len(labels) if noise is not None else seeds if seeds is not None else [seed] * len(labels)
     start = time.perf_counter()
@@ -93,7 +105,10 @@ def main(argv=None):
         with Sampler(args.plan, backend=args.backend, device=args.device) as sampler:
             _check_images_out(args.out, folder, sampler.plan.decoder is not None, sampler.latent_shape[0])
             what = f"plan {args.plan} on {sampler.backend_name}"
-            out = sampler(labels, guidance_scale=args.guidance_scale, steps=args.steps, **given)
+            conditioning = {"class_labels": labels} if prompts is None else {
+                "prompt_embeds": prompts.embeds, "prompt_mask": prompts.mask,
+                "negative_embeds": prompts.negative_embeds, "negative_mask": prompts.negative_mask}
+            out = sampler(**conditioning, guidance_scale=args.guidance_scale, steps=args.steps, **given)
     else:
         if not args.model:
             raise BlockcacheError("give --model (eager reference) or --plan (exported plan)")
@@ -122,8 +137,8 @@ def main(argv=None):
         elif noise is None:
             noise = initial_noise((len(labels), c, size, size), seed)
         scale, _ = family.guidance_settings(args.guidance_scale)
-        out = sample(model, schedule, labels, noise, guidance_scale=scale, guidance_channels=args.guidance_channels,
-                     progress=not args.quiet)
+        out = sample(model, schedule, None if prompts is not None else labels, noise, prompts=prompts,
+                     guidance_scale=scale, guidance_channels=args.guidance_channels, progress=not args.quiet)
         if decoder is not None:
             import torch
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.nn.precision import model_dtype
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import CachePolicy
 from runtime.plan import names
@@ -45,15 +46,28 @@ class StepSettings:
     carry_output: bool = False  # p and q inputs and the carry_next output (a carry that is a step's output)
     fractional_time: bool = False  # a float32 timestep (continuous-time solvers)
     precision: str = "fp32"  # the model's stored precision: fp32 or fp16
+    # a text model's conditioning: "prologue" (the step reads the prompt's keys, values and bias, made once
+    # per call by the prologue graph) or "inline" (the step takes the embeddings and encodes them itself);
+    # "" for class labels
+    prompt: str = ""
+
+    def conditioning(self, depth: int) -> tuple[str, ...]:
+        """The step graph's conditioning inputs, in order."""
+        return {"": (names.Y,), "inline": names.PROMPT_INPUTS,
+                "prologue": names.prologue_outputs(depth)}[self.prompt]
+
+    def input_names(self, depth: int) -> tuple[str, ...]:
+        return names.step_inputs(self.carry, self.carry_output, self.conditioning(depth))
 
 
 @dataclass(frozen=True)
 class TracedStep:
-    # onnx.ModelProto: inputs `step_inputs(carry, carry_output)`; outputs `x_next` (and `carry_next`), then
+    # onnx.ModelProto: inputs `settings.input_names(depth)`; outputs `x_next` (and `carry_next`), then
     # `unit.<u>` in unit order
     proto: object
     settings: StepSettings
     weights_digest: str  # of the traced model's config and weights (`weights_digest`)
+    prologue: object = None  # a text model's prologue graph (onnx.ModelProto) where settings.prompt == "prologue"
 
 
 def weights_digest(model) -> str:
@@ -68,18 +82,49 @@ def weights_digest(model) -> str:
 
 
 class _RecordingStep(torch.nn.Module):
-    """What is traced: the denoising step, every unit's fresh value recorded as an extra output."""
+    """What is traced: the denoising step, every unit's fresh value recorded as an extra output. Its
+    inputs are `settings.input_names(depth)`, in that order."""
 
     def __init__(self, model, settings: StepSettings):
         super().__init__()
         self.model = model  # a submodule named "model": the exporter's name scopes read model.blocks.3.attn …
         self.step = DenoisingStep(model, settings.guidance, settings.guidance_channels)
+        self.settings = settings
+        self.names = settings.input_names(model.config["depth"])
 
-    def forward(self, x, y, timestep, a, b, guidance_scale, c=None, x_carry=None, p=None, q=None):
+    def forward(self, *inputs):
+        given = dict(zip(self.names, inputs))
         record = _Recorder({})
-        latents = self.step.denoise(x, y, timestep, a, b, guidance_scale, record, c, x_carry, p, q)
-        latents = latents if p is not None else (latents,)  # x_next, and carry_next with p and q
+        latents = self.step.denoise(given[names.X], self.conditioning(given), given[names.TIMESTEP], given[names.A],
+                                    given[names.B], given[names.GUIDANCE_SCALE], record, given.get(names.C),
+                                    given.get(names.X_CARRY), given.get(names.P), given.get(names.Q))
+        latents = latents if self.settings.carry_output else (latents,)  # x_next, and carry_next with p and q
         return (*latents, *(record.cache[u] for u in self.model.unit_names), *record.hidden.values())
+
+    def conditioning(self, given: dict):
+        """The labels, or the network batch's encoded prompt (from the prologue's outputs, or encoded here)."""
+        if self.settings.prompt == "inline":
+            return self.step.encode(given[names.PROMPT_EMBEDS], given[names.PROMPT_MASK])
+        if self.settings.prompt == "prologue":
+            from runtime.nn.pixart import Prompt
+
+            depth = self.model.config["depth"]
+            return Prompt(None, tuple(given[names.prompt_key(i)] for i in range(depth)),
+                          tuple(given[names.prompt_value(i)] for i in range(depth)), given[names.PROMPT_BIAS])
+        return given[names.Y]
+
+
+class _Prologue(torch.nn.Module):
+    """What the prologue graph computes: the network batch's prompt keys, values and mask bias."""
+
+    def __init__(self, model, settings: StepSettings):
+        super().__init__()
+        self.model = model
+        self.step = DenoisingStep(model, settings.guidance, settings.guidance_channels)
+
+    def forward(self, embeds, mask):
+        prompt = self.step.encode(embeds, mask)
+        return (*(t for kv in zip(prompt.keys, prompt.values) for t in kv), prompt.bias)
 
 
 class _Recorder(CachePolicy):
@@ -108,13 +153,28 @@ def hidden_outputs(model) -> list[str]:
     return [names.HIDDEN_INPUT] + [names.hidden_output(b) for b in unit_blocks(model.unit_names)]
 
 
-def example_inputs(model, settings: StepSettings):
+def example_inputs(model, settings: StepSettings) -> tuple:
+    """Zeros (ones for the coefficients) of every step input's shape, in `settings.input_names` order."""
     c, size, n = model.in_channels, model.config["input_size"], settings.batch_size
     x = torch.zeros(n, c, size, size)
-    timestep = torch.zeros(1, dtype=torch.float32 if settings.fractional_time else torch.int64)
-    inputs = (x, torch.zeros(n, dtype=torch.int64), timestep, torch.ones(1), torch.ones(1), torch.ones(1))
-    inputs += (torch.ones(1), torch.zeros_like(x)) if settings.carry else ()
-    return inputs + ((torch.ones(1), torch.ones(1)) if settings.carry_output else ())
+    values = {names.X: x, names.Y: torch.zeros(n, dtype=torch.int64),
+              names.TIMESTEP: torch.zeros(1, dtype=torch.float32 if settings.fractional_time else torch.int64),
+              names.X_CARRY: torch.zeros_like(x)}
+    if settings.prompt:
+        embeds, mask = prompt_examples(model, settings)
+        values.update({names.PROMPT_EMBEDS: embeds, names.PROMPT_MASK: mask})
+        if settings.prompt == "prologue":
+            with torch.no_grad():
+                values.update(zip(names.prologue_outputs(model.config["depth"]), _Prologue(model, settings)(embeds, mask)))
+    return tuple(values.get(name, torch.ones(1)) for name in settings.input_names(model.config["depth"]))
+
+
+def prompt_examples(model, settings: StepSettings) -> tuple:
+    """Example prompt embeddings (float32) and mask (int64, all tokens) of the network batch."""
+    rows = settings.batch_size * (2 if settings.guidance else 1)
+    length = model.config["max_text_tokens"]
+    return (torch.zeros(rows, length, model.config["caption_channels"]),
+            torch.ones(rows, length, dtype=torch.int64))
 
 
 def at_precision(model, precision: str):
@@ -123,18 +183,22 @@ def at_precision(model, precision: str):
     import copy
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-    return model if model.pos_embed.dtype == dtype else copy.deepcopy(model).to(dtype)
+    return model if model_dtype(model) == dtype else copy.deepcopy(model).to(dtype)
 
 
 def trace_step(model, settings: StepSettings) -> TracedStep:
-    """The master step graph of `model` for `settings` (the model is taken at `settings.precision`)."""
+    """The master step graph of `model` for `settings` (the model is taken at `settings.precision`), and
+    a text model's prologue graph where `settings.prompt` is "prologue"."""
     model = at_precision(model, settings.precision)
     step = _RecordingStep(model.eval(), settings)
     output_names = ([names.X_NEXT] + ([names.CARRY_NEXT] if settings.carry_output else [])
                     + [names.unit_output(u) for u in model.unit_names] + hidden_outputs(model))
-    proto = export_onnx(step, example_inputs(model, settings),
-                        list(names.step_inputs(settings.carry, settings.carry_output)), output_names)
-    return TracedStep(proto, settings, weights_digest(model))
+    proto = export_onnx(step, example_inputs(model, settings), list(step.names), output_names)
+    prologue = None
+    if settings.prompt == "prologue":
+        prologue = export_onnx(_Prologue(model, settings), prompt_examples(model, settings), list(names.PROMPT_INPUTS),
+                               list(names.prologue_outputs(model.config["depth"])))
+    return TracedStep(proto, settings, weights_digest(model), prologue)
 
 
 def trace_decoder(decoder, latent_shape) -> object:

@@ -33,11 +33,13 @@ import time
 import numpy as np
 
 from schedules.errors import BlockcacheError, ParameterError
+from schedules.prompts import check_conditioning, check_prompt_inputs
 from schedules.sampling import (check_finite_result, check_guidance_scale, check_labels, check_noise, guidance_needed,
                                 initial_noise, neutral_guidance_scale)
+from schedules.zoo import takes_prompt
 
 from .backends import make_backend
-from .plan import load_plan
+from .plan import load_plan, names
 
 MAX_CONTEXTS = 64
 
@@ -117,23 +119,30 @@ class Sampler:
     def backend_name(self) -> str:
         return f"{self.backend.name} ({self.backend.device})"
 
-    def __call__(self, class_labels, *, noise=None, seed: int | None = None, seeds=None,
+    def __call__(self, class_labels=None, *, prompt_embeds=None, prompt_mask=None, negative_embeds=None,
+                 negative_mask=None, noise=None, seed: int | None = None, seeds=None,
                  guidance_scale: float | None = None, steps: int | None = None, output: str | None = None):
         """Final latents (N, C, H, W) float32, or for a plan with a decoder uint8 images (N, H, W, 3);
-        `output="latents"` or `"images"` chooses (default: images where the plan has a decoder)."""
-        labels, noise, scale, evaluations, images = self._request(class_labels, noise, seed, seeds, guidance_scale,
-                                                                   steps, output)
-        batches = self.split(len(labels), evaluations)
+        `output="latents"` or `"images"` chooses (default: images where the plan has a decoder).
+
+        A text-to-image plan (PixArt) takes prompts instead of labels: `prompt_embeds` (N, L, D) float32
+        and `prompt_mask` (N, L) of 1 and 0 (default all 1), and under guidance the negative prompt's
+        `negative_embeds` (1, L, D) and `negative_mask` — what `schedules.prompts.load_prompt_embeds`
+        reads from a `blockcache-encode-prompts` file."""
+        conditioning, noise, scale, evaluations, images = self._request(
+            class_labels, (prompt_embeds, prompt_mask, negative_embeds, negative_mask), noise, seed, seeds,
+            guidance_scale, steps, output)
+        batches = self.split(len(conditioning), evaluations)
         context = self._acquire()
         try:
             out, start = [], 0
             for b in batches:
                 program = self.plan.find(b, evaluations)
-                x, y = noise[start: start + b], labels[start: start + b]
+                x = noise[start: start + b]
                 real = len(x)
                 if real < b:
                     x = np.concatenate([x, np.zeros((b - real,) + self.latent_shape, np.float32)])
-                    y = np.concatenate([y, np.zeros(b - real, np.int64)])
+                y = self._conditioning(conditioning, start, start + real, b)
                 latents = check_finite_result(context.run(program, x, y, scale)[:real], scale)
                 out.append(context.decode(program)[:real] if images else latents)  # decoded only if finite
                 start += real
@@ -141,11 +150,13 @@ class Sampler:
             self._release(context)  # also after an interrupted call: every call writes all it reads
         return np.concatenate(out)
 
-    def check(self, class_labels, *, seeds=None, guidance_scale: float | None = None, steps: int | None = None,
+    def check(self, class_labels=None, *, prompt_embeds=None, prompt_mask=None, negative_embeds=None,
+              negative_mask=None, seeds=None, guidance_scale: float | None = None, steps: int | None = None,
               output: str | None = None) -> None:
         """Refuse in one line what the same call would refuse, without sampling: a service checks each
         request alone before batching it with others, so one bad request cannot fail its batch."""
-        self._request(class_labels, None, None, seeds, guidance_scale, steps, output)
+        self._request(class_labels, (prompt_embeds, prompt_mask, negative_embeds, negative_mask), None, None, seeds,
+                      guidance_scale, steps, output)
 
     def split(self, n: int, steps: int | None = None) -> list[int]:
         """The batch sizes a call of `n` images with `steps` runs as (largest first), in image order."""
@@ -161,21 +172,51 @@ class Sampler:
         for b in sorted({p.batch_size for p in self.plan.programs}):
             steps = min(p.evaluations for p in self.plan.programs if p.batch_size == b)
             times = []
+            request = {"class_labels": [0] * b} if not self.takes_prompt else self._example_prompts(b)
             for _ in range(repeats + 1):
                 start = time.perf_counter()
-                self([0] * b, seeds=[0] * b, steps=steps, output="latents")
+                self(**request, seeds=[0] * b, steps=steps, output="latents")
                 times.append((time.perf_counter() - start) / steps)
             costs[b] = min(times[1:])
         self.batch_costs = check_batch_costs(costs, set(costs))
         return self.batch_costs
 
-    def _request(self, class_labels, noise, seed, seeds, guidance_scale, steps, output):
-        """A call's checked arguments: (labels, starting noise, guidance scale, evaluations, images?)."""
-        labels = check_labels(class_labels, self.num_classes)
+    @property
+    def takes_prompt(self) -> bool:
+        """Whether the plan's model is conditioned on prompt embeddings rather than class labels."""
+        return takes_prompt(self.plan.config)
+
+    def _request(self, class_labels, prompts, noise, seed, seeds, guidance_scale, steps, output):
+        """A call's checked arguments: (labels or PromptInputs, starting noise, guidance scale, evaluations,
+        images?)."""
+        name = self.plan.model_name or "this plan's model"
+        check_conditioning(self.plan.config, class_labels, prompts[0], name)
         images = self._output(output)
         evaluations = self._steps(steps)
-        noise = self._noise(len(labels), noise, seed, seeds)
-        return labels, noise, self._guidance_scale(guidance_scale), evaluations, images
+        scale = self._guidance_scale(guidance_scale)
+        if self.takes_prompt:  # under a neutral scale the unconditional rows do not matter: no negative needed
+            conditioning = check_prompt_inputs(self.plan.config, *prompts,
+                                               guidance=guidance_needed(scale, self.plan.guidance.channels),
+                                               model_name=name)
+        else:
+            conditioning = check_labels(class_labels, self.num_classes)
+        noise = self._noise(len(conditioning), noise, seed, seeds)
+        return conditioning, noise, scale, evaluations, images
+
+    def _conditioning(self, conditioning, start: int, stop: int, size: int):
+        """A batch's `y` for `ExecutionContext.run`: labels padded with 0, or the network batch's prompt
+        inputs, padded with copies of the last prompt (padded rows are dropped)."""
+        if not self.takes_prompt:
+            y = conditioning[start:stop]
+            return np.concatenate([y, np.zeros(size - len(y), np.int64)])
+        embeds, mask = conditioning.batch(start, stop, size).network(self.plan.guidance.enabled)
+        return {names.PROMPT_EMBEDS: embeds, names.PROMPT_MASK: mask}
+
+    def _example_prompts(self, n: int) -> dict:
+        """Zero prompt embeddings of the plan's shape, every token counted (for timing runs)."""
+        c = self.plan.config
+        embeds = np.zeros((n, c["max_text_tokens"], c["caption_channels"]), np.float32)
+        return {"prompt_embeds": embeds, "negative_embeds": embeds[:1]}
 
     def _output(self, output) -> bool:
         """Whether the call returns images (`output`: None, "images" or "latents")."""

@@ -182,6 +182,10 @@ def format_stats(s: dict) -> str:
     if "ideal_speedup" in s:
         lines.append(f"MACs per image: full {s['macs_per_image_full'] / 1e9:.2f} G, scheduled "
                      f"{s['macs_per_image_scheduled'] / 1e9:.2f} G, ideal speedup {s['ideal_speedup']:.3f}x")
+    if "prologue_saving" in s:
+        lines.append(f"prologue (prompt work once per call, {s['prologue_macs_per_image'] / 1e9:.2f} G): scheduled "
+                     f"{s['macs_per_image_scheduled_with_prologue'] / 1e9:.2f} G, {s['prologue_saving']:.3f}x fewer "
+                     f"MACs, ideal speedup {s['ideal_speedup_with_prologue']:.3f}x")
     return "\n".join(lines)
 
 

@@ -17,8 +17,9 @@ from .schedule import Schedule
 from .zoo import family_of, unit_names
 
 
-def unit_macs(config: dict) -> dict[str, int]:
-    """MACs per image of one unit of each kind: {"attn": …, "mlp": …} (PixArt: {"attn1", "attn2", "ff"})."""
+def unit_macs(config: dict, prologue: bool = False) -> dict[str, int]:
+    """MACs per image of one unit of each kind: {"attn": …, "mlp": …} (PixArt: {"attn1", "attn2", "ff"}).
+    `prologue`: a text model's prompt work runs once per call (`prologue_macs`), not in the units."""
     d = config["hidden_size"]
     t = (config["input_size"] // config["patch_size"]) ** 2 + family_of(config).extra_tokens
     hidden = int(d * config["mlp_ratio"])
@@ -28,20 +29,21 @@ def unit_macs(config: dict) -> dict[str, int]:
         # q and out projections over the patches, q·kᵀ and softmax·v against the prompt, and the k and v
         # projections of the prompt tokens. Those depend on the prompt only: once a prologue computes
         # them once per call, they move to fixed_macs (divided by the steps) and attn2 keeps the rest.
-        attn2 = 2 * t * d * d + 2 * t * prompt * d + prompt * d * 2 * d
+        attn2 = 2 * t * d * d + 2 * t * prompt * d + (0 if prologue else prompt * d * 2 * d)
         return {"attn1": attn1, "attn2": attn2, "ff": 2 * t * d * hidden}
     attn = t * d * 3 * d + 2 * t * t * d + t * d * d  # qkv, q·kᵀ and softmax·v, proj
     mlp = 2 * t * d * hidden
     return {"attn": attn, "mlp": mlp}
 
 
-def fixed_macs(config: dict) -> int:
-    """MACs per image outside the cacheable units (always computed)."""
+def fixed_macs(config: dict, prologue: bool = False) -> int:
+    """MACs per image of one step outside the cacheable units (always computed); `prologue` as
+    `unit_macs`."""
     d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
     t = (config["input_size"] // p) ** 2
     embed = t * c * p * p * d
     if family_of(config).name == "pixart":
-        return embed + pixart_fixed_macs(config, t)
+        return embed + pixart_fixed_macs(config, t) - (caption_macs(config) if prologue else 0)
     if family_of(config).name == "uvit":
         t_all = t + family_of(config).extra_tokens
         time_mlp = 2 * d * 4 * d if config["mlp_time_embed"] else 0
@@ -66,26 +68,42 @@ def pixart_fixed_macs(config: dict, t: int) -> int:
     size = d // 3
     micro = 3 * (256 * size + size * size) if config["use_additional_conditions"] else 0  # resolution (2), aspect ratio
     ada = d * 6 * d
-    caption = config["max_text_tokens"] * (config["caption_channels"] * d + d * d)
     final = t * d * p * p * out
-    return t_mlp + micro + ada + caption + final
+    return t_mlp + micro + ada + caption_macs(config) + final
 
 
-def unit_costs(config: dict) -> list[int]:
+def caption_macs(config: dict) -> int:
+    """The caption projection of every prompt token (T5 width → d → d)."""
+    d = config["hidden_size"]
+    return config["max_text_tokens"] * (config["caption_channels"] * d + d * d)
+
+
+def prologue_macs(config: dict) -> int:
+    """MACs per image of a text model's prologue, once per call: the caption projection and every
+    block's cross-attention keys and values of the prompt tokens (0 for class models)."""
+    if family_of(config).conditioning != "prompt":
+        return 0
+    d = config["hidden_size"]
+    return caption_macs(config) + config["depth"] * config["max_text_tokens"] * d * 2 * d
+
+
+def unit_costs(config: dict, prologue: bool = False) -> list[int]:
     """MACs per image of each unit, in `unit_names(config)` order."""
-    per = unit_macs(config)
+    per = unit_macs(config, prologue)
     return [per[u.rsplit(".", 1)[1]] for u in unit_names(config)]
 
 
-def step_macs(config: dict, compute_row) -> int:
-    return fixed_macs(config) + sum(m for m, c in zip(unit_costs(config), compute_row) if c)
+def step_macs(config: dict, compute_row, prologue: bool = False) -> int:
+    return fixed_macs(config, prologue) + sum(m for m, c in zip(unit_costs(config, prologue), compute_row) if c)
 
 
-def schedule_macs(config: dict, schedule: Schedule) -> tuple[int, int]:
+def schedule_macs(config: dict, schedule: Schedule, prologue: bool = False) -> tuple[int, int]:
     """(full, scheduled) MACs per image over the whole sampling run (one model evaluation per step,
-    per image; guidance doubles both equally)."""
-    full = step_macs(config, np.ones(schedule.num_units, bool)) * schedule.num_steps
-    scheduled = sum(step_macs(config, row) for row in schedule.compute)
+    per image; guidance doubles both equally). `prologue`: a text model's prompt work once per call
+    instead of in every step (what its plans do)."""
+    once = prologue_macs(config) if prologue else 0
+    full = step_macs(config, np.ones(schedule.num_units, bool), prologue) * schedule.num_steps + once
+    scheduled = sum(step_macs(config, row, prologue) for row in schedule.compute) + once
     return full, scheduled
 
 
@@ -113,6 +131,12 @@ def stats(config: dict | None, schedule: Schedule) -> dict:
     if config is not None:
         full, scheduled = schedule_macs(config, schedule)
         result.update(macs_per_image_full=full, macs_per_image_scheduled=scheduled, ideal_speedup=full / scheduled)
+        if family_of(config).conditioning == "prompt":  # the prompt's work once per call, as plans run it
+            hoisted, hoisted_scheduled = schedule_macs(config, schedule, prologue=True)
+            result.update(prologue_macs_per_image=prologue_macs(config),
+                          macs_per_image_scheduled_with_prologue=hoisted_scheduled,
+                          prologue_saving=scheduled / hoisted_scheduled,
+                          ideal_speedup_with_prologue=full / hoisted_scheduled)
     return result
 
 

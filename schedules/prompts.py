@@ -29,11 +29,12 @@ import json
 import math
 import os
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import BlockcacheError, one_line
-from .zoo import MAX_TOKENS, MAX_WIDTH
+from .zoo import MAX_TOKENS, MAX_WIDTH, takes_prompt
 
 PROMPT_EMBEDS = "prompt_embeds"
 PROMPT_MASK = "prompt_mask"
@@ -212,3 +213,80 @@ def load_prompt_embeds(path) -> dict:
     out[PROMPTS] = [str(p) for p in arrays[PROMPTS]]
     out[MAX_LENGTH] = length
     return out
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """A sampling call's checked prompts: N prompts' embeddings (N, L, D) float32 and mask (N, L) int64,
+    and the negative (unconditional) prompt's (1, L, D) and (1, L), or None without guidance."""
+    embeds: np.ndarray
+    mask: np.ndarray
+    negative_embeds: np.ndarray | None = None
+    negative_mask: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def batch(self, start: int, stop: int, size: int) -> "PromptInputs":
+        """Rows start…stop − 1 padded to `size` rows with copies of the last (finite, one token at least:
+        the padding's results are dropped, but must not be NaN)."""
+        embeds, mask = self.embeds[start:stop], self.mask[start:stop]
+        if len(embeds) < size:
+            extra = size - len(embeds)
+            embeds = np.concatenate([embeds, np.repeat(embeds[-1:], extra, axis=0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], extra, axis=0)])
+        return PromptInputs(embeds, mask, self.negative_embeds, self.negative_mask)
+
+    def network(self, guidance: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings and mask of the network batch: the N prompts' rows and, under classifier-free
+        guidance, N copies of the negative prompt's after them ([cond; uncond], as the doubled latents
+        [x; x]). The PixArt pipelines concatenate [negative; prompt] and guide uncond + s·(cond − uncond);
+        the order of the rows changes no value."""
+        if not guidance:
+            return self.embeds, self.mask
+        if self.negative_embeds is None:  # checked without guidance (a neutral scale): eps = cond, so any rows do
+            return np.concatenate([self.embeds, self.embeds]), np.concatenate([self.mask, self.mask])
+        n = len(self)
+        return (np.concatenate([self.embeds, np.repeat(self.negative_embeds, n, axis=0)]),
+                np.concatenate([self.mask, np.repeat(self.negative_mask, n, axis=0)]))
+
+
+def check_prompt_inputs(config: dict, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
+                        guidance: bool = True, model_name: str = "the model") -> PromptInputs:
+    """The prompts of a call to a text-to-image model with `config`: embeddings of its T5 width
+    (`caption_channels`) and token count (`max_text_tokens`, what the pipelines pad to), a mask of
+    their shape (None: every token counts), and under guidance the negative prompt's, one row; one-line
+    errors naming the argument."""
+    if prompt_embeds is None:
+        raise BlockcacheError(f"{model_name} is a text-to-image model: give prompt_embeds (and prompt_mask)")
+    embeds = np.asarray(prompt_embeds)
+    if embeds.ndim != 3:
+        raise BlockcacheError(f"prompt_embeds must be (N, L, D), got shape {embeds.shape}")
+    mask = np.ones(embeds.shape[:2], np.int64) if prompt_mask is None else prompt_mask
+    embeds, mask = check_prompt_embeds(embeds, mask)
+    width, length = config["caption_channels"], config["max_text_tokens"]
+    if embeds.shape[2] != width:
+        raise BlockcacheError(f"prompt_embeds are {embeds.shape[2]} wide but {model_name} takes {width} (its text "
+                              "encoder's width, T5-XXL: 4096)")
+    if embeds.shape[1] != length:
+        raise BlockcacheError(f"prompt_embeds have {embeds.shape[1]} tokens but {model_name} takes {length} (the "
+                              f"pipelines' max_sequence_length): encode with --max-length {length}")
+    if not guidance:
+        return PromptInputs(embeds, mask)
+    if negative_embeds is None:
+        raise BlockcacheError("guidance needs the negative prompt: give negative_embeds (an embeddings file holds "
+                              "the empty prompt's) or a guidance scale of 1")
+    negative = np.asarray(negative_embeds)
+    negative_mask = np.ones(negative.shape[:2], np.int64) if negative_mask is None else negative_mask
+    negative, negative_mask = check_prompt_embeds(negative, negative_mask, NEGATIVE_EMBEDS)
+    if negative.shape != (1, length, width):
+        raise BlockcacheError(f"negative_embeds must be one prompt of shape (1, {length}, {width}), got {negative.shape}")
+    return PromptInputs(embeds, mask, negative, negative_mask)
+
+
+def check_conditioning(config: dict, labels, prompt_embeds, model_name: str = "the model") -> None:
+    """Refuse, in one line, labels given to a text-to-image model and prompts given to a class model."""
+    if takes_prompt(config) and labels is not None:
+        raise BlockcacheError(f"{model_name} is a text-to-image model: it takes prompt_embeds, not class labels")
+    if not takes_prompt(config) and prompt_embeds is not None:
+        raise BlockcacheError(f"{model_name} is class-conditional: it takes class labels, not prompt_embeds")

@@ -37,6 +37,8 @@ class Family:
     # long skips connect in-blocks to out-blocks: a skipped in-block would leave its skip missing)
     spans: bool = True
     unit_kinds: tuple[str, ...] = UNIT_KINDS  # each block's units, in execution order
+    # what a call is conditioned on: class labels, or a prompt's embeddings (text-to-image models)
+    conditioning: str = "labels"
 
     def guidance_settings(self, scale: float | None = None, channels: str | None = None) -> tuple[float, str]:
         """(scale, form): the given ones, or the family's published defaults where None."""
@@ -77,7 +79,7 @@ PIXART = Family("pixart", dict(input_size=128, patch_size=2, in_channels=4, hidd
                                max_text_tokens=120, use_additional_conditions=True, interpolation_scale=2),
                 # PixArt's noise schedule is DiT's (linear betas 1e-4…0.02 over 1000 steps), so DDIM is exact.
                 samplers=("dpm-solver++-2m", "ddim"), guidance="all", guidance_scale=4.5, extra_tokens=0,
-                unit_kinds=PIXART_UNIT_KINDS)
+                unit_kinds=PIXART_UNIT_KINDS, conditioning="prompt")
 FAMILIES = {f.name: f for f in (DIT, UVIT, PIXART)}
 
 # The zoo: each model an explicit entry over its family's defaults. DiT's sizes are the paper's
@@ -206,11 +208,16 @@ def unit_names(config: dict) -> tuple[str, ...]:
     return family_of(config).unit_names(config)
 
 
+def takes_prompt(config: dict) -> bool:
+    """Whether a model is conditioned on prompt embeddings (text-to-image) rather than class labels."""
+    return family_of(config).conditioning == "prompt"
+
+
 def num_labels(config: dict) -> int:
     """Class labels a user may pass: DiT's table has an extra null row; U-ViT counts its null class.
     A text-to-image model (PixArt) takes none: 0, which every label check refuses."""
     family = family_of(config)
-    if family.name == "pixart":
+    if family.conditioning == "prompt":
         return 0
     return config["num_classes"] - (1 if family.name == "uvit" else 0)
 

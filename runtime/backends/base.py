@@ -72,9 +72,10 @@ class Backend:
     def _make_context(self) -> "ExecutionContext":
         raise NotImplementedError
 
-    def run(self, x: np.ndarray, y: np.ndarray, guidance_scale: float, program: Program | None = None) -> np.ndarray:
+    def run(self, x: np.ndarray, y, guidance_scale: float, program: Program | None = None) -> np.ndarray:
         """The final latents (B, C, H, W) float32 of one batch of `program` (default: the plan's only
-        one): `x` the starting noise, `y` the labels. One call at a time; use contexts for more."""
+        one): `x` the starting noise, `y` the labels (a text model's prompt inputs: `ExecutionContext.run`).
+        One call at a time; use contexts for more."""
         context = self.contexts[0] if self.contexts else self.new_context()
         return context.run(self.plan.program if program is None else program, x, y, guidance_scale)
 
@@ -103,20 +104,30 @@ class ExecutionContext:
     def __init__(self, backend: Backend):
         self.backend = backend
 
-    def run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
-        """The final latents of one batch of `program`, a program of the backend's plan."""
+    def run(self, program: Program, x: np.ndarray, y, guidance_scale: float) -> np.ndarray:
+        """The final latents of one batch of `program`, a program of the backend's plan. `y`: the labels,
+        or for a text model {prompt_embeds, prompt_mask} of the network batch (`Program.call_inputs`)."""
         if self.closed or self.backend.closed:
             raise BlockcacheError(f"the {self.backend.name} backend was closed: make a new one to sample")
         if self.backend.plan.programs[program.index] is not program:
             raise BlockcacheError("that program is not one of this backend's plan")
-        x_shape, y_shape = program.inputs[names.X].shape, program.inputs[names.Y].shape
-        if np.shape(x) != x_shape or np.shape(y) != y_shape:
+        specs = program.call_inputs
+        given = y if program.takes_prompt else {names.Y: y}
+        if not isinstance(given, dict) or set(given) != set(specs):
+            raise BlockcacheError(f"this program of the {self.backend.name} backend is conditioned on "
+                                  f"{', '.join(specs)}, got {type(y).__name__}")
+        x_shape = program.inputs[names.X].shape
+        wrong = [n for n, spec in specs.items() if np.shape(given[n]) != spec.shape]
+        if np.shape(x) != x_shape or wrong:
+            shapes = ", ".join(f"{n} {specs[n].shape}" for n in specs)
             raise BlockcacheError(f"this program of the {self.backend.name} backend runs batches of exactly "
-                                  f"{x_shape} latents and {y_shape} labels, got {np.shape(x)} and {np.shape(y)}")
-        return self._run(program, np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64),
-                         float(guidance_scale))
+                                  f"{x_shape} latents and {shapes}, got {np.shape(x)} and "
+                                  + ", ".join(f"{n} {np.shape(given[n])}" for n in specs))
+        cond = {n: np.ascontiguousarray(given[n], dtype=np.dtype(spec.dtype)) for n, spec in specs.items()}
+        return self._run(program, np.ascontiguousarray(x, dtype=np.float32), cond, float(guidance_scale))
 
-    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _run(self, program: Program, x: np.ndarray, cond: dict, guidance_scale: float) -> np.ndarray:
+        """`cond`: name → array of `program.call_inputs`, checked."""
         raise NotImplementedError
 
     def decode(self, program: Program) -> np.ndarray:

@@ -10,11 +10,13 @@ every tensor the loop touches resident on the device, one graph execution per st
 - Per execution context (one call at a time): for each batch size, the latents (two, ping-pong; three
   for DPM-Solver-2, whose intermediate evaluation also reads its solver step's starting latent; four
   for DPM-Solver++ 2M, whose steps also write the next step's carry to a latent buffer), the
-  labels, the guidance scale and one cache buffer per reused unit (m + 1 for a forecast over m + 1
+  labels (a text model: the prompt embeddings and mask, and the prologue's outputs), the guidance scale
+  and one cache buffer per reused unit (m + 1 for a forecast over m + 1
   values, rotated by binding: `Program.cache_slots`), shared by that batch size's
   programs (a context runs one program at a time); and every step's IOBinding, built when the context
   is made. A call copies noise and labels in, runs the bindings in order and copies the final latent
-  out: no host round trip between steps. A plan with a decoder: one decoder session per batch size;
+  out: no host round trip between steps. A text model's plan runs its batch size's prologue graph first,
+  writing every block's prompt keys and values into buffers that all steps bind. A plan with a decoder: one decoder session per batch size;
   `decode` runs it on the final latent buffer in place and copies the uint8 images out. ONNX Runtime sessions run concurrently from several threads,
   each with its own bindings.
 """
@@ -84,6 +86,9 @@ class OnnxRuntimeBackend(Backend):
         # The decoder graphs, one per batch size (shared by that batch size's programs).
         self.decoders = {p.batch_size: self._session(ort, p.decoder, providers, threads)
                          for p in plan.programs if p.decoder is not None}
+        # A text model's prologue graphs, one per batch size (shared by that batch size's programs).
+        self.prologues = {p.batch_size: self._session(ort, p.prologue, providers, threads)
+                          for p in plan.programs if p.prologue is not None}
 
     def on_device(self, array):
         return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.kind, self.index)
@@ -93,7 +98,8 @@ class OnnxRuntimeBackend(Backend):
                                                             self.index)
 
     def _session(self, ort, graph, providers, threads):
-        """An inference session of `graph` (a variant or a decoder graph: its file and the weights it reads)."""
+        """An inference session of `graph` (a variant, decoder or prologue graph: its file and the weights it
+        reads)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -136,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         super().close()
         self.sessions, self.weights, self.constants, self._host_weights = [], {}, [], None
-        self.decoders = {}
+        self.decoders, self.prologues = {}, {}
 
 
 class OnnxRuntimeContext(ExecutionContext):
@@ -145,12 +151,17 @@ class OnnxRuntimeContext(ExecutionContext):
     def __init__(self, backend: OnnxRuntimeBackend):
         super().__init__(backend)
         plan = backend.plan
-        self.buffers = {}  # batch size → {"x": [latents], "y", "guidance_scale", "cache": {unit: value}}
+        # batch size → {"x": [latents], "cond": {the call's conditioning and the prologue's outputs},
+        # "guidance_scale", "cache": {unit: value}}
+        self.buffers = {}
         for program in plan.programs:
-            held = self.buffers.setdefault(program.batch_size, {"x": [], "cache": {}})
+            held = self.buffers.setdefault(program.batch_size, {"x": [], "cache": {}, "cond": {}})
             while len(held["x"]) < program.num_latents:
                 held["x"].append(backend.empty(program.inputs[names.X]))
-            held.setdefault("y", backend.empty(program.inputs[names.Y]))
+            outputs = program.prologue.outputs if program.prologue is not None else {}
+            for name, spec in {**program.call_inputs, **outputs}.items():
+                if name not in held["cond"]:
+                    held["cond"][name] = backend.empty(spec)
             held.setdefault("guidance_scale", backend.empty(program.inputs[names.GUIDANCE_SCALE]))
             for unit, spec in program.cache.items():
                 if unit not in held["cache"]:
@@ -162,6 +173,7 @@ class OnnxRuntimeContext(ExecutionContext):
                              for program in plan.programs]
             self.decode_bindings = {program.index: self._bind_decoder(program) for program in plan.programs
                                     if program.decoder is not None}
+            self.prologue_bindings = {b: self._bind_prologue(b) for b in backend.prologues}
         except Exception as e:  # ORT's own exception types: a graph whose I/O the plan does not match
             raise BlockcacheError(f"ONNX Runtime cannot bind the plan's buffers: {one_line(e)[:300]}") from None
 
@@ -173,7 +185,9 @@ class OnnxRuntimeContext(ExecutionContext):
         binding.bind_ortvalue_input(names.X, held["x"][latent])
         if program.has_carry:
             binding.bind_ortvalue_input(names.X_CARRY, held["x"][carry])
-        binding.bind_ortvalue_input(names.Y, held["y"])
+        for name, value in held["cond"].items():  # labels, prompt inputs or the prologue's keys and values
+            if name in program.inputs:
+                binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_input(names.GUIDANCE_SCALE, held["guidance_scale"])
         for name, value in backend.constants[program.index][s].items():
             binding.bind_ortvalue_input(name, value)
@@ -185,6 +199,18 @@ class OnnxRuntimeContext(ExecutionContext):
             binding.bind_ortvalue_output(names.CARRY_NEXT, held["x"][carry_out[0]])
         for name, buffer in writes.items():
             binding.bind_ortvalue_output(names.unit_output(name), held["cache"][buffer])
+        return binding
+
+    def _bind_prologue(self, batch_size: int):
+        """The prologue run of a batch size: the call's prompt inputs in, the resident keys, values and
+        bias every step reads out."""
+        held = self.buffers[batch_size]["cond"]
+        session = self.backend.prologues[batch_size]
+        binding = session.io_binding()
+        for name in names.PROMPT_INPUTS:
+            binding.bind_ortvalue_input(name, held[name])
+        for output in session.get_outputs():
+            binding.bind_ortvalue_output(output.name, held[output.name])
         return binding
 
     def _bind_decoder(self, program: Program):
@@ -202,13 +228,17 @@ class OnnxRuntimeContext(ExecutionContext):
             raise BlockcacheError(f"ONNX Runtime failed while decoding: {one_line(e)[:300]}") from None
         return self.buffers[program.batch_size]["image"].numpy().copy()
 
-    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _run(self, program: Program, x: np.ndarray, cond: dict, guidance_scale: float) -> np.ndarray:
         held, steps = self.buffers[program.batch_size], program.steps
         sessions = self.backend.sessions[program.index]
         held["x"][steps[0].latents[0]].update_inplace(x)
-        held["y"].update_inplace(y)
+        for name, value in cond.items():
+            held["cond"][name].update_inplace(value)
         held["guidance_scale"].update_inplace(np.array([guidance_scale], np.float32))
         try:
+            if program.prologue is not None:  # the prompt's keys and values, once for all steps
+                self.backend.prologues[program.batch_size].run_with_iobinding(
+                    self.prologue_bindings[program.batch_size])
             for step, binding in zip(steps, self.bindings[program.index]):
                 sessions[step.variant].run_with_iobinding(binding)
         except Exception as e:  # ORT's own exception types (e.g. out of memory): one line
@@ -217,5 +247,5 @@ class OnnxRuntimeContext(ExecutionContext):
         return held["x"][steps[-1].latents[2]].numpy().copy()
 
     def close(self) -> None:
-        self.bindings, self.buffers, self.decode_bindings = [], {}, {}
+        self.bindings, self.buffers, self.decode_bindings, self.prologue_bindings = [], {}, {}, {}
         super().close()

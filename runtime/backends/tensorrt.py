@@ -312,10 +312,10 @@ class TensorRTContext(ExecutionContext):
         view[...] = value.reshape(view.shape)
         self._cuda.upload(self.io_bases[program.index] + bindings.io.slots[slot].offset, np.ascontiguousarray(view))
 
-    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _run(self, program: Program, x: np.ndarray, cond: dict, guidance_scale: float) -> np.ndarray:
         bindings = self.backend.bindings[program.index]
         self._write(program, bindings.input, x)
-        self._write(program, names.Y, y)
+        self._write(program, names.Y, cond[names.Y])  # text-model plans have no engines (refused at parse)
         if names.GUIDANCE_SCALE in bindings.io.slots:
             self._write(program, names.GUIDANCE_SCALE, np.array([guidance_scale], np.float32))
         if self.graphs is not None:

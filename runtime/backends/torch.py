@@ -226,11 +226,14 @@ class TorchContext(ExecutionContext):
         super().__init__(backend)
         torch = _torch()
         dev, plan = backend.device, backend.plan
-        self.buffers = {}  # batch size → {"x", "y", "guidance_scale", "cache": {unit: tensor}}
+        # batch size → {"x", "cond": {labels, or a text model's prompt embeddings and mask}, "guidance_scale",
+        # "cache": {unit: tensor}}
+        self.buffers = {}
         for program in plan.programs:
             held = self.buffers.setdefault(program.batch_size, {
                 "x": torch.zeros(program.inputs[names.X].shape, dtype=torch.float32, device=dev),
-                "y": torch.zeros(program.inputs[names.Y].shape, dtype=torch.int64, device=dev),
+                "cond": {n: torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype), device=dev)
+                         for n, spec in program.call_inputs.items()},
                 "guidance_scale": torch.ones(1, dtype=torch.float32, device=dev), "cache": {}})
             for unit, spec in program.cache.items():
                 if unit not in held["cache"]:
@@ -267,9 +270,11 @@ class TorchContext(ExecutionContext):
         held, steps = self.buffers[program.batch_size], self.steps[program.index]
         latents = [None] * program.num_latents  # the latents by the manifest's buffer numbers
         latents[steps[0][-1][0]] = held["x"]
+        cond = held["cond"]  # a text model's prompt is encoded once, for all steps (the prologue)
+        y = self.backend.step.encode(*(cond[n] for n in names.PROMPT_INPUTS)) if program.takes_prompt else cond[names.Y]
         for timestep, a, b, c, p_q, policy, (latent, carry, *written) in steps:
             x_carry = latents[carry] if c is not None else None
-            out = self.backend.step.denoise(latents[latent], held["y"], timestep, a, b, held["guidance_scale"],
+            out = self.backend.step.denoise(latents[latent], y, timestep, a, b, held["guidance_scale"],
                                             policy, c, x_carry, *p_q)
             for buffer, value in zip(written, out if p_q else (out,)):  # x_next (and carry_next)
                 latents[buffer] = value
@@ -306,7 +311,7 @@ class TorchContext(ExecutionContext):
                 torch.cuda.synchronize(device)
             warnings.warn(f"torch backend: CUDA graph capture failed, running eagerly: {backend.graph_error}")
 
-    def _run(self, program: Program, x: np.ndarray, y: np.ndarray, guidance_scale: float) -> np.ndarray:
+    def _run(self, program: Program, x: np.ndarray, cond: dict, guidance_scale: float) -> np.ndarray:
         torch = _torch()
         from ..nn.precision import exact_fp32
 
@@ -314,7 +319,8 @@ class TorchContext(ExecutionContext):
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with torch.no_grad(), on_stream:
             held["x"].copy_(torch.from_numpy(x))
-            held["y"].copy_(torch.from_numpy(y))
+            for name, value in cond.items():
+                held["cond"][name].copy_(torch.from_numpy(value))
             held["guidance_scale"].fill_(guidance_scale)
             if self.graphs is not None:
                 graph, out = self.graphs[program.index]

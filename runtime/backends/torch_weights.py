@@ -88,9 +88,15 @@ def _bind_parameters(model: torch.nn.Module, params: dict, plan: Plan, storage: 
         module = model.get_submodule(module_name) if module_name else model
         module.register_parameter(attr, torch.nn.Parameter(views[key], requires_grad=False))
     del views
-    buffers = [name for name, _ in model.named_buffers()]  # none in DiT or U-ViT; never leave meta tensors
-    if buffers:
-        raise BlockcacheError(f"the torch backend cannot load buffer {buffers[0]!r} from a plan")
+    # Buffers are fixed tables a network derives from its config (PixArt's sin-cos positions; none in DiT
+    # or U-ViT): made again here, on the storage's device, never left as meta tensors.
+    fixed = model.fixed_buffers() if hasattr(model, "fixed_buffers") else {}
+    for name, _ in list(model.named_buffers()):
+        if name not in fixed:
+            raise BlockcacheError(f"the torch backend cannot load buffer {name!r} from a plan")
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module.register_buffer(attr, fixed[name].to(storage.device), persistent=False)
     # Parameters at the stored precision are views that keep the shared storage alive by
     # themselves; after a cast nothing refers to it any more and it is freed with the caller's reference.
     return model.eval().requires_grad_(False)

@@ -32,11 +32,13 @@ from schedules.errors import BlockcacheError
 from schedules.zoo import unit_names
 
 from .layers import LayerNorm, PatchEmbed, get_1d_sincos_pos_embed_from_grid, timestep_embedding, unpatchify
+from .precision import model_dtype
 from .units import COMPUTE, run_block
 
 # diffusers turns the 0/1 prompt mask into an additive bias, −10000 at the padding (not −inf, so that
 # scores stay finite in fp16 too); after softmax's max subtraction exp(−10000) is 0 in fp32.
 MASK_BIAS = -10000.0
+VAE_SCALE_FACTOR = 8  # the SD autoencoder's: pixels per latent
 
 
 class Prompt(NamedTuple):
@@ -237,8 +239,7 @@ class PixArt(nn.Module):
         self.pos_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.grid_size = self.pos_embed.grid_size
         # diffusers keeps the table as a non-persistent buffer: it is not in the state dict.
-        table = sincos_pos_embed(hidden_size, self.grid_size, interpolation_scale)
-        self.register_buffer("pos_table", torch.tensor(table, dtype=torch.float32).unsqueeze(0), persistent=False)
+        self.register_buffer("pos_table", self.fixed_buffers()["pos_table"], persistent=False)
         self.transformer_blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm_out = LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
@@ -249,6 +250,22 @@ class PixArt(nn.Module):
     @property
     def unit_names(self) -> tuple[str, ...]:
         return unit_names(self.config)
+
+    def fixed_buffers(self) -> dict:
+        """The buffers derived from the config (not in the state dict): the fp32 sin-cos position table."""
+        c = self.config
+        table = sincos_pos_embed(c["hidden_size"], c["input_size"] // c["patch_size"], c["interpolation_scale"])
+        return {"pos_table": torch.tensor(table, dtype=torch.float32).unsqueeze(0)}
+
+    def micro_conditions(self, n: int) -> dict | None:
+        """The micro-conditions of `n` square images of this model's size, as PixArt-α's pipeline passes
+        them (resolution = (height, width) in pixels, the latent size × the VAE's factor 8; aspect ratio
+        height / width), or None for a model without them."""
+        if not self.use_additional_conditions:
+            return None
+        side = float(self.config["input_size"] * VAE_SCALE_FACTOR)
+        dtype = model_dtype(self)
+        return {"resolution": torch.full((n, 2), side, dtype=dtype), "aspect_ratio": torch.ones(n, 1, dtype=dtype)}
 
     def encode_prompt(self, prompt_embeds, prompt_mask=None) -> Prompt:
         """The step-independent prompt work. prompt_embeds: (N, L, caption_channels) T5 states;

@@ -28,6 +28,13 @@ def torch_dtype(precision) -> torch.dtype:
     return DTYPES[precision_name(precision)]
 
 
+def model_dtype(model) -> torch.dtype:
+    """The dtype a network computes in: its position table's (DiT, U-ViT) or patch embedding's (PixArt,
+    whose table is a fixed fp32 buffer)."""
+    table = model.pos_embed
+    return table.dtype if isinstance(table, torch.Tensor) else table.proj.weight.dtype
+
+
 _fp32_lock = threading.Lock()
 _fp32_users = 0  # threads inside exact_fp32(); the settings are restored when the last one leaves
 _fp32_saved: list = []

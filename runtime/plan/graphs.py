@@ -78,7 +78,7 @@ def spec_text(spec: dict) -> str:
 
 
 def verify_graphs(plan: Plan) -> None:
-    """Every variant graph (and decoder graph) declares exactly the I/O its manifest entry implies and
+    """Every variant graph (and decoder and prologue graph) declares exactly the I/O its manifest entry implies and
     reads exactly the stored weights it lists, each at the manifest's offset and length; one line otherwise."""
     for program in plan.programs:
         _verify_program_graphs(plan, program)
@@ -92,6 +92,10 @@ def _verify_program_graphs(plan: Plan, program: Program) -> None:
         expected = decoder_graph_io(program)
         _verify_graph(plan, expected.file, f"{prefix}decoder_graph", expected.inputs, expected.outputs,
                       program.decoder.weights)
+    if program.prologue is not None:
+        prologue = program.prologue
+        _verify_graph(plan, prologue.file, f"{prefix}prologue_graph", prologue.inputs, prologue.outputs,
+                      prologue.weights)
 
 
 def _verify_graph(plan: Plan, file: str, owner: str, inputs: dict, outputs: dict, weights) -> None:

@@ -47,7 +47,7 @@ from schedules.errors import BlockcacheError
 from schedules.sampling import GUIDANCE_CHANNELS, MAX_GUIDANCE_SCALE, carry_term, make_sampler, model_timesteps
 from schedules.forecast import MAX_ORDER, taylor_weights
 from schedules.schedule import history_key, span_blocks, unit_blocks
-from schedules.zoo import check_config, family_of, num_labels, unit_names
+from schedules.zoo import check_config, family_of, num_labels, takes_prompt, unit_names
 
 from . import names
 
@@ -215,6 +215,16 @@ class DecoderGraph:
 
 
 @dataclass(frozen=True)
+class PrologueGraph:
+    """A text model's prologue graph at one batch size: the network batch's prompt embeddings and mask
+    in, every block's cross-attention keys and values and the mask's bias out, once per call."""
+    file: str
+    weights: tuple[str, ...]  # stored tensors the graph uses
+    inputs: dict  # name → TensorSpec (names.PROMPT_INPUTS)
+    outputs: dict  # name → TensorSpec (names.prologue_outputs), the step graphs' conditioning inputs
+
+
+@dataclass(frozen=True)
 class Guidance:
     enabled: bool  # the graphs run the doubled CFG batch
     scale: float  # the default scale
@@ -255,6 +265,19 @@ class Program:
     engines: tuple[Engine, ...] | None  # TensorRT engines, one per variant
     decoder: DecoderGraph | None = None  # the plan's decoder at this batch size
     decoder_engine: Engine | None = None  # its TensorRT engine (TensorRT plans with a decoder)
+    prologue: PrologueGraph | None = None  # a text model's prompt work once per call
+
+    @property
+    def call_inputs(self) -> dict:
+        """name → TensorSpec of the conditioning a call writes: the labels `y`, or a text model's prompt
+        embeddings and mask of the network batch (the prologue's inputs, or the step graphs')."""
+        if self.prologue is not None:
+            return dict(self.prologue.inputs)
+        return {n: self.inputs[n] for n in (names.Y, *names.PROMPT_INPUTS) if n in self.inputs}
+
+    @property
+    def takes_prompt(self) -> bool:
+        return names.Y not in self.inputs
 
     @property
     def evaluations(self) -> int:
@@ -374,7 +397,8 @@ class Plan:
             raise BlockcacheError(f"{check.where}: model.config is not a valid model config ({e})") from None
         if check.names(model.get("unit_names", list(units)), "model.unit_names") != units:
             check.fail("model.unit_names", "do not match the model config")
-        labels = check.integer(model.get("num_labels", num_labels(config)), "model.num_labels", low=1)
+        labels = check.integer(model.get("num_labels", num_labels(config)), "model.num_labels",
+                               low=0 if takes_prompt(config) else 1)
         if labels > num_labels(config):
             check.fail("model.num_labels", f"is {labels}, more than the model's {num_labels(config)} classes")
         precision = doc.get("precision", "fp32")
@@ -399,7 +423,8 @@ class Plan:
 
 
 PROGRAM_KEYS = ("batch_size", "sampler", "schedule", "schedule_source", "inputs", "output", "buffers", "variants",
-                "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph", "decoder_engine")
+                "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph", "decoder_engine",
+                "prologue_graph")
 
 
 def program_entries(doc: dict) -> list[tuple[str, dict]]:
@@ -428,7 +453,10 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
     batch = check.integer(value["batch_size"], where + "batch_size", low=1)
     schedule_file = check.file_name(value.get("schedule"), where + "schedule", files)
     sampler = _sampler(check, value["sampler"], where)
-    inputs = _inputs(check, value["inputs"], batch, config, sampler, where)
+    prologue = _prologue(check, value.get("prologue_graph"), where, batch, config, guidance, precision, weights,
+                         files)
+    inputs = _inputs(check, value["inputs"], batch, config, sampler, where, _conditioning(batch, config, guidance,
+                                                                                          prologue))
     cache = _cache(check, value["buffers"], units, (batch * (2 if guidance.enabled else 1), _tokens(config),
                                                      config["hidden_size"]), PRECISION_DTYPE[precision], where)
     variants = tuple(_variant(check, v, f"{where}variants[{k}]", units, cache, weights, files, family_of(config).spans)
@@ -460,8 +488,10 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
         check.file_name(decoder_engine.file, where + "decoder_engine.file", files)
     elif value.get("decoder_engine") is not None:
         check.fail(where + "decoder_engine", "is listed but the plan has no decoder or no tensorrt entry")
+    if tensorrt and prologue is not None:
+        check.fail(where + "prologue_graph", "is not supported in TensorRT plans yet")
     return Program(index, batch, value["sampler"], schedule_file, inputs, cache, variants, steps, scale_shift_file,
-                   engines, decoder_graph, decoder_engine)
+                   engines, decoder_graph, decoder_engine, prologue)
 
 
 def _check_programs(check: _Check, programs) -> None:
@@ -531,14 +561,65 @@ def _files(check: _Check, value) -> dict:
     return out
 
 
-def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str = "") -> dict:
-    """The step graph's inputs, each pinned: what every backend writes into them is fixed."""
+def _prompt_specs(batch: int, config: dict, guidance: Guidance, precision: str) -> tuple[dict, dict]:
+    """(the prompt inputs, the prologue outputs) of a text model's network batch, pinned by the config
+    (tokens, T5 width, heads), the batch size, guidance and the stored precision."""
+    rows, length = batch * (2 if guidance.enabled else 1), config["max_text_tokens"]
+    heads = config["num_heads"]
+    inputs = {names.PROMPT_EMBEDS: TensorSpec((rows, length, config["caption_channels"]), "float32"),
+              names.PROMPT_MASK: TensorSpec((rows, length), "int64")}
+    kv = TensorSpec((rows, heads, length, config["hidden_size"] // heads), PRECISION_DTYPE[precision])
+    outputs = {name: kv for name in names.prologue_outputs(config["depth"])}
+    outputs[names.PROMPT_BIAS] = TensorSpec((rows, 1, 1, length), PRECISION_DTYPE[precision])
+    return inputs, outputs
+
+
+def _conditioning(batch: int, config: dict, guidance: Guidance, prologue: "PrologueGraph | None") -> dict:
+    """The step graph's conditioning inputs: labels, a text model's prompt inputs, or its prologue's outputs."""
+    if not takes_prompt(config):
+        return {names.Y: TensorSpec((batch,), "int64")}
+    if prologue is not None:
+        return dict(prologue.outputs)
+    return _prompt_specs(batch, config, guidance, "fp32")[0]
+
+
+def _prologue(check: _Check, value, where: str, batch: int, config: dict, guidance: Guidance, precision: str,
+              weights: "Weights", files: dict) -> "PrologueGraph | None":
+    """A program's `prologue_graph` (text models only): its file, the weights it reads, its pinned I/O."""
+    if value is None:
+        return None
+    if not takes_prompt(config):
+        check.fail(where + "prologue_graph", "is given but the model takes class labels, not prompts")
+    value = check.mapping(value, where + "prologue_graph", ("file", "weights", "inputs", "outputs"))
+    used = check.names(value["weights"], where + "prologue_graph.weights")
+    for name in used:
+        if name not in weights.tensors:
+            check.fail(where + "prologue_graph.weights", f"names {name!r}, which the weights file does not hold")
+    want = dict(zip(("inputs", "outputs"), _prompt_specs(batch, config, guidance, precision)))
+    io = {}
+    for direction, expected in want.items():
+        got = {n: check.spec(spec, f"{where}prologue_graph.{direction}[{n!r}]")
+               for n, spec in check.mapping(value[direction], f"{where}prologue_graph.{direction}").items()}
+        if got != expected:
+            wrong = next((n for n in expected if got.get(n) != expected[n]), None) or sorted(got.keys() - expected)[0]
+            check.fail(f"{where}prologue_graph.{direction}", f"do not match the model config at batch size {batch}: "
+                       f"{wrong!r} is {got.get(wrong)}, expected {expected.get(wrong)}")
+        io[direction] = got
+    return PrologueGraph(check.file_name(value["file"], where + "prologue_graph.file", files), used, io["inputs"],
+                         io["outputs"])
+
+
+def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str = "",
+            conditioning: dict | None = None) -> dict:
+    """The step graph's inputs, each pinned: what every backend writes into them is fixed.
+    `conditioning`: the labels' or prompt's inputs (`_conditioning`; default the labels)."""
     inputs = {name: check.spec(spec, f"{where}inputs[{name!r}]")
               for name, spec in check.mapping(value, where + "inputs").items()}
     carry = carry_term(sampler)
     size, channels = config["input_size"], config["in_channels"]
     time_dtype = model_timesteps(sampler).dtype.name
-    expected = {names.X: TensorSpec((batch, channels, size, size), "float32"), names.Y: TensorSpec((batch,), "int64"),
+    expected = {names.X: TensorSpec((batch, channels, size, size), "float32"),
+                **(conditioning or {names.Y: TensorSpec((batch,), "int64")}),
                 names.TIMESTEP: TensorSpec((1,), time_dtype), names.A: TensorSpec((1,), "float32"),
                 names.B: TensorSpec((1,), "float32"), names.GUIDANCE_SCALE: TensorSpec((1,), "float32")}
     if carry:  # the latent an earlier step started from, or the carry the previous step wrote

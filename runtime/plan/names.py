@@ -80,8 +80,37 @@ def hidden_output(block: str) -> str:
     return HIDDEN_PREFIX + block
 
 
-def step_inputs(carry: bool, carry_output: bool = False) -> tuple[str, ...]:
-    return STEP_INPUTS + (CARRY_INPUTS if carry else ()) + (CARRY_OUTPUT_INPUTS if carry_output else ())
+def step_inputs(carry: bool, carry_output: bool = False, conditioning: tuple[str, ...] = (Y,)) -> tuple[str, ...]:
+    """A step graph's inputs in order; `conditioning` replaces the labels `y` of a text-to-image model."""
+    return ((X, *conditioning) + STEP_INPUTS[2:] + (CARRY_INPUTS if carry else ())
+            + (CARRY_OUTPUT_INPUTS if carry_output else ()))
+
+
+# Text-to-image models (PixArt): a call's prompt embeddings and mask for the network batch ([cond; uncond]
+# under guidance), the inputs of the prologue graph, or of every step graph in a plan without prologue.
+PROMPT_EMBEDS, PROMPT_MASK = "prompt_embeds", "prompt_mask"
+PROMPT_INPUTS = (PROMPT_EMBEDS, PROMPT_MASK)
+# The prologue's outputs, which every step graph reads: each block's cross-attention keys and values and
+# the mask's additive bias (runtime.nn.pixart.Prompt).
+PROMPT_BIAS = "prompt.bias"
+
+
+def prompt_key(block: int) -> str:
+    return f"prompt.keys.{block}"
+
+
+def prompt_value(block: int) -> str:
+    return f"prompt.values.{block}"
+
+
+def prologue_outputs(depth: int) -> tuple[str, ...]:
+    """The prologue graph's outputs in order: keys and values block by block, then the bias."""
+    return tuple(n for i in range(depth) for n in (prompt_key(i), prompt_value(i))) + (PROMPT_BIAS,)
+
+
+def prologue_file(batch_size: int) -> str:
+    """The prologue graph for batches of `batch_size`, shared by the programs of that batch size."""
+    return f"prologue_{batch_size}.onnx"
 
 
 def unit_output(unit: str) -> str:
