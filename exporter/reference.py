@@ -198,8 +198,9 @@ def sample(model, schedule: Schedule, labels, noise, *, prompts: PromptInputs | 
         guidance_scale = check_guidance_scale(guidance_scale)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     if takes_prompt(model.config):
-        prompts = check_prompt_inputs(model.config, prompts.embeds, prompts.mask, prompts.negative_embeds,
-                                      prompts.negative_mask, denoiser.step.guidance, name)
+        given = (prompts.embeds, prompts.mask, prompts.negative_embeds, prompts.negative_mask) \
+            if prompts is not None else (None,)
+        prompts = check_prompt_inputs(model.config, *given, guidance=denoiser.step.guidance, model_name=name)
         n, y = len(prompts), encoded_prompt(denoiser.step, prompts)
     else:
         labels = check_labels(labels, model.num_classes)

@@ -36,14 +36,15 @@ def unit_macs(config: dict, prologue: bool = False) -> dict[str, int]:
     return {"attn": attn, "mlp": mlp}
 
 
-def fixed_macs(config: dict, prologue: bool = False) -> int:
-    """MACs per image of one step outside the cacheable units (always computed); `prologue` as
-    `unit_macs`."""
+def fixed_macs(config: dict) -> int:
+    """MACs per image of one step outside the cacheable units (always computed). A text model's caption
+    projection is not among them: it runs once per call in a prologue, or without one in the steps
+    that compute a cross-attention (`step_macs`)."""
     d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
     t = (config["input_size"] // p) ** 2
     embed = t * c * p * p * d
     if family_of(config).name == "pixart":
-        return embed + pixart_fixed_macs(config, t) - (caption_macs(config) if prologue else 0)
+        return embed + pixart_fixed_macs(config, t)
     if family_of(config).name == "uvit":
         t_all = t + family_of(config).extra_tokens
         time_mlp = 2 * d * 4 * d if config["mlp_time_embed"] else 0
@@ -60,8 +61,7 @@ def fixed_macs(config: dict, prologue: bool = False) -> int:
 
 def pixart_fixed_macs(config: dict, t: int) -> int:
     """PixArt outside its units and patch embedding: the timestep MLP (and the micro-conditions' three
-    MLPs of width d/3), one shared adaLN-single projection to 6·d (not one per block), the caption
-    projection of every prompt token (a step-independent prologue's work), and the final layer."""
+    MLPs of width d/3), one shared adaLN-single projection to 6·d (not one per block) and the final layer."""
     d, p, c = config["hidden_size"], config["patch_size"], config["in_channels"]
     out = c * (2 if config["learn_sigma"] else 1)
     t_mlp = 256 * d + d * d
@@ -69,7 +69,7 @@ def pixart_fixed_macs(config: dict, t: int) -> int:
     micro = 3 * (256 * size + size * size) if config["use_additional_conditions"] else 0  # resolution (2), aspect ratio
     ada = d * 6 * d
     final = t * d * p * p * out
-    return t_mlp + micro + ada + caption_macs(config) + final
+    return t_mlp + micro + ada + final
 
 
 def caption_macs(config: dict) -> int:
@@ -94,7 +94,15 @@ def unit_costs(config: dict, prologue: bool = False) -> list[int]:
 
 
 def step_macs(config: dict, compute_row, prologue: bool = False) -> int:
-    return fixed_macs(config, prologue) + sum(m for m, c in zip(unit_costs(config, prologue), compute_row) if c)
+    """MACs per image of one step computing the units of `compute_row`. Without a prologue, a text
+    model's step that computes a cross-attention also projects the caption (the graphs of steps that
+    reuse every cross-attention have no caption projection left)."""
+    units = sum(m for m, c in zip(unit_costs(config, prologue), compute_row) if c)
+    caption = 0
+    if not prologue and family_of(config).conditioning == "prompt":
+        cross = [u.endswith(".attn2") for u in unit_names(config)]
+        caption = caption_macs(config) if any(c and x for c, x in zip(compute_row, cross)) else 0
+    return fixed_macs(config) + units + caption
 
 
 def schedule_macs(config: dict, schedule: Schedule, prologue: bool = False) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schedules.errors import BlockcacheError
 from schedules.images import write_images_png, write_samples_png
 
 MAX_LABELS = 256  # images one request may ask for (a larger one is refused: split it)
@@ -51,7 +52,12 @@ def error_body(message: str) -> bytes:
 
 
 def describe(name: str, plan) -> dict:
-    """What `GET /v1/plans` says of a plan (a runtime `Plan`), and what a request is checked against."""
+    """What `GET /v1/plans` says of a plan (a runtime `Plan`), and what a request is checked against.
+    A text-to-image plan is refused in one line: the API takes class labels (prompt embeddings, about
+    5 MB per Σ prompt in float32, would need an API of their own)."""
+    if plan.num_labels == 0:
+        raise BlockcacheError(f"plan {name} is a text-to-image plan ({plan.model_name or plan.family}): "
+                              "blockcache-serve samples class labels only for now; use runtime.Sampler")
     images = plan.decoder is not None
     size = plan.decoder.image_size if images else None
     channels = plan.latent_shape[0]

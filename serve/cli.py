@@ -20,6 +20,7 @@ import time
 from runtime.plan import load_plan
 from schedules.errors import BlockcacheError, cli_main
 
+from .api import describe
 from .app import APP_NAME, Options, build_app, parse_plans, replica_resources
 
 
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
                       threads=args.threads, max_batch_wait_ms=args.max_batch_wait_ms, backend=args.backend,
                       device=args.device, log_level=args.log_level)
     plans = parse_plans(args.plans)
-    for path in plans.values():  # refused in one line before Ray starts
-        load_plan(path, verify=False)
+    for name, path in plans.items():  # refused in one line before Ray starts
+        describe(name, load_plan(path, verify=False))
 
     import ray
     from ray import serve

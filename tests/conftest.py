@@ -136,3 +136,18 @@ def dit_spaced_tables(kept_ascending):
     alphas_cumprod = np.cumprod(1.0 - new_betas, axis=0)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     return np.array(timestep_map), alphas_cumprod, alphas_cumprod_prev
+
+
+def tiny_vae(latent_channels=4, seed=0):
+    """A tiny random diffusers AutoencoderKL (eval mode), norms away from ones and zeros."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=latent_channels,
+                        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2)
+    with torch.no_grad():  # norms away from ones and zeros, so that every parameter matters
+        for name, p in vae.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return vae.eval()

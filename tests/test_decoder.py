@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model
+from conftest import TINY_FLAGS, assert_one_line_error, run_cli, tiny_model, tiny_vae
 from schedules import BlockcacheError, Schedule
 from schedules.sampling import initial_noise
 
@@ -20,20 +20,6 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 LABELS, SEEDS = [1, 2, 3], [4, 5, 6]
-
-
-def _tiny_vae(latent_channels=4, seed=0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=latent_channels,
-                        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2)
-    with torch.no_grad():  # norms away from ones and zeros, so that every parameter matters
-        for name, p in vae.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return vae.eval()
 
 
 def _ldm_state(vae) -> dict:
@@ -61,7 +47,7 @@ def _ldm_state(vae) -> dict:
 @pytest.fixture(scope="module")
 def vae_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
-    vae = _tiny_vae()
+    vae = tiny_vae()
     vae.save_pretrained(folder / "diffusers")
     torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in _ldm_state(vae).items()}},
                folder / "autoencoder_kl.pth")
@@ -152,7 +138,7 @@ def test_plan_images_equal_diffusers_decode(tmp_path, vae_files):
 
 def test_mismatched_latent_channels_are_refused_in_one_line(tmp_path):
     folder = tmp_path / "vae8"
-    _tiny_vae(latent_channels=8).save_pretrained(folder)
+    tiny_vae(latent_channels=8).save_pretrained(folder)
     Schedule.full(tiny_model().unit_names, 4).save(tmp_path / "s.yaml")
     r = run_cli("exporter.export_cli", "--model", "dit-s2", *TINY_FLAGS, "--random-init", "--schedule",
                 tmp_path / "s.yaml", "--out", tmp_path / "plan", "--vae", folder)

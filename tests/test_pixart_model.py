@@ -10,7 +10,7 @@ import torch
 from runtime.nn.build import build_model
 from runtime.nn.pixart import PixArt, sincos_pos_embed
 from runtime.nn.units import CachePolicy, UnitPolicy
-from schedules.cost import fixed_macs, unit_costs, unit_macs
+from schedules.cost import fixed_macs, prologue_macs, step_macs, unit_costs, unit_macs
 from schedules.errors import BlockcacheError
 from schedules.schedule import span_key
 from schedules.zoo import CONFIGS, check_config, model_config, num_labels, unit_names
@@ -313,10 +313,18 @@ def test_cost_model_counts_the_cross_attention():
     assert unit_costs(cfg) == [per["attn1"], per["attn2"], per["ff"]] * 28
     alpha = model_config("pixart-alpha-512")  # 120 prompt tokens: a cheaper cross-attention, same rest
     assert unit_macs(alpha)["attn2"] < per["attn2"] and unit_macs(alpha)["attn1"] == per["attn1"]
-    expected_fixed = t * 4 * 4 * d + (256 * d + d * d) + 6 * d * d + L * (C * d + d * d) + t * d * 4 * 8
+    expected_fixed = t * 4 * 4 * d + (256 * d + d * d) + 6 * d * d + t * d * 4 * 8
     assert fixed_macs(cfg) == expected_fixed
+    caption = L * (C * d + d * d)  # the caption projection: once per call with a prologue
+    assert prologue_macs(cfg) == caption + 28 * 2 * L * d * d  # and every block's keys and values
+    units = 28 * (per["attn1"] + per["attn2"] + per["ff"])
+    assert step_macs(cfg, [True] * 84) == expected_fixed + units + caption
+    assert step_macs(cfg, [True] * 84, prologue=True) == expected_fixed + units - 28 * 2 * L * d * d
+    # without a prologue, a step that reuses every cross-attention projects no caption (nothing reads it)
+    no_cross = [not u.endswith(".attn2") for u in unit_names(cfg)]
+    assert step_macs(cfg, no_cross) == expected_fixed + 28 * (per["attn1"] + per["ff"])
     micro = model_config("pixart-alpha-1024")
     s = d // 3
     t2 = 64 * 64
     assert fixed_macs(micro) == (t2 * 4 * 4 * d + (256 * d + d * d) + 3 * (256 * s + s * s) + 6 * d * d
-                                 + 120 * (C * d + d * d) + t2 * d * 4 * 8)
+                                 + t2 * d * 4 * 8)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error, tiny_vae
 
 from exporter.export import export_plan, export_plans
 from exporter.models import load_model
@@ -302,3 +303,35 @@ def test_a_damaged_prologue_entry_is_refused(plans, tmp_path, edit, message):
     with pytest.raises(BlockcacheError, match=None) as error:
         load_plan(folder)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_blockcache_serve_refuses_a_text_plan_before_starting_ray(plans, capsys):
+    pytest.importorskip("ray")
+    from serve.cli import main
+
+    line = cli_error(main, [f"px={plans['full'][0]}"], capsys)
+    assert "text-to-image plan" in line and "runtime.Sampler" in line
+
+
+def test_a_text_plan_with_a_decoder_yields_the_images_diffusers_decodes(alpha, tmp_path):
+    """Prompts in, images out: the plan's images equal diffusers' `AutoencoderKL.decode` of the eager
+    latents with its image processor's uint8 rounding, within one level of 255. (The random model's
+    latents are large: the autoencoder's scaling factor is set so that the images are not clipped.)"""
+    from exporter.vae import load_decoder
+
+    vae = tiny_vae()
+    scaling = 500.0
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(tmp_path / "vae")
+    schedule = Schedule.uniform(alpha.unit_names, STEPS, 2, sampler="dpm-solver++-2m")
+    export_plan(alpha, schedule, str(tmp_path / "plan"), batch_size=2, decoder=load_decoder(str(tmp_path / "vae")))
+    prompts, noise = prompts_for(alpha, 2), noise_for(alpha, 2)
+    with Sampler(str(tmp_path / "plan")) as sampler:
+        images = call(sampler, prompts, noise=noise)
+    latents = sample(alpha, schedule, None, noise, prompts=prompts)
+    with torch.no_grad():
+        decoded = vae.decode(torch.from_numpy(latents) / scaling).sample
+    want = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert images.dtype == np.uint8 and images.shape == want.shape == (2, 16, 16, 3)
+    assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
+    assert 0.05 < ((want > 0) & (want < 255)).mean() and want.std() > 5  # images, not saturation

@@ -182,8 +182,6 @@ def test_bad_conditioning_is_one_line(alpha, what):
     one_line(excinfo)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="exporter.reference.sample reads prompts.embeds before checking that prompts were given")
 def test_no_prompts_for_pixart_is_one_line(alpha):
     model, prompts = alpha
     with pytest.raises(BlockcacheError, match="text-to-image model: give prompt_embeds") as excinfo:

@@ -597,7 +597,7 @@ def test_decoder_engine_decodes_the_final_latent_slot(tmp_path):
     """A TensorRT plan with a decoder: one fp32 decoder engine per batch size, its weights in the shared
     arena, bound to the final latent's slot and the image slot; its replay gives ONNX Runtime's images."""
     from conftest import tiny_model
-    from test_decoder import _tiny_vae
+    from conftest import tiny_vae
 
     from runtime.nn.decoder import ImageDecoder
 
@@ -605,7 +605,7 @@ def test_decoder_engine_decodes_the_final_latent_slot(tmp_path):
     path = str(tmp_path / "plan")
     export_with_engines(model, Schedule.uniform(model.unit_names, 5, 2), path,
                         EngineSettings(precision="fp32", min_weight_bytes=SMALL), builder=fake_builder(),
-                        version="10.test", batch_size=2, guidance_scale=4.0, decoder=ImageDecoder(_tiny_vae(), 0.18215))
+                        version="10.test", batch_size=2, guidance_scale=4.0, decoder=ImageDecoder(tiny_vae(), 0.18215))
     manifest = load_manifest(path)
     assert manifest["decoder_engine"]["file"] == "decoder_engine_2.plan" and manifest["decoder_engine"]["weight_inputs"]
     program = Plan.parse(manifest, path).program
