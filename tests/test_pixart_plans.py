@@ -335,3 +335,20 @@ def test_a_text_plan_with_a_decoder_yields_the_images_diffusers_decodes(alpha, t
     assert images.dtype == np.uint8 and images.shape == want.shape == (2, 16, 16, 3)
     assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
     assert 0.05 < ((want > 0) & (want < 255)).mean() and want.std() > 5  # images, not saturation
+
+
+def test_an_fp16_plan_stays_within_the_fp16_tolerance(alpha, tmp_path):
+    """fp16 weights, caches, keys and values (norms, guidance and the update in fp32) against the fp32
+    eager reference, on both backends: within verify's fp16 tolerance."""
+    from exporter.verify import DEFAULT_TOLERANCE
+
+    schedule = Schedule.uniform(alpha.unit_names, STEPS, 2, sampler="dpm-solver++-2m")
+    export_plan(alpha, schedule, str(tmp_path / "fp16"), batch_size=2, precision="fp16")
+    prompts, noise = prompts_for(alpha, 2), noise_for(alpha, 2)
+    want = sample(alpha, schedule, None, noise, prompts=prompts)
+    plan = load_plan(str(tmp_path / "fp16"))
+    assert plan.programs[0].prologue.outputs["prompt.keys.0"].dtype == "float16"
+    for backend in ("onnxruntime", "torch"):
+        with Sampler(str(tmp_path / "fp16"), backend=backend) as sampler:
+            error = rel_error(call(sampler, prompts, noise=noise), want)
+        assert 0 < error <= DEFAULT_TOLERANCE["fp16"], backend  # rounded, and not by much
