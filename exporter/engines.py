@@ -283,7 +283,7 @@ def tensorrt_version() -> str:
 def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, builder=None,
                   version: str | None = None, progress: bool = False) -> dict:
     """Build one engine per variant of every program of the plan in `plan_dir` (and one per batch size
-    for its decoder) and add them to it;
+    for its decoder and for a text model's prologue) and add them to it;
     returns the new manifest. Engines are built in a private folder and moved in only when all are
     built; the manifest is replaced last, by rename. `builder(onnx_path, settings, timing_cache) ->
     bytes` and `version` are for tests; by default TensorRT builds."""
@@ -303,35 +303,47 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     work = tempfile.mkdtemp(dir=plan_dir, prefix=".engines-")
     single = len(plan.programs) == 1
     engines = [[] for _ in plan.programs]  # per program
-    decoders = {}  # batch size → the decoder engine's entry
+    side = {"decoder_engine": {}, "prologue_engine": {}}  # kind → batch size → that engine's entry
+
+    def built() -> list[dict]:
+        return [e for program_engines in engines for e in program_engines] + [
+            e for by_size in side.values() for e in by_size.values()]
+
     try:
         cache = settings.timing_cache or os.path.join(work, "timing.cache")
         todo = [(p, k, v) for p in plan.programs for k, v in enumerate(p.variants)]
-        # a plan's decoder: one engine per batch size, fp32 at every precision (as its graph is)
-        todo += list({p.batch_size: (p, None, p.decoder) for p in plan.programs if p.decoder is not None}.values())
+        # one engine per batch size for a plan's decoder (fp32 at every precision, as its graph is) and for a
+        # text model's prologue (at the plan's precision, as the variants)
+        for kind, graph in (("decoder_engine", "decoder"), ("prologue_engine", "prologue")):
+            todo += list({p.batch_size: (p, kind, getattr(p, graph)) for p in plan.programs
+                          if getattr(p, graph) is not None}.values())
         for program, k, v in tqdm(todo, desc="engines", disable=not progress, leave=False):
             model = onnx.load(plan.path(v.file), load_external_data=False)
             model, weight_inputs, baked = prepare_graph(model, blob, min_weight_bytes=settings.min_weight_bytes,
                                                         weights=set(plan.weights.tensors),
-                                                        precision="fp32" if k is None else settings.precision)
+                                                        precision="fp32" if k == "decoder_engine" else settings.precision)
             path = os.path.join(work, f"{os.path.splitext(v.file)[0]}.trt.onnx")
             onnx.save(model, path)
             start = time.perf_counter()
             data = builder(path, settings, cache)
-            name = (names.decoder_engine_file(program.batch_size) if k is None
-                    else names.engine_file(k, None if single else program.index))
+            name = {"decoder_engine": names.decoder_engine_file, "prologue_engine": names.prologue_engine_file}[k](
+                program.batch_size) if isinstance(k, str) else names.engine_file(k, None if single else program.index)
             with open(os.path.join(work, name), "wb") as f:
                 f.write(data)
             entry = {"file": name, **graph_io(model), "weight_inputs": weight_inputs, "baked_bytes": baked,
                      "build_seconds": round(time.perf_counter() - start, 3)}
-            if k is None:
-                decoders[program.batch_size] = entry
+            if isinstance(k, str):
+                side[k][program.batch_size] = entry
             else:
                 engines[program.index].append({"variant": k, **entry})
+
+        def side_entries(batch_size: int) -> dict:
+            return {kind: by_size[batch_size] for kind, by_size in side.items() if batch_size in by_size}
+
         # the engines must agree with each other and with the plan before they are moved in
         with_engines = replace(plan, programs=tuple(
             replace(p, engines=tuple(Engine.parse(e) for e in engines[j]),
-                    decoder_engine=Engine.parse(decoders[p.batch_size]) if p.batch_size in decoders else None)
+                    **{kind: Engine.parse(e) for kind, e in side_entries(p.batch_size).items()})
             for j, p in enumerate(plan.programs)))
         arena = weights_arena(with_engines)
         for program in with_engines.programs:
@@ -346,19 +358,17 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
         }
         if single:
             new["tensorrt"]["engines"] = engines[0]
-            if decoders:
-                new["decoder_engine"] = decoders[plan.programs[0].batch_size]
+            new.update(side_entries(plan.programs[0].batch_size))
         else:
-            new["programs"] = [dict(entry, engines=engines[j],
-                                    **({"decoder_engine": decoders[entry["batch_size"]]} if decoders else {}))
+            new["programs"] = [dict(entry, engines=engines[j], **side_entries(entry["batch_size"]))
                                for j, (_, entry) in enumerate(program_entries(manifest))]
-        files = [e["file"] for program_engines in engines for e in program_engines] + [e["file"] for e in decoders.values()]
+        files = [e["file"] for e in built()]
         for name in files:
             os.replace(os.path.join(work, name), os.path.join(plan_dir, name))
         new = write_manifest(plan_dir, new, added=files)
     except BaseException:
         # engines moved in before a failure are not listed anywhere: remove them
-        for e in [e for program_engines in engines for e in program_engines] + list(decoders.values()):
+        for e in built():
             path = os.path.join(plan_dir, e["file"])
             if os.path.exists(path) and e["file"] not in manifest["files"]:
                 os.remove(path)

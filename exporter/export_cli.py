@@ -80,9 +80,6 @@ def main(argv=None):
                        **model_overrides(args))
     if args.no_prologue and not takes_prompt(model.config):
         raise BlockcacheError(f"--no-prologue is for text-to-image models; {args.model} takes class labels")
-    if settings is not None and takes_prompt(model.config):
-        raise BlockcacheError(f"{args.model} is a text-to-image model: its plans run on ONNX Runtime and torch "
-                              "(TensorRT engines for prompt plans are not built yet)")
     decoder = None
     if args.vae:
         from .vae import load_decoder

@@ -35,7 +35,7 @@ import numpy as np
 from schedules.errors import BlockcacheError
 
 from .plan import Plan, names
-from .plan.graphs import decoder_io, variant_io
+from .plan.graphs import decoder_io, prologue_io, variant_io
 from .plan.manifest import Engine, Program
 
 ALIGNMENT = 256
@@ -116,10 +116,14 @@ class BindingPlan:
     output: str  # the io slot holding the final latent
     input: str = "x.0"  # the io slot the noise is written to
     decoder: dict | None = None  # the decoder engine's tensor name → (arena, slot): final latent in, `image` out
+    # a text model's prologue engine: tensor name → (arena, slot): the prompt inputs in, the keys, values
+    # and bias every step reads out (run before the steps)
+    prologue: dict | None = None
 
-    def addresses(self, step: int | None, bases: dict[str, int]) -> dict[str, int]:
-        """Device address of every tensor of `step` (None: of the decoder), given each arena's base address."""
-        table = self.decoder if step is None else self.steps[step]
+    def addresses(self, step: int | str | None, bases: dict[str, int]) -> dict[str, int]:
+        """Device address of every tensor of `step`: a step index, "prologue", or None (the decoder), given
+        each arena's base address."""
+        table = self.decoder if step is None else self.prologue if step == "prologue" else self.steps[step]
         return {name: bases[arena] + getattr(self, arena).slots[slot].offset for name, (arena, slot) in table.items()}
 
     def initial_io(self) -> np.ndarray:
@@ -141,8 +145,8 @@ def weights_arena(plan: Plan) -> Arena:
     input has one slot, whichever programs' engines bind it."""
     specs: dict[str, tuple] = {}
     for program in plan.programs:
-        decoder = decoder_io(program)
-        for k, engine in enumerate(engine_io(program) + ((decoder,) if decoder is not None else ())):
+        side = tuple(e for e in (decoder_io(program), prologue_io(program)) if e is not None)
+        for k, engine in enumerate(engine_io(program) + side):
             for name in engine.weight_inputs:
                 spec = engine.inputs[name]
                 if specs.setdefault(name, (list(spec.shape), spec.dtype)) != (list(spec.shape), spec.dtype):
@@ -189,8 +193,8 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
                     slot = f"x.{step.latents[names.LATENTS.index(name)]}"
                 elif name in names.STEP_CONSTANTS or name.startswith(names.STEP_VECTOR_PREFIXES):
                     slot = f"step.{s}.{name}"
-                elif name in names.CALL_INPUTS:
-                    slot = name
+                elif name in names.CALL_INPUTS or name in names.PROMPT_INPUTS or name.startswith(names.PROMPT_PREFIX):
+                    slot = name  # a call's conditioning, or the prologue's output that every step reads
                 elif (name.startswith(names.CACHE_PREFIX) and direction == "inputs"
                       and name[len(names.CACHE_PREFIX):] in reads):  # a forecast's history: by rotation
                     slot = names.cache_input(reads[name[len(names.CACHE_PREFIX):]])
@@ -224,11 +228,30 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
                 else:
                     raise BlockcacheError(f"the decoder engine has a tensor {name!r} that no plan buffer matches")
 
+    prologue_table = None
+    prologue = prologue_io(program)
+    if prologue is not None:  # before the loop: the prompt inputs in, the keys, values and bias out
+        prologue_table = {}
+        for direction, tensors in (("inputs", prologue.inputs), ("outputs", prologue.outputs)):
+            for name, spec in tensors.items():
+                if name in prologue.weight_inputs:
+                    declare(weight_specs, name, spec, "the prologue engine")
+                    prologue_table[name] = ("weights", name)
+                elif (direction == "inputs" and name in names.PROMPT_INPUTS) or \
+                        (direction == "outputs" and name.startswith(names.PROMPT_PREFIX)):
+                    declare(io_specs, name, spec, "the prologue engine")
+                    prologue_table[name] = ("io", name)
+                else:
+                    raise BlockcacheError(f"the prologue engine has a tensor {name!r} that no plan buffer matches")
+
     count = program.num_latents
     for k in range(count):
         io_specs[f"x.{k}"] = io_specs["x.0"]
-    # Fixed order: per-call inputs and latents first, then caches, then the per-step constants.
+    # Fixed order: per-call inputs and latents first (a text model's prompt inputs and the prologue's
+    # outputs), then caches, then the per-step constants.
     order = [f"x.{k}" for k in range(count)] + [n for n in names.CALL_INPUTS if n in io_specs and n != names.X]
+    order += [n for n in names.PROMPT_INPUTS if n in io_specs]
+    order += sorted(n for n in io_specs if n.startswith(names.PROMPT_PREFIX))
     order += sorted(n for n in io_specs if n.startswith(names.CACHE_PREFIX))
     order += [names.DECODER_OUTPUT] if names.DECODER_OUTPUT in io_specs else []
     order += [n for n in io_specs if n.startswith("step.")]
@@ -255,7 +278,7 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
                 constants[slot] = convert(value, io.slots[slot].dtype)
     return BindingPlan(io=io, weights=weights, step_engine=[step.variant for step in program.steps], steps=bound,
                        constants=constants, output=output, input=f"x.{program.steps[0].latents[0]}",
-                       decoder=decoder_table)
+                       decoder=decoder_table, prologue=prologue_table)
 
 
 def pack_weights(blob: np.ndarray, plan: Plan, arena: Arena) -> np.ndarray:

@@ -71,7 +71,8 @@ def noise():
 def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0, decode=False):
     """The runtime's binding plan of program `index` executed on host arenas: every 'engine' (an ONNX
     graph here) reads and writes exactly the slots the TensorRT backend would bind, the weights in the
-    one arena every program shares. `decode`: then the decoder engine too, returning the images."""
+    one arena every program shares. `decode`: then the decoder engine too, returning the images. `y`:
+    the labels, or a text model's prompt inputs {name: array} (its prologue engine then runs first)."""
     import onnxruntime as ort
 
     parsed = Plan.parse(manifest, plan_dir)
@@ -91,9 +92,14 @@ def replay(plan_dir, manifest, x, y, scale, retype_to=None, index=0, decode=Fals
         sessions.append(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]))
     arenas_view = lambda ref: getattr(plan, ref[0]).view(arenas[ref[0]], ref[1])  # noqa: E731
     plan.io.view(arenas["io"], plan.input)[...] = x
-    plan.io.view(arenas["io"], "y")[...] = y
+    for name, value in (y if isinstance(y, dict) else {"y": y}).items():
+        plan.io.view(arenas["io"], name)[...] = value
     plan.io.view(arenas["io"], "guidance_scale")[...] = scale
     runs = [(sessions[k], plan.steps[s]) for s, k in enumerate(plan.step_engine)]
+    if program.prologue_engine is not None:
+        model = onnx.load(os.path.join(plan_dir, program.prologue_engine.file))
+        runs.insert(0, (ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]),
+                        plan.prologue))
     if decode:
         model = onnx.load(os.path.join(plan_dir, program.decoder_engine.file))
         runs.append((ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), plan.decoder))
@@ -596,8 +602,7 @@ def test_forecast_plan_binds_history_in_rotation(tmp_path, order):
 def test_decoder_engine_decodes_the_final_latent_slot(tmp_path):
     """A TensorRT plan with a decoder: one fp32 decoder engine per batch size, its weights in the shared
     arena, bound to the final latent's slot and the image slot; its replay gives ONNX Runtime's images."""
-    from conftest import tiny_model
-    from conftest import tiny_vae
+    from conftest import tiny_model, tiny_vae
 
     from runtime.nn.decoder import ImageDecoder
 
@@ -615,3 +620,35 @@ def test_decoder_engine_decodes_the_final_latent_slot(tmp_path):
     want = Sampler(path, backend="onnxruntime", device="cpu")(LABELS, noise=x)
     got = replay(path, manifest, x, y, 4.0, decode=True)
     assert got.dtype == np.uint8 and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_prologue_engine_feeds_every_step_of_a_text_plan(tmp_path):
+    """A TensorRT plan of a text model (PixArt): one prologue engine per batch size at the plan's
+    precision, its weights in the shared arena, reading the prompt slots and writing the key, value and
+    bias slots the step engines bind; its replay gives ONNX Runtime's latents."""
+    from exporter.models import load_model
+    from schedules.prompts import PromptInputs
+
+    model = load_model("pixart-alpha-1024", random_init=True, input_size=8, hidden_size=48, depth=2, num_heads=4,
+                       caption_channels=40, max_text_tokens=7)
+    path = str(tmp_path / "plan")
+    export_with_engines(model, Schedule.uniform(model.unit_names, 5, 2, sampler="dpm-solver++-2m"), path,
+                        EngineSettings(precision="fp32", min_weight_bytes=SMALL), builder=fake_builder(),
+                        version="10.test", batch_size=2)
+    manifest = load_manifest(path)
+    assert manifest["prologue_engine"]["file"] == "prologue_engine_2.plan"
+    assert manifest["prologue_engine"]["weight_inputs"]  # the caption projection and the key/value weights
+    program = Plan.parse(manifest, path).program
+    plan = plan_bindings(program)
+    assert plan.prologue["prompt_embeds"] == ("io", "prompt_embeds")
+    assert plan.prologue["prompt.keys.1"] == ("io", "prompt.keys.1") == plan.steps[0]["prompt.keys.1"]
+    rng = np.random.default_rng(0)
+    prompts = PromptInputs(rng.standard_normal((2, 7, 40)).astype(np.float32), np.array([[1] * 3 + [0] * 4, [1] * 7]),
+                           rng.standard_normal((1, 7, 40)).astype(np.float32), np.ones((1, 7), np.int64))
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    want = Sampler(path, backend="onnxruntime", device="cpu")(
+        prompt_embeds=prompts.embeds, prompt_mask=prompts.mask, negative_embeds=prompts.negative_embeds,
+        negative_mask=prompts.negative_mask, noise=x)
+    embeds, mask = prompts.network(True)
+    got = replay(path, manifest, x, {"prompt_embeds": embeds, "prompt_mask": mask}, 4.5)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

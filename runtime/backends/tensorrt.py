@@ -17,6 +17,9 @@ CUDA runtime, and imports neither until a backend is made.
 - A plan with a decoder: one decoder engine per batch size (fp32), its TensorRT context bound to the
   program's final latent slot and `image` slot; `decode` enqueues it after the loop (outside the loop's
   graph, so a call for latents does not pay for it) and copies the uint8 images out.
+- A text model's plan: one prologue engine per batch size, at the plan's precision; it reads the call's
+  prompt slots and writes the keys, values and bias slots every step binds, and is enqueued first in the
+  loop (inside its graph).
 """
 
 from __future__ import annotations
@@ -179,19 +182,19 @@ class TensorRTBackend(Backend):
             loaded = [self._load_engine(trt, runtime, entry) for entry in program.engines]
             self.engines.append([engine for engine, _ in loaded])
             self.engine_tensors.append([tensors for _, tensors in loaded])
-        # the decoder engines (one per batch size, shared by that batch size's programs)
-        self.decoders = {}  # file → (engine, its tensor names)
+        # the decoder and prologue engines (one per batch size, shared by that batch size's programs)
+        self.decoders, self.prologues = {}, {}  # file → (engine, its tensor names)
         for program in self.plan.programs:
-            entry = program.decoder_engine
-            if entry is not None and entry.file not in self.decoders:
-                self.decoders[entry.file] = self._load_engine(trt, runtime, entry)
+            for entry, loaded in ((program.decoder_engine, self.decoders), (program.prologue_engine, self.prologues)):
+                if entry is not None and entry.file not in loaded:
+                    loaded[entry.file] = self._load_engine(trt, runtime, entry)
         cuda = self._cuda = _Cuda()
         self.weights_base = cuda.alloc(self.weights_arena.nbytes)
         cuda.upload(self.weights_base, host_weights)
         cuda.sync()
         # ICudaEngine.device_memory_size_v2 (TensorRT 10.1+): scratch an execution context needs.
         self.scratch = max(int(e.device_memory_size_v2) for e in [e for engines in self.engines for e in engines]
-                           + [engine for engine, _ in self.decoders.values()])
+                           + [engine for engine, _ in [*self.decoders.values(), *self.prologues.values()]])
         self.memory = {"weights": self.weights_arena.nbytes, "io": sum(b.io.nbytes for b in self.bindings),
                        "scratch": self.scratch,
                        "engine_files": sum(self.plan.files[e.file].size for p in self.plan.programs for e in p.engines)}
@@ -234,7 +237,7 @@ class TensorRTBackend(Backend):
                 self._cuda.sync()
             except Exception:  # a failed start: free what there is
                 pass
-            self.engines, self.decoders = [], {}
+            self.engines, self.decoders, self.prologues = [], {}, {}
             self._cuda.close()
             self._cuda = None
 
@@ -263,6 +266,7 @@ class TensorRTContext(ExecutionContext):
         scratch = cuda.alloc(backend.scratch)
         self.io_bases, self.io_host, self.steps, self.graphs = [], [], [], None
         self.decoders = {}  # program index → the decoder's TensorRT context (after the loop, outside its graph)
+        self.prologues = {}  # program index → the prologue's TensorRT context (before the steps, in the graph)
         for program, bindings in zip(backend.plan.programs, backend.bindings):
             bases = {"io": cuda.alloc(bindings.io.nbytes), "weights": backend.weights_base}
             host = bindings.initial_io()  # step constants, uploaded once
@@ -278,14 +282,17 @@ class TensorRTContext(ExecutionContext):
                     if name in backend.engine_tensors[program.index][k] and not ctx.set_tensor_address(name, address):
                         raise BlockcacheError(f"step {s}: TensorRT refused the address of {name!r}")
                 contexts.append(ctx)
-            if program.decoder_engine is not None:
-                engine, tensors = backend.decoders[program.decoder_engine.file]
+            for entry, loaded, made, step in ((program.decoder_engine, backend.decoders, self.decoders, None),
+                                              (program.prologue_engine, backend.prologues, self.prologues, "prologue")):
+                if entry is None:
+                    continue
+                engine, tensors = loaded[entry.file]
                 ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
                 ctx.set_device_memory(scratch, backend.scratch)
-                for name, address in bindings.addresses(None, bases).items():
+                for name, address in bindings.addresses(step, bases).items():
                     if name in tensors and not ctx.set_tensor_address(name, address):
-                        raise BlockcacheError(f"decoder: TensorRT refused the address of {name!r}")
-                self.decoders[program.index] = ctx
+                        raise BlockcacheError(f"{step or 'decoder'}: TensorRT refused the address of {name!r}")
+                made[program.index] = ctx
             self.io_bases.append(bases["io"])
             self.io_host.append(host)
             self.steps.append(contexts)
@@ -302,6 +309,9 @@ class TensorRTContext(ExecutionContext):
                 log.warning("blockcache: TensorRT loops run without CUDA graphs: %s", one_line(e))
 
     def _enqueue(self, program: Program):
+        prologue = self.prologues.get(program.index)  # the prompt's keys and values, once for all steps
+        if prologue is not None and not prologue.execute_async_v3(self._cuda.stream):
+            raise BlockcacheError("TensorRT failed to enqueue the prologue")
         for s, ctx in enumerate(self.steps[program.index]):
             if not ctx.execute_async_v3(self._cuda.stream):
                 raise BlockcacheError(f"TensorRT failed to enqueue step {s}")
@@ -315,7 +325,8 @@ class TensorRTContext(ExecutionContext):
     def _run(self, program: Program, x: np.ndarray, cond: dict, guidance_scale: float) -> np.ndarray:
         bindings = self.backend.bindings[program.index]
         self._write(program, bindings.input, x)
-        self._write(program, names.Y, cond[names.Y])  # text-model plans have no engines (refused at parse)
+        for name, value in cond.items():  # the labels, or a text model's prompt inputs
+            self._write(program, name, value)
         if names.GUIDANCE_SCALE in bindings.io.slots:
             self._write(program, names.GUIDANCE_SCALE, np.array([guidance_scale], np.float32))
         if self.graphs is not None:
@@ -344,7 +355,7 @@ class TensorRTContext(ExecutionContext):
                 self._cuda.sync()
             except Exception:
                 pass
-            self.steps, self.graphs, self.decoders = [], None, {}
+            self.steps, self.graphs, self.decoders, self.prologues = [], None, {}, {}
             self._cuda.close()
             self._cuda = None
         super().close()

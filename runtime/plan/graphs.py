@@ -53,6 +53,15 @@ def decoder_io(program: Program) -> Engine | None:
     return program.decoder_engine or decoder_graph_io(program)
 
 
+def prologue_io(program: Program) -> Engine | None:
+    """The program's prologue as an engine: its TensorRT engine, or its graph's I/O (weights inside the
+    graph); None for a plan without prologue."""
+    if program.prologue is None:
+        return None
+    prologue = program.prologue
+    return program.prologue_engine or Engine(prologue.file, dict(prologue.inputs), dict(prologue.outputs), ())
+
+
 def dtype_name(elem_type: int) -> str:
     """The plan's dtype name of an ONNX element type."""
     import onnx

@@ -266,6 +266,7 @@ class Program:
     decoder: DecoderGraph | None = None  # the plan's decoder at this batch size
     decoder_engine: Engine | None = None  # its TensorRT engine (TensorRT plans with a decoder)
     prologue: PrologueGraph | None = None  # a text model's prompt work once per call
+    prologue_engine: Engine | None = None  # its TensorRT engine (TensorRT plans of text models)
 
     @property
     def call_inputs(self) -> dict:
@@ -424,7 +425,7 @@ class Plan:
 
 PROGRAM_KEYS = ("batch_size", "sampler", "schedule", "schedule_source", "inputs", "output", "buffers", "variants",
                 "steps", "scale_shift", "macs_per_image", "engines", "decoder_graph", "decoder_engine",
-                "prologue_graph")
+                "prologue_graph", "prologue_engine")
 
 
 def program_entries(doc: dict) -> list[tuple[str, dict]]:
@@ -480,18 +481,26 @@ def _program(check: _Check, value, where: str, index: int, config: dict, units, 
     elif value.get("engines") is not None:
         check.fail(where + "engines", "are listed but the plan has no tensorrt entry")
     decoder_graph = _decoder_graph(check, value.get("decoder_graph"), where, batch, decoder, weights, files)
-    decoder_engine = None
-    if tensorrt and decoder_graph is not None:
-        if value.get("decoder_engine") is None:
-            check.fail(where + "decoder_engine", "is missing: a TensorRT plan with a decoder has an engine for it")
-        decoder_engine = Engine.parse(value["decoder_engine"], where + "decoder_engine", check)
-        check.file_name(decoder_engine.file, where + "decoder_engine.file", files)
-    elif value.get("decoder_engine") is not None:
-        check.fail(where + "decoder_engine", "is listed but the plan has no decoder or no tensorrt entry")
-    if tensorrt and prologue is not None:
-        check.fail(where + "prologue_graph", "is not supported in TensorRT plans yet")
+    decoder_engine = _side_engine(check, value, where, "decoder_engine", tensorrt and decoder_graph is not None,
+                                  "a TensorRT plan with a decoder has an engine for it", files)
+    prologue_engine = _side_engine(check, value, where, "prologue_engine", tensorrt and prologue is not None,
+                                   "a TensorRT plan of a text model has an engine for its prologue", files)
     return Program(index, batch, value["sampler"], schedule_file, inputs, cache, variants, steps, scale_shift_file,
-                   engines, decoder_graph, decoder_engine, prologue)
+                   engines, decoder_graph, decoder_engine, prologue, prologue_engine)
+
+
+def _side_engine(check: _Check, value: dict, where: str, key: str, needed: bool, why: str, files) -> "Engine | None":
+    """A program's engine beside its variants' (`decoder_engine`, `prologue_engine`): required where
+    `needed` (a TensorRT plan with that graph), refused otherwise."""
+    if not needed:
+        if value.get(key) is not None:
+            check.fail(where + key, f"is listed but the plan has no {key.split('_')[0]} graph or no tensorrt entry")
+        return None
+    if value.get(key) is None:
+        check.fail(where + key, f"is missing: {why}")
+    engine = Engine.parse(value[key], where + key, check)
+    check.file_name(engine.file, where + key + ".file", files)
+    return engine
 
 
 def _check_programs(check: _Check, programs) -> None:

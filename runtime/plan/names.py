@@ -92,15 +92,16 @@ PROMPT_EMBEDS, PROMPT_MASK = "prompt_embeds", "prompt_mask"
 PROMPT_INPUTS = (PROMPT_EMBEDS, PROMPT_MASK)
 # The prologue's outputs, which every step graph reads: each block's cross-attention keys and values and
 # the mask's additive bias (runtime.nn.pixart.Prompt).
-PROMPT_BIAS = "prompt.bias"
+PROMPT_PREFIX = "prompt."
+PROMPT_BIAS = PROMPT_PREFIX + "bias"
 
 
 def prompt_key(block: int) -> str:
-    return f"prompt.keys.{block}"
+    return f"{PROMPT_PREFIX}keys.{block}"
 
 
 def prompt_value(block: int) -> str:
-    return f"prompt.values.{block}"
+    return f"{PROMPT_PREFIX}values.{block}"
 
 
 def prologue_outputs(depth: int) -> tuple[str, ...]:
@@ -111,6 +112,10 @@ def prologue_outputs(depth: int) -> tuple[str, ...]:
 def prologue_file(batch_size: int) -> str:
     """The prologue graph for batches of `batch_size`, shared by the programs of that batch size."""
     return f"prologue_{batch_size}.onnx"
+
+
+def prologue_engine_file(batch_size: int) -> str:
+    return f"prologue_engine_{batch_size}.plan"
 
 
 def unit_output(unit: str) -> str:
