@@ -352,3 +352,32 @@ def test_an_fp16_plan_stays_within_the_fp16_tolerance(alpha, tmp_path):
         with Sampler(str(tmp_path / "fp16"), backend=backend) as sampler:
             error = rel_error(call(sampler, prompts, noise=noise), want)
         assert 0 < error <= DEFAULT_TOLERANCE["fp16"], backend  # rounded, and not by much
+
+
+def write_embeddings(path, prompts: PromptInputs) -> str:
+    """An embeddings file in blockcache-encode-prompts' layout (schedules/prompts.py)."""
+    n, length = prompts.mask.shape
+    np.savez(path, prompt_embeds=prompts.embeds, prompt_mask=prompts.mask, negative_embeds=prompts.negative_embeds,
+             negative_mask=prompts.negative_mask, prompts=np.array([f"prompt {i}" for i in range(n)]),
+             max_length=np.int64(length))
+    return str(path)
+
+
+def test_blockcache_sample_takes_prompt_embeddings(alpha, plans, tmp_path, capsys):
+    """`blockcache-sample --plan P --prompt-embeds E.npz` writes what the Sampler gives for the file's
+    prompts and seeds; labels are refused for the text plan in one line."""
+    from exporter.sample_cli import main
+
+    prompts = prompts_for(alpha, 3, seed=9)
+    embeddings = write_embeddings(tmp_path / "e.npz", prompts)
+    out = tmp_path / "x.npy"
+    assert main(["--plan", plans["full"][0], "--prompt-embeds", embeddings, "--seeds", "4,5,6", "--out", str(out)]) == 0
+    with Sampler(plans["full"][0]) as sampler:
+        want = call(sampler, prompts, seeds=[4, 5, 6])
+    assert np.array_equal(np.load(out), want)
+    assert "3 latents" in capsys.readouterr().err
+    assert "text-to-image model" in cli_error(main, ["--plan", plans["full"][0], "--labels", "1", "--out",
+                                                     str(tmp_path / "y.npy")], capsys)
+    assert "--seeds has 2 seeds for 3 prompts" in cli_error(
+        main, ["--plan", plans["full"][0], "--prompt-embeds", embeddings, "--seeds", "1,2", "--out",
+               str(tmp_path / "z.npy")], capsys)
