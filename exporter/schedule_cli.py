@@ -4,6 +4,7 @@ a model, which live here so that `schedules` never imports the network code:
     blockcache-schedule analyze --model dit-digits --steps 50 [--labels 0,1,…] [--seeds 0,1] -o stats.npz [--png P]
     blockcache-schedule analyze --model pixart-alpha-512 --checkpoint transformer/ --prompt-embeds calib.npz …
     blockcache-schedule learn-l2c --model dit-digits --steps 20 [--lambda L] [--threshold θ] -o l2c.yaml
+    blockcache-schedule learn-l2c --model pixart-alpha-512 … --sampler dpm-solver++-2m --prompt-embeds calib.npz -o l2c.yaml
     blockcache-schedule scale-shift --model dit-digits --schedule bc.yaml -o bc-ss.yaml
     blockcache-schedule calibrate --model dit-digits --steps 50 --method first-block --threshold 0.1 -o fbc.yaml
 """
@@ -20,8 +21,8 @@ from schedules import cli as schedule_cli
 from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output, check_output
 from schedules.options import add_model_args, add_weights_args, config_from_args, model_overrides, parse_labels
-from schedules.sampling import GUIDANCE_CHANNELS, SPACINGS
-from schedules.zoo import family_of, takes_prompt
+from schedules.sampling import GUIDANCE_CHANNELS, SAMPLERS, SPACINGS
+from schedules.zoo import check_sampler, family_of, takes_prompt
 
 
 def build_parser():
@@ -70,9 +71,13 @@ def add_model_commands(sub) -> None:
     p.add_argument("--epochs", type=int, default=20, help="passes over all steps (default 20)")
     p.add_argument("--lr", type=float, default=0.05, help="router learning rate (default 0.05)")
     p.add_argument("-o", "--output", required=True, help="schedule YAML to write")
-    p.add_argument("--router", help="raw router file (default: the output with .pt; import with import-l2c --every-step)")
+    p.add_argument("--router", help="raw router file (default: the output with .pt; a DDIM one imports with "
+                   "import-l2c --every-step)")
     p.add_argument("--forecast-order", type=int, default=0, choices=range(3), metavar="K",
                    help="learn for reuse by TaylorSeer forecasts of order K (0-2; default 0: the last value)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="the solver the schedule samples with (default: ddim where the family samples it, "
+                        "else its own: dpm-solver-2 for U-ViT; dpm-solver++-2m for PixArt and DiT)")
 
     p = runs_model("scale-shift", "learn Block Caching's scale-shift for a schedule's reused units (distillation)",
                    "to train on", sampler=False, seeds="0,1,2,3")
@@ -153,7 +158,7 @@ def _learn_l2c(args) -> int:
     from schedules.l2c import schedule_from_l2c
     from schedules.schedule import Schedule
 
-    from .makers.learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory_inputs
+    from .makers.learn_l2c import image_inputs, learn_router, router_logits, router_state, trajectory
 
     out = check_output(args.output, (".yaml", ".yml"), "-o")
     router = check_output(args.router or os.path.splitext(out)[0] + ".pt", (".pt", ".pth"), "--router")
@@ -170,12 +175,15 @@ def _learn_l2c(args) -> int:
     labels, prompts = _conditions(args, "learn-l2c")
     if prompts is not None and args.data == "digits":
         raise BlockcacheError("--data digits needs a 1-channel, 10-class model such as dit-digits")
+    config = config_from_args(args)
+    samplers = family_of(config).samplers
+    sampler = args.sampler or ("ddim" if "ddim" in samplers else samplers[0])  # DDIM: what L2C published for DiT
+    check_sampler(config, sampler, args.model)
+    if args.data == "digits" and sampler != "ddim":
+        raise BlockcacheError(f"--data digits noises real images to each step's timestep, which gives no {sampler} "
+                              "carry: it learns DDIM routers only (use --data trajectories)")
     model, _, args.guidance_scale = _load(args)
-    samplers = family_of(model.config).samplers
-    if "ddim" not in samplers:  # PixArt samples with DDIM too: its routers are learned for DDIM
-        raise BlockcacheError(f"learn-l2c learns routers for DDIM sampling; {args.model} samples with "
-                              f"{samplers[0]} (import the published routers with import-l2c)")
-    schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model)
+    schedule = Schedule.full(model.unit_names, args.steps, args.spacing, model=args.model, sampler=sampler)
     if args.data == "digits":
         from .digits import load_digits_images
 
@@ -184,14 +192,18 @@ def _learn_l2c(args) -> int:
         images, labels = load_digits_images(model.config["input_size"])
         picked = np.random.default_rng(seeds[0]).choice(len(images), size=min(200, len(images)), replace=False)
         xs, y = image_inputs(schedule, images[picked], labels[picked], seeds[0])
+        carries = None
     else:
-        xs, y = trajectory_inputs(model, schedule, labels, seeds, args.guidance_scale, prompts=prompts)
+        xs, carries, y = trajectory(model, schedule, labels, seeds, args.guidance_scale, prompts=prompts)
     logits, history = learn_router(model, schedule, xs, y, lam=args.lam, guidance_scale=args.guidance_scale,
-                                   epochs=args.epochs, lr=args.lr, progress=not args.quiet, forecast=args.forecast_order)
+                                   epochs=args.epochs, lr=args.lr, progress=not args.quiet, forecast=args.forecast_order,
+                                   carries=carries)
+    # schedule_from_l2c writes DDIM rows (import-l2c's files); the rows are the schedule's evaluations
     learned = schedule_from_l2c(router_logits(logits), model.unit_names, args.steps, threshold=args.threshold,
-                                spacing=schedule.sampler["spacing"], model=args.model, every_step=True,
+                                spacing=schedule.sampler["spacing"] if sampler == "ddim" else "linspace",
+                                model=args.model, every_step=True,
                                 source=f"learn-l2c lambda={args.lam:g} threshold={args.threshold:g} data={args.data}")
-    learned = dataclasses.replace(learned, forecast=args.forecast_order)
+    learned = dataclasses.replace(learned, sampler=dict(schedule.sampler), forecast=args.forecast_order)
     with atomic_output(router, ".pt") as tmp:
         torch.save(router_state(logits), tmp)
     schedule_cli.write_schedule(learned, out)

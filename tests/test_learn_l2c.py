@@ -115,3 +115,124 @@ def test_cli_default_lambda_is_the_learners():
 
     args = build_parser().parse_args(["learn-l2c", "--model", "dit-digits", "--steps", "4", "-o", "x.yaml"])
     assert args.lam == DEFAULT_LAMBDA
+
+
+# Samplers with a carry (docs/ARCHITECTURE.md, "Caching semantics", "Carries"): DPM-Solver++ 2M on DiT
+# (the previous step's data prediction) and DPM-Solver-2 on U-ViT (the input of the solver step's outer
+# evaluation). Tiny models on one thread.
+UVIT = dict(depth=4, hidden_size=32, num_heads=2, input_size=8)
+UVIT_FLAGS = ["--depth", "4", "--hidden-size", "32", "--num-heads", "2", "--input-size", "8"]
+
+
+def carry_setup(sampler, steps=6):
+    from exporter.models import load_model
+
+    torch.manual_seed(0)
+    model = tiny_model() if sampler == "dpm-solver++-2m" else load_model("uvit-h2", random_init=True, seed=1, **UVIT)
+    schedule = Schedule.full(model.unit_names, steps, sampler=sampler)
+    return model, schedule
+
+
+@pytest.mark.parametrize("sampler", ["dpm-solver++-2m", "dpm-solver-2"])
+def test_recorded_carries_rebuild_the_reference_trajectory(sampler, single_thread):
+    """Each recorded (x_s, carry_s) run through step s gives the recorded x_{s+1}, and the last one the
+    eager reference's final latent for the same noise and labels: the carries are the sampler's."""
+    from exporter.makers.learn_l2c import trajectory
+    from exporter.reference import Denoiser, sample
+    from schedules.sampling import initial_noise
+
+    model, schedule = carry_setup(sampler)
+    labels = np.array([1, 2])
+    xs, carries, y = trajectory(model, schedule, labels, [3], None)
+    assert carries is not None and carries.shape == xs.shape
+    noise = initial_noise((2, *xs.shape[2:]), 3)
+    np.testing.assert_array_equal(xs[0].numpy(), noise)
+    np.testing.assert_array_equal(carries[0].numpy(), noise)  # step 0 carries its own input (c = 0)
+    c = schedule.make_sampler().carry_coefficients()
+    assert np.count_nonzero(c) >= 2  # the carries do enter the trajectory
+    if sampler == "dpm-solver-2":  # an intermediate evaluation carries its solver step's input latent
+        for s in range(1, len(xs), 2):
+            np.testing.assert_array_equal(carries[s].numpy(), xs[s - 1].numpy())
+    else:  # the previous step's data prediction differs from every recorded latent
+        assert all(not torch.allclose(carries[s], xs[s - 1]) and not torch.allclose(carries[s], xs[s])
+                   for s in range(1, len(xs)))
+    denoiser = Denoiser(model, schedule)
+    with torch.no_grad():
+        nxt = [denoiser(s, xs[s], y, None, carries[s]) for s in range(len(xs))]
+    for s in range(len(xs) - 1):
+        np.testing.assert_allclose(nxt[s].numpy(), xs[s + 1].numpy(), rtol=1e-6, atol=1e-7)
+    want = sample(model, schedule, labels, noise)
+    assert np.abs(nxt[-1].numpy() - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_fresh_student_equals_the_teacher_with_its_carry(single_thread):
+    """β = 1 everywhere (every unit fresh): the student's step output is the full step on the recorded
+    x_s and carry, i.e. the recorded x_{s+1}, at every step, including those whose carry weight c ≠ 0."""
+    from exporter.makers.learn_l2c import student_and_teacher, trajectory
+    from exporter.reference import Denoiser
+
+    model, schedule = carry_setup("dpm-solver++-2m")
+    xs, carries, y = trajectory(model, schedule, np.array([1, 2]), [0], 4.0)
+    denoiser = Denoiser(model, schedule, 4.0)
+    index = {u: j for j, u in enumerate(model.unit_names)}
+    ones = torch.ones(len(model.unit_names))
+    for s in range(1, len(xs)):
+        student, teacher = student_and_teacher(denoiser, s, xs, carries, y, slice(None), index, ones)
+        assert torch.equal(student, teacher)
+        if s + 1 < len(xs):
+            want = xs[s + 1]
+        else:
+            with torch.no_grad():
+                want = denoiser(s, xs[s], y, None, carries[s])
+        assert torch.equal(student.detach(), want), s
+    # the carry matters: the same step with the latent itself as carry is another output
+    s = 2
+    wrong, _ = student_and_teacher(denoiser, s, xs, xs, y, slice(None), index, ones)
+    assert not torch.allclose(wrong, xs[s + 1], atol=1e-4)
+
+
+def test_learn_router_needs_the_carries(single_thread):
+    from schedules import BlockcacheError
+    from exporter.makers.learn_l2c import trajectory
+
+    model, schedule = carry_setup("dpm-solver++-2m", steps=3)
+    xs, carries, y = trajectory(model, schedule, np.array([1]), [0], 4.0)
+    with pytest.raises(BlockcacheError, match="read a carry"):
+        learn_router(model, schedule, xs, y, epochs=1)
+
+
+@pytest.mark.parametrize("argv, sampler", [(["--model", "dit-s2", *TINY_FLAGS, "--sampler", "dpm-solver++-2m"],
+                                            "dpm-solver++-2m"),
+                                           (["--model", "uvit-h2", *UVIT_FLAGS], "dpm-solver-2")])
+def test_cli_learns_for_a_carrying_sampler(argv, sampler, tmp_path, capsys, single_thread):
+    import re
+
+    from exporter.schedule_cli import main
+
+    out_file = tmp_path / "l2c.yaml"
+    rc = main([str(a) for a in ["learn-l2c", *argv, "--random-init", "--quiet", "--steps", "6", "--labels", "1,2",
+                                "--seeds", "0", "--epochs", "4", "--lambda", "1e-2", "--lr", "0.5", "-o", out_file]])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    first, last = map(float, re.search(r"loss (\S+) → (\S+) ", out.out).groups())
+    assert last < first
+    learned = Schedule.load(out_file)
+    assert learned.sampler["name"] == sampler and learned.num_steps == 6
+    assert learned.compute[0].all() and not learned.compute.all()
+    assert (tmp_path / "l2c.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "dit-s2", *TINY_FLAGS, "--sampler", "dpm-solver++-2m", "--data", "digits"],
+     "--data digits noises real images .* no dpm-solver\\+\\+-2m carry"),
+    (["--model", "dit-s2", *TINY_FLAGS, "--sampler", "dpm-solver-2"], "a dpm-solver-2 schedule cannot run on dit-s2"),
+    (["--model", "uvit-h2", *UVIT_FLAGS, "--sampler", "ddim"], "a ddim schedule cannot run on uvit-h2"),
+])
+def test_cli_refusals_one_line(argv, message, tmp_path, capsys):
+    import re
+
+    from conftest import cli_error
+    from exporter.schedule_cli import main
+
+    line = cli_error(main, ["learn-l2c", *argv, "--random-init", "--steps", "4", "-o", tmp_path / "x.yaml"], capsys)
+    assert line.startswith("error:") and re.search(message, line), line

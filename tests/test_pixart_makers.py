@@ -163,3 +163,51 @@ def test_calibrate_and_choose_refuse_a_text_model(command, embeds, tmp_path, cap
         else ["--schedule", schedule]
     line = cli_error(main, [command, *RANDOM, *extra, "--prompt-embeds", embeds, "-o", tmp_path / "s.yaml"], capsys)
     assert f"{command} does not run text-to-image models yet" in line
+
+
+def test_learn_l2c_dpm_solver(embeds, tmp_path, capsys):
+    """learn-l2c for PixArt's own sampler, DPM-Solver++ 2M (its steps read the previous data prediction)."""
+    out_file = tmp_path / "l2c-dpm.yaml"
+    out = run(["learn-l2c", *RANDOM, "--sampler", "dpm-solver++-2m", "--steps", "6", "--prompt-embeds", embeds,
+               "--seeds", "0", "--epochs", "4", "--lambda", "1e-2", "--lr", "0.5", "-o", out_file], capsys)
+    first, last = map(float, re.search(r"loss (\S+) → (\S+) ", out).groups())
+    assert last < first
+    schedule = check_schedule_file(out_file, "dpm-solver++-2m")
+    assert schedule.num_steps == 6 and not schedule.compute.all()
+
+
+def test_l2c_trajectory_with_carries_is_the_reference(embeds):
+    """The recorded DPM-Solver++ 2M trajectory on prompts: every step run on its recorded latent and
+    carry gives the next recorded latent, and the last the eager reference's final latent for the same
+    noise and prompts."""
+    from exporter.makers.conditioning import network_conditioning
+    from exporter.makers.learn_l2c import trajectory
+    from exporter.models import load_model
+    from exporter.reference import Denoiser, sample
+    from schedules.prompts import NEGATIVE_EMBEDS, NEGATIVE_MASK, PROMPT_EMBEDS, PROMPT_MASK, PromptInputs, \
+        load_prompt_embeds
+    from schedules.sampling import initial_noise
+
+    model = load_model("pixart-alpha-256", random_init=True, seed=0, depth=2, hidden_size=48, num_heads=4,
+                       input_size=8, caption_channels=WIDTH, max_text_tokens=LENGTH)
+    schedule = Schedule.full(model.unit_names, 5, sampler="dpm-solver++-2m")
+    data = load_prompt_embeds(embeds)
+    prompts = PromptInputs(data[PROMPT_EMBEDS], data[PROMPT_MASK], data[NEGATIVE_EMBEDS], data[NEGATIVE_MASK])
+    xs, carries, y = trajectory(model, schedule, None, [2], None, prompts=prompts)
+    noise = initial_noise((3, model.in_channels, 8, 8), 2)
+    np.testing.assert_array_equal(xs[0].numpy(), noise)
+    denoiser = Denoiser(model, schedule)
+    conditioning = network_conditioning(denoiser.step, y)
+    with torch.no_grad():
+        nxt = [denoiser(s, xs[s], conditioning, None, carries[s]) for s in range(5)]
+    for s in range(4):
+        np.testing.assert_allclose(nxt[s].numpy(), xs[s + 1].numpy(), rtol=1e-6, atol=1e-7)
+    last = nxt[4]
+    want = sample(model, schedule, None, noise, prompts=prompts)
+    assert np.abs(last.numpy() - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_learn_l2c_refuses_dpm_solver_2_for_pixart(embeds, tmp_path, capsys):
+    line = cli_error(main, ["learn-l2c", *RANDOM, "--sampler", "dpm-solver-2", "--steps", "4", "--prompt-embeds",
+                            embeds, "-o", tmp_path / "s.yaml"], capsys)
+    assert "a dpm-solver-2 schedule cannot run on pixart-alpha-256" in line

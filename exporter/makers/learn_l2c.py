@@ -1,8 +1,10 @@
 """A Learning-to-Cache router learner (Ma et al., NeurIPS 2024), for any model and step count.
 
     schedule = Schedule.full(model.unit_names, 20)
-    xs, y = trajectory_inputs(model, schedule, labels=[0, 1, …], seeds=[0, 1], guidance_scale=4.0)
-    logits, history = learn_router(model, schedule, xs, y, lam=1e-6)
+    xs, carries, y = trajectory(model, schedule, labels=[0, 1, …], seeds=[0, 1], guidance_scale=4.0)
+    logits, history = learn_router(model, schedule, xs, y, lam=1e-6, carries=carries)
+
+(`schedule` may be of any sampler the model samples: DDIM, DPM-Solver++ 2M, DPM-Solver-2; see below.)
 
 The router is input-invariant and timestep-variant: one logit per (step, unit), score β = sigmoid.
 For a step s ≥ 1 and an input x_s, the *student* runs step s with every unit's output replaced by
@@ -24,6 +26,24 @@ right after K + 1 computed steps takes. The schedule made from the router carrie
 Unlike the published code, every step s ≥ 1 gets a router, so units may be reused on consecutive
 steps. Training always blends with the *previous* step's output; a unit reused twice in a row reads a
 value two steps old at sampling time, which training did not see: λ and θ trade that error for speed.
+
+Samplers with a carry (docs/ARCHITECTURE.md, "Caching semantics", "Carries"): an evaluation's update
+`x_next = a·x + b·eps + c·x_carry` also reads a carry, so a trajectory records per step s both x_s
+and the carry the teacher's step s receives (`trajectory`: `Denoiser.carry`'s bookkeeping, as
+`Denoiser.run` samples). DPM-Solver++ 2M (PixArt's default, DiT's too): the previous step's
+`carry_next = p·x + q·eps`, its data prediction; step 0 carries its own input (c = 0). DPM-Solver-2
+(U-ViT): the input of evaluation `carry_source[s]`, the latent its solver step started from; its rows
+are model evaluations, each with a router, reusing from the evaluation before it. Teacher *and*
+student of step s take the teacher trajectory's carry, as both take the teacher's x_s: the student
+differs from the teacher only in its unit outputs, so the loss measures what reuse at step s alone
+does. The loss stays MSE on the step's output latent x_next; carry_next (DPM-Solver++ 2M) is not
+added. Student and teacher share x and x_carry, so both errors are the same guided-eps error δ
+scaled by the step's constants: x_next is off by b_s·δ, carry_next by q_s·δ, and what the carry's
+error does at sampling time, c_{s+1}·q_s·δ in the next step's output, is about as large as the
+output's own error b_s·δ (|c_{s+1}·q_s / b_s| ≤ 0.73 at 20 steps, ≤ 1.12 at 8), while q_s itself is
+up to 250 × b_s at the noisiest step: minimising the output's error minimises the carry's, and adding
+the raw carry error would only reweight the steps, badly, and make λ mean something else than for DDIM. `data="digits"` noises real images to each timestep
+independently, which gives no carry: it is for DDIM schedules only.
 """
 
 from __future__ import annotations
@@ -55,19 +75,30 @@ class _Blend(UnitPolicy):
         return self.cache[name] * (1 - b) + value * b
 
 
-def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float, *,
-                      prompts=None) -> tuple[torch.Tensor, object]:
-    """(x for every step (steps, B, C, H, W), the conditions: labels (B,) or, for a text-to-image model
-    given `prompts`, PromptInputs of B rows): full-compute sampling from seeded noise."""
+def trajectory(model, schedule: Schedule, labels, seeds, guidance_scale: float, *,
+               prompts=None) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """(x for every step (steps, B, C, H, W), the carry each step receives (the same shape; None for a
+    sampler without a carry term such as DDIM), the conditions: labels (B,) or, for a text-to-image model
+    given `prompts`, PromptInputs of B rows): full-compute sampling from seeded noise, as `Denoiser.run`."""
     denoiser = Denoiser(model, schedule, guidance_scale)
     x, y = calibration_batch(model, denoiser.step, labels, seeds, prompts)
     conditioning = network_conditioning(denoiser.step, y)
-    xs = []
+    xs, carries, carried = [], [], {}
     with torch.no_grad():
         for s in range(len(denoiser)):
             xs.append(x)
-            x = denoiser(s, x, conditioning)
-    return torch.stack(xs), y
+            x_carry = denoiser.carry(carried, s, x)
+            carries.append(x_carry)
+            x = denoiser(s, x, conditioning, None, x_carry, carried)
+    return torch.stack(xs), (torch.stack(carries) if denoiser.has_carry else None), y
+
+
+def trajectory_inputs(model, schedule: Schedule, labels, seeds, guidance_scale: float, *,
+                      prompts=None) -> tuple[torch.Tensor, object]:
+    """(x for every step (steps, B, C, H, W), the conditions): `trajectory` without the carries (all
+    a DDIM schedule needs)."""
+    xs, _, y = trajectory(model, schedule, labels, seeds, guidance_scale, prompts=prompts)
+    return xs, y
 
 
 def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,27 +110,43 @@ def image_inputs(schedule: Schedule, images: np.ndarray, labels, seed: int) -> t
     return ac.sqrt() * x0 + (1 - ac).sqrt() * eps, torch.as_tensor(np.asarray(labels, dtype=np.int64))
 
 
-def reused_values(denoiser, s: int, xs, yb, sl, forecast: int) -> dict:
+def reused_values(denoiser, s: int, xs, yb, sl, forecast: int, carries=None) -> dict:
     """Every unit's value that a reuse at step s blends with: its output at step s − 1, or the order-
-    `forecast` TaylorSeer forecast from its outputs at the steps before s (each on that step's input)."""
+    `forecast` TaylorSeer forecast from its outputs at the steps before s (each on that step's input
+    and carry)."""
     history = list(range(s - 1, max(-1, s - 2 - forecast), -1))  # newest first
     weights = taylor_weights(history, s)
     cache = {}
     for k, w in zip(history, weights):
         record = CachePolicy({})  # every unit computed and kept
-        denoiser(k, xs[k][sl], yb, record)
+        denoiser(k, xs[k][sl], yb, record, None if carries is None else carries[k][sl])
         for name, value in record.cache.items():
             cache[name] = value * float(w) if name not in cache else cache[name] + value * float(w)
     return cache
 
 
+def student_and_teacher(denoiser, s: int, xs, carries, yb, sl, index: dict, beta, forecast: int = 0):
+    """(student, teacher) outputs of step s ≥ 1 for rows `sl`: the full step (no gradient) and the step
+    whose units blend with their reused values by `beta` (a score per unit, in `index`'s order); both on
+    the trajectory's x_s and its carry (`carries[s]`, None without a carry term)."""
+    x_now = xs[s][sl]
+    x_carry = None if carries is None else carries[s][sl]
+    with torch.no_grad():
+        cached = reused_values(denoiser, s, xs, yb, sl, forecast, carries)
+        teacher = denoiser(s, x_now, yb, None, x_carry)
+    student = denoiser(s, x_now, yb, _Blend(index, cached, beta), x_carry)
+    return student, teacher
+
+
 def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *, lam: float = DEFAULT_LAMBDA,
                  guidance_scale: float | None = None, epochs: int = 20, lr: float = 0.05,
                  batch_size: int = 64, seed: int = 0, progress: bool = False,
-                 forecast: int = 0) -> tuple[np.ndarray, dict]:
+                 forecast: int = 0, carries: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
     """(logits (steps, units) float32 with row 0 unused, per-epoch means {"loss": …, "mse": …}).
     `xs`: the inputs of every step (steps, B, C, H, W); `y`: their labels (or prompts, as
-    `trajectory_inputs` gives them); `forecast`: the TaylorSeer order the schedule will reuse with (0–2)."""
+    `trajectory` gives them); `carries`: the carry every step receives, as `trajectory` gives it
+    (needed where the schedule's sampler has a carry term); `forecast`: the TaylorSeer order the
+    schedule will reuse with (0–2)."""
     if not np.isfinite(lam) or lam < 0:
         raise BlockcacheError(f"lambda must be a finite non-negative number, got {lam}")
     if isinstance(forecast, bool) or forecast not in range(MAX_ORDER + 1):
@@ -112,6 +159,11 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
     n = schedule.num_steps
     model = model.eval().requires_grad_(False)
     denoiser = Denoiser(model, schedule, guidance_scale)
+    if denoiser.has_carry and carries is None:
+        raise BlockcacheError(f"a {schedule.sampler['name']} schedule's steps read a carry: give the carries "
+                              "of the trajectory (learn_l2c.trajectory)")
+    if not denoiser.has_carry:
+        carries = None
     # L2C initialises routers so that every unit starts fully computed (β ≈ 1).
     logits = torch.full((n, len(units)), 3.0, requires_grad=True)
     opt = torch.optim.Adam([logits], lr=lr)
@@ -126,19 +178,16 @@ def learn_router(model, schedule: Schedule, xs: torch.Tensor, y: torch.Tensor, *
             s += 1
             for start in starts:
                 sl = slice(start, start + batch_size)
-                x_now, yb = xs[s][sl], conditions[start]  # the encoded prompts made once, above
-                with torch.no_grad():
-                    cached = reused_values(denoiser, s, xs, yb, sl, forecast)
-                    teacher = denoiser(s, x_now, yb)
+                yb = conditions[start]  # the encoded prompts made once, above
                 beta = torch.sigmoid(logits[s])
-                student = denoiser(s, x_now, yb, _Blend(index, cached, beta))
+                student, teacher = student_and_teacher(denoiser, s, xs, carries, yb, sl, index, beta, forecast)
                 mse = torch.mean((student - teacher) ** 2)
                 loss = mse + lam * beta.sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                totals += np.array([loss.item(), mse.item()]) * len(x_now)
-                count += len(x_now)
+                totals += np.array([loss.item(), mse.item()]) * len(student)
+                count += len(student)
         for key, value in zip(("loss", "mse"), totals / count):
             history[key].append(float(value))
         mean_score = float(torch.sigmoid(logits[1:].detach()).mean())
