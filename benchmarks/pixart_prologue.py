@@ -15,7 +15,6 @@ other load), medians of `--repeats` warm calls, and that both layouts sample the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import time
 
 import numpy as np
 
+from benchmarks import write_report
 from schedules import Schedule
 from schedules.errors import BlockcacheError
 
@@ -92,14 +92,7 @@ def main(argv=None):
             for key in ("latency_s", "cpu_time_1_thread_s"):
                 row[f"saving_{key}"] = row[key]["every step"] / row[key]["prologue"]
             results["rows"][name] = row
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{results['date']}-pixart-prologue-cpu.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    with open(path.removesuffix(".json") + ".md", "w") as f:
-        f.write(report(results) + "\n")
-    print(report(results))
-    print(f"wrote {path} and .md")
+    write_report(args.out, f"{results['date']}-pixart-prologue-cpu", results, report(results))
 
 
 def report(r: dict) -> str:

@@ -14,13 +14,13 @@ MAC-ideal speedup.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 
+from benchmarks import write_report
 from benchmarks.ort_cpu import latency
 from schedules import Schedule
 from schedules.errors import BlockcacheError
@@ -66,14 +66,7 @@ def main(argv=None):
         speedup = results[key]["full"]["median"] / results[key]["l2c"]["median"]
         results[f"speedup_{key}"] = speedup
         results[f"efficiency_{key}"] = speedup / results["ideal_speedup"]
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{results['date']}-ort-cpu-uvit-dpm20.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    with open(path.removesuffix(".json") + ".md", "w") as f:
-        f.write(report(results) + "\n")
-    print(report(results))
-    print(f"wrote {path} and .md")
+    write_report(args.out, f"{results['date']}-ort-cpu-uvit-dpm20", results, report(results))
 
 
 def report(r: dict) -> str:

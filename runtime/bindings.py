@@ -210,39 +210,35 @@ def plan_bindings(program: Program, engines=None, corrections: list[dict] | None
             raise BlockcacheError(f"{owner} lacks the tensor(s) {', '.join(sorted(missing))}")
         bound.append(table)
     output = f"x.{program.steps[-1].latents[2]}"
-    decoder_table = None
-    decoder = decoder_io(program)
-    if decoder is not None:  # after the loop: the final latent in, the uint8 image out
-        decoder_table = {}
-        for direction, tensors in (("inputs", decoder.inputs), ("outputs", decoder.outputs)):
-            for name, spec in tensors.items():
-                if name in decoder.weight_inputs:
-                    declare(weight_specs, name, spec, "the decoder engine")
-                    decoder_table[name] = ("weights", name)
-                elif (name, direction) == (names.DECODER_INPUT, "inputs"):
-                    declare(io_specs, "x.0", spec, "the decoder engine")
-                    decoder_table[name] = ("io", output)
-                elif (name, direction) == (names.DECODER_OUTPUT, "outputs"):
-                    declare(io_specs, names.DECODER_OUTPUT, spec, "the decoder engine")
-                    decoder_table[name] = ("io", names.DECODER_OUTPUT)
-                else:
-                    raise BlockcacheError(f"the decoder engine has a tensor {name!r} that no plan buffer matches")
 
-    prologue_table = None
-    prologue = prologue_io(program)
-    if prologue is not None:  # before the loop: the prompt inputs in, the keys, values and bias out
-        prologue_table = {}
-        for direction, tensors in (("inputs", prologue.inputs), ("outputs", prologue.outputs)):
+    def side_table(engine, what: str, slot_of) -> dict | None:
+        """The tensor table of an engine run beside the steps (the decoder after them, the prologue before):
+        weights by name, every other tensor at the io slots `slot_of(name, direction)` gives (declared
+        slot, bound slot), or None where no plan buffer matches."""
+        if engine is None:
+            return None
+        table = {}
+        for direction, tensors in (("inputs", engine.inputs), ("outputs", engine.outputs)):
             for name, spec in tensors.items():
-                if name in prologue.weight_inputs:
-                    declare(weight_specs, name, spec, "the prologue engine")
-                    prologue_table[name] = ("weights", name)
-                elif (direction == "inputs" and name in names.PROMPT_INPUTS) or \
-                        (direction == "outputs" and name.startswith(names.PROMPT_PREFIX)):
-                    declare(io_specs, name, spec, "the prologue engine")
-                    prologue_table[name] = ("io", name)
-                else:
-                    raise BlockcacheError(f"the prologue engine has a tensor {name!r} that no plan buffer matches")
+                if name in engine.weight_inputs:
+                    declare(weight_specs, name, spec, f"the {what} engine")
+                    table[name] = ("weights", name)
+                    continue
+                slots = slot_of(name, direction)
+                if slots is None:
+                    raise BlockcacheError(f"the {what} engine has a tensor {name!r} that no plan buffer matches")
+                declare(io_specs, slots[0], spec, f"the {what} engine")
+                table[name] = ("io", slots[1])
+        return table
+
+    # the decoder: the final latent in, the uint8 image out
+    decoder_table = side_table(decoder_io(program), "decoder", lambda name, direction: {
+        (names.DECODER_INPUT, "inputs"): ("x.0", output),
+        (names.DECODER_OUTPUT, "outputs"): (names.DECODER_OUTPUT, names.DECODER_OUTPUT)}.get((name, direction)))
+    # the prologue: the prompt inputs in, the keys, values and bias every step reads out
+    prologue_table = side_table(prologue_io(program), "prologue", lambda name, direction: (
+        (name, name) if (direction == "inputs" and name in names.PROMPT_INPUTS)
+        or (direction == "outputs" and name.startswith(names.PROMPT_PREFIX)) else None))
 
     count = program.num_latents
     for k in range(count):
