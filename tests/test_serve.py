@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -375,9 +376,13 @@ def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
     without the cluster's token is refused in one line; SIGTERM deletes only the application."""
     port, http = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    # The cluster's own token, in the environment: whether `ray start` enables token authentication must
+    # not depend on a ~/.ray/auth_token that an earlier local ray.init() may or may not have left.
+    with_token = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-                             "--include-dashboard=false", "--disable-usage-stats"], env=env,
+                             "--include-dashboard=false", "--disable-usage-stats"], env=with_token,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
@@ -385,7 +390,7 @@ def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
                      "--port", str(http)]
         deadline = time.monotonic() + STARTUP_S
         while True:  # the head is up once a join gets past the connection (to the token, or in)
-            refused = subprocess.run(serve_cmd, cwd=REPO, env=dict(env, RAY_AUTH_MODE="disabled"),
+            refused = subprocess.run(serve_cmd, cwd=REPO, env=dict(env, RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN=""),
                                      capture_output=True, text=True, timeout=STARTUP_S)
             if "Token" in refused.stderr or "token" in refused.stderr or time.monotonic() > deadline:
                 break
@@ -397,7 +402,7 @@ def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
 
         log = tmp_path / "join.txt"
         with open(log, "w") as err:
-            joined = subprocess.Popen(serve_cmd, cwd=REPO, env=dict(env, RAY_AUTH_MODE="token"),
+            joined = subprocess.Popen(serve_cmd, cwd=REPO, env=with_token,
                                       stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         client = Client(f"http://127.0.0.1:{http}", timeout=120)
         try:
@@ -412,7 +417,7 @@ def test_joining_a_cluster_deploys_there_and_leaves_it_running(plans, tmp_path):
                                  f"ray.init(address='{address}', logging_level='error'); "
                                  "import json; print(json.dumps({n: str(a.status) for n, a in "
                                  "serve.status().applications.items()}))"],
-                                env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+                                env=with_token, capture_output=True, text=True, timeout=120)
         apps = json.loads(status.stdout.strip().splitlines()[-1])  # {name: status}
         assert apps == {}, (apps, log.read_text()[-3000:])  # only our app went away
     finally:
