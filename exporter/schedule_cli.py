@@ -22,7 +22,7 @@ from schedules.errors import BlockcacheError, cli_main
 from schedules.files import atomic_output, check_output
 from schedules.options import add_model_args, add_weights_args, config_from_args, model_overrides, parse_labels
 from schedules.sampling import GUIDANCE_CHANNELS, SAMPLERS, SPACINGS
-from schedules.zoo import check_sampler, family_of, takes_prompt
+from schedules.zoo import check_sampler, family_of, num_labels, takes_prompt
 
 
 def build_parser():
@@ -130,7 +130,7 @@ def _conditions(args, command: str):
         if args.prompt_embeds is not None:
             raise BlockcacheError(f"--prompt-embeds: {args.model} is class-conditional: it calibrates on --labels, "
                                   "not on prompts")
-        return (parse_labels(args.labels) if args.labels else _default_labels(config["num_classes"])), None
+        return (parse_labels(args.labels) if args.labels else _default_labels(num_labels(config))), None
     if command in ("calibrate", "choose"):
         raise BlockcacheError(f"{command} does not run text-to-image models yet ({args.model} is one): make the "
                               "schedule with analyze and derive, learn-l2c or uniform")
@@ -148,6 +148,7 @@ def _conditions(args, command: str):
 
 
 def _default_labels(num_classes: int) -> list[int]:
+    """10 labels spread over 0…num_classes − 1 (the labels a user may pass: U-ViT's null class is not one)."""
     n = min(10, num_classes)
     return [round(i * (num_classes - 1) / max(1, n - 1)) for i in range(n)]
 
