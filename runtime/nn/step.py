@@ -10,7 +10,7 @@ evaluation's data prediction). With p and q it also returns the carry it hands o
 
 Conditioning: class labels `y` (N,), doubled here as [y; null]; or, for a text-to-image model, the
 network batch's encoded prompt (`encode_prompt`'s `Prompt`, made once per call by the prologue, its
-rows already [cond; uncond] under guidance: schedules.prompts.network_prompts doubles the
+rows already [cond; uncond] under guidance: schedules.prompts.PromptInputs.network doubles the
 embeddings before they are encoded). The micro-conditions of PixArt-α 1024 are constants of the
 plan's image size.
 """
