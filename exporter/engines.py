@@ -280,6 +280,12 @@ def tensorrt_version() -> str:
 # Plan bookkeeping
 # ---------------------------------------------------------------------------------------------------
 
+# The engines a program has beside its variants' (entry → its graph's Program attribute, file name, precision):
+# the decoder's is fp32 at every precision (as its graph is), a text model's prologue at the plan's (None).
+SIDE_ENGINES = {"decoder_engine": ("decoder", names.decoder_engine_file, "fp32"),
+                "prologue_engine": ("prologue", names.prologue_engine_file, None)}
+
+
 def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, builder=None,
                   version: str | None = None, progress: bool = False) -> dict:
     """Build one engine per variant of every program of the plan in `plan_dir` (and one per batch size
@@ -303,7 +309,7 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     work = tempfile.mkdtemp(dir=plan_dir, prefix=".engines-")
     single = len(plan.programs) == 1
     engines = [[] for _ in plan.programs]  # per program
-    side = {"decoder_engine": {}, "prologue_engine": {}}  # kind → batch size → that engine's entry
+    side = {kind: {} for kind in SIDE_ENGINES}  # kind → batch size → that engine's entry
 
     def built() -> list[dict]:
         return [e for program_engines in engines for e in program_engines] + [
@@ -312,22 +318,22 @@ def build_engines(plan_dir: str, manifest: dict, settings: EngineSettings, *, bu
     try:
         cache = settings.timing_cache or os.path.join(work, "timing.cache")
         todo = [(p, k, v) for p in plan.programs for k, v in enumerate(p.variants)]
-        # one engine per batch size for a plan's decoder (fp32 at every precision, as its graph is) and for a
-        # text model's prologue (at the plan's precision, as the variants)
-        for kind, graph in (("decoder_engine", "decoder"), ("prologue_engine", "prologue")):
+        for kind, (graph, _, _) in SIDE_ENGINES.items():  # one engine per batch size
             todo += list({p.batch_size: (p, kind, getattr(p, graph)) for p in plan.programs
                           if getattr(p, graph) is not None}.values())
         for program, k, v in tqdm(todo, desc="engines", disable=not progress, leave=False):
+            if isinstance(k, str):  # a decoder or prologue engine
+                _, file_name, precision = SIDE_ENGINES[k]
+                name, precision = file_name(program.batch_size), precision or settings.precision
+            else:
+                name, precision = names.engine_file(k, None if single else program.index), settings.precision
             model = onnx.load(plan.path(v.file), load_external_data=False)
             model, weight_inputs, baked = prepare_graph(model, blob, min_weight_bytes=settings.min_weight_bytes,
-                                                        weights=set(plan.weights.tensors),
-                                                        precision="fp32" if k == "decoder_engine" else settings.precision)
+                                                        weights=set(plan.weights.tensors), precision=precision)
             path = os.path.join(work, f"{os.path.splitext(v.file)[0]}.trt.onnx")
             onnx.save(model, path)
             start = time.perf_counter()
             data = builder(path, settings, cache)
-            name = {"decoder_engine": names.decoder_engine_file, "prologue_engine": names.prologue_engine_file}[k](
-                program.batch_size) if isinstance(k, str) else names.engine_file(k, None if single else program.index)
             with open(os.path.join(work, name), "wb") as f:
                 f.write(data)
             entry = {"file": name, **graph_io(model), "weight_inputs": weight_inputs, "baked_bytes": baked,

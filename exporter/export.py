@@ -371,6 +371,7 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     for s, unit in schedule.scale_shift:
         adjusts[step_variant[s]].add(unit)
 
+    hoisted = settings.prompt == "prologue"  # a text model's prompt work once per call, not in the steps
     variants = []
     for k, row in enumerate(rows):
         bar.set_postfix_str(f"batch {settings.batch_size}, {schedule.num_steps} steps, variant {k}")
@@ -391,7 +392,7 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
             **({"skips": skip_keys} if skip_keys else {}),
             **({"forecasts": forecasts[k]} if forecasts[k] else {}),
             "weights": stored_weights(graph),
-            "macs_per_image": step_macs(model.config, row, settings.prompt == "prologue"),
+            "macs_per_image": step_macs(model.config, row, hoisted),
             "graph_bytes": os.path.getsize(os.path.join(folder, name)),
         })
         bar.update()
@@ -408,7 +409,6 @@ def _program(model, schedule: Schedule, master, settings: StepSettings, weights:
     for name in settings.input_names(model.config["depth"]):
         shape, dtype = tensor_shape(master, name)
         inputs[name] = {"shape": shape, "dtype": dtype}
-    hoisted = settings.prompt == "prologue"
     full, scheduled = schedule_macs(model.config, schedule, hoisted)
     forecast_weights = schedule.forecast_weights()
     return {

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from runtime.nn.step import DenoisingStep
 from runtime.nn.units import COMPUTE, CachePolicy
 from schedules import BlockcacheError, Schedule
-from schedules.prompts import PromptInputs, check_conditioning, check_prompt_inputs
+from schedules.prompts import PromptInputs, check_conditioning, check_prompts
 from schedules.schedule import span_blocks
 from schedules.sampling import (carry_term, check_finite_result, check_guidance_scale, check_labels, check_noise,
                                 guidance_needed, initial_noise, model_timesteps)
@@ -198,9 +198,7 @@ def sample(model, schedule: Schedule, labels, noise, *, prompts: PromptInputs | 
         guidance_scale = check_guidance_scale(guidance_scale)
     denoiser = Denoiser(model, schedule, guidance_scale, guidance_channels)
     if takes_prompt(model.config):
-        given = (prompts.embeds, prompts.mask, prompts.negative_embeds, prompts.negative_mask) \
-            if prompts is not None else (None,)
-        prompts = check_prompt_inputs(model.config, *given, guidance=denoiser.step.guidance, model_name=name)
+        prompts = check_prompts(model.config, prompts, denoiser.step.guidance, name)
         n, y = len(prompts), encoded_prompt(denoiser.step, prompts)
     else:
         labels = check_labels(labels, model.num_classes)

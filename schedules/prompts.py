@@ -284,6 +284,14 @@ def check_prompt_inputs(config: dict, prompt_embeds, prompt_mask=None, negative_
     return PromptInputs(embeds, mask, negative, negative_mask)
 
 
+def check_prompts(config: dict, prompts: PromptInputs | None, guidance: bool, model_name: str = "the model") -> PromptInputs:
+    """`check_prompt_inputs` of a `PromptInputs` (None: refused as no prompt_embeds)."""
+    if prompts is None:
+        return check_prompt_inputs(config, None, model_name=model_name)
+    return check_prompt_inputs(config, prompts.embeds, prompts.mask, prompts.negative_embeds, prompts.negative_mask,
+                               guidance, model_name)
+
+
 def check_conditioning(config: dict, labels, prompt_embeds, model_name: str = "the model") -> None:
     """Refuse, in one line, labels given to a text-to-image model and prompts given to a class model."""
     if takes_prompt(config) and labels is not None:

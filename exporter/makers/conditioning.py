@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from schedules import BlockcacheError
-from schedules.prompts import PromptInputs, check_conditioning, check_prompt_inputs
+from schedules.prompts import PromptInputs, check_conditioning, check_prompts
 from schedules.sampling import check_labels, check_seeds, initial_noise
 from schedules.zoo import takes_prompt
 
@@ -33,8 +33,7 @@ def calibration_batch(model, step, labels, seeds, prompts: PromptInputs | None =
         return seeded_batch(model, check_labels(labels, model.num_classes), seeds)
     if prompts is None:
         raise BlockcacheError(f"{name} is a text-to-image model: it calibrates on prompts (prompt embeddings)")
-    prompts = check_prompt_inputs(model.config, prompts.embeds, prompts.mask, prompts.negative_embeds,
-                                  prompts.negative_mask, step.guidance, name)
+    prompts = check_prompts(model.config, prompts, step.guidance, name)
     c, size = model.in_channels, model.config["input_size"]
     x = np.concatenate([initial_noise((len(prompts), c, size, size), int(seed)) for seed in seeds])
     k = len(seeds)

@@ -600,10 +600,7 @@ def _prologue(check: _Check, value, where: str, batch: int, config: dict, guidan
     if not takes_prompt(config):
         check.fail(where + "prologue_graph", "is given but the model takes class labels, not prompts")
     value = check.mapping(value, where + "prologue_graph", ("file", "weights", "inputs", "outputs"))
-    used = check.names(value["weights"], where + "prologue_graph.weights")
-    for name in used:
-        if name not in weights.tensors:
-            check.fail(where + "prologue_graph.weights", f"names {name!r}, which the weights file does not hold")
+    used = _graph_weights(check, value, where + "prologue_graph", weights)
     want = dict(zip(("inputs", "outputs"), _prompt_specs(batch, config, guidance, precision)))
     io = {}
     for direction, expected in want.items():
@@ -618,17 +615,26 @@ def _prologue(check: _Check, value, where: str, batch: int, config: dict, guidan
                          io["outputs"])
 
 
-def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str = "",
-            conditioning: dict | None = None) -> dict:
+def _graph_weights(check: _Check, value: dict, path: str, weights: "Weights") -> tuple[str, ...]:
+    """The stored tensors a graph entry (variant, decoder or prologue graph) at `path` says it reads, each
+    one the weights file holds."""
+    used = check.names(value["weights"], path + ".weights")
+    for name in used:
+        if name not in weights.tensors:
+            check.fail(path + ".weights", f"names {name!r}, which the weights file does not hold")
+    return used
+
+
+def _inputs(check: _Check, value, batch: int, config: dict, sampler, where: str, conditioning: dict) -> dict:
     """The step graph's inputs, each pinned: what every backend writes into them is fixed.
-    `conditioning`: the labels' or prompt's inputs (`_conditioning`; default the labels)."""
+    `conditioning`: the labels' or the prompt's inputs (`_conditioning`)."""
     inputs = {name: check.spec(spec, f"{where}inputs[{name!r}]")
               for name, spec in check.mapping(value, where + "inputs").items()}
     carry = carry_term(sampler)
     size, channels = config["input_size"], config["in_channels"]
     time_dtype = model_timesteps(sampler).dtype.name
     expected = {names.X: TensorSpec((batch, channels, size, size), "float32"),
-                **(conditioning or {names.Y: TensorSpec((batch,), "int64")}),
+                **conditioning,
                 names.TIMESTEP: TensorSpec((1,), time_dtype), names.A: TensorSpec((1,), "float32"),
                 names.B: TensorSpec((1,), "float32"), names.GUIDANCE_SCALE: TensorSpec((1,), "float32")}
     if carry:  # the latent an earlier step started from, or the carry the previous step wrote
@@ -726,10 +732,7 @@ def _decoder_graph(check: _Check, value, where: str, batch: int, decoder: "Decod
     if value is None:
         return None
     value = check.mapping(value, where + "decoder_graph", ("file", "weights", "output"))
-    used = check.names(value["weights"], where + "decoder_graph.weights")
-    for name in used:
-        if name not in weights.tensors:
-            check.fail(where + "decoder_graph.weights", f"names {name!r}, which the weights file does not hold")
+    used = _graph_weights(check, value, where + "decoder_graph", weights)
     output = check.spec(value["output"], where + "decoder_graph.output")
     want = TensorSpec((batch, decoder.image_size, decoder.image_size, 3), "uint8")
     if output != want:
@@ -798,10 +801,7 @@ def _variant(check: _Check, value, path: str, units, cache, weights: Weights, fi
         if order > MAX_ORDER or names.ring_buffer(name, order) not in cache:
             check.fail(f"{path}.forecasts[{name!r}]", f"is {order}: more history than the plan's {MAX_ORDER} "
                        f"at most, or than {name}'s buffers hold")
-    used = check.names(value["weights"], path + ".weights")
-    for name in used:
-        if name not in weights.tensors:
-            check.fail(path + ".weights", f"names {name!r}, which the weights file does not hold")
+    used = _graph_weights(check, value, path, weights)
     macs = value.get("macs_per_image")
     return Variant(check.file_name(value["file"], path + ".file", files), computes, reads, writes, adjusts, used,
                    None if macs is None else check.integer(macs, path + ".macs_per_image", 0), skips, dict(forecasts))
